@@ -1,0 +1,181 @@
+//! Shared setup for the benches: one 5-server local cluster, and for each
+//! instance count N (its first N servers) the raw floor and our locker.
+//!
+//! The raw floor is what any Redlock implementation must do per cycle: N
+//! parallel `SET key token NX PX ttl`, then N parallel compare-and-delete by
+//! `EVALSHA` of a preloaded script, each time waiting for every reply, over one
+//! `MultiplexedConnection` per server.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use quorumlock::testing::RedisCluster;
+use quorumlock::QuorumLocker;
+use redis::aio::MultiplexedConnection;
+use redis::{Script, Value};
+
+/// Servers in the cluster; every N uses the first N of them.
+pub const SERVERS: usize = 5;
+
+/// The instance counts compared.
+pub const SIZES: [usize; 3] = [1, 3, 5];
+
+/// Every lock's TTL: long enough that nothing expires during a run.
+pub const TTL: Duration = Duration::from_secs(10);
+
+/// `TTL` in milliseconds, for `PX`.
+const TTL_MS: u64 = 10_000;
+
+/// The raw floor's token: fixed (only keys need to be distinct), 32 hex digits
+/// like ours.
+const RAW_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// The same compare-and-delete as the crate's release script.
+const RELEASE_SCRIPT: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then
+    return redis.call("DEL", KEYS[1])
+end
+return 0"#;
+
+/// Starts the cluster every bench runs against. Blocks: call it outside a runtime.
+pub fn start_cluster() -> RedisCluster {
+    RedisCluster::start(SERVERS)
+        .expect("start 5 redis-server processes (is redis-server installed?)")
+}
+
+/// The multi-thread runtime both benches run on: 2 workers, one per core.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build the tokio runtime")
+}
+
+/// Distinct keys, so that no cycle contends with another.
+pub struct Keys {
+    prefix: &'static str,
+    next: AtomicU64,
+}
+
+impl Keys {
+    /// Keys `bench:{prefix}:0`, `bench:{prefix}:1`, …; give raw and ours prefixes
+    /// of the same length so both send the same bytes.
+    pub const fn new(prefix: &'static str) -> Self {
+        Self {
+            prefix,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// The next unused key.
+    pub fn next(&self) -> String {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("bench:{}:{i}", self.prefix)
+    }
+}
+
+/// The raw floor over N servers.
+pub struct RawFloor {
+    connections: Vec<MultiplexedConnection>,
+    release_sha: String,
+}
+
+impl RawFloor {
+    /// Connects to every URL and loads the release script on each.
+    pub async fn connect(urls: &[String]) -> Self {
+        let script = Script::new(RELEASE_SCRIPT);
+        let mut connections = Vec::with_capacity(urls.len());
+        for url in urls {
+            let client = redis::Client::open(url.as_str()).expect("valid redis URL");
+            let mut connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to redis-server");
+            script
+                .prepare_invoke()
+                .load_async(&mut connection)
+                .await
+                .expect("SCRIPT LOAD");
+            connections.push(connection);
+        }
+        Self {
+            connections,
+            release_sha: script.get_hash().to_string(),
+        }
+    }
+
+    /// One cycle on `key`: N parallel sets, then N parallel compare-and-deletes,
+    /// each waiting for all N replies.
+    pub async fn cycle(&self, key: &str) {
+        let sets = self.connections.iter().map(|connection| {
+            let mut connection = connection.clone();
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg(RAW_TOKEN).arg("NX").arg("PX").arg(TTL_MS);
+            async move { set.query_async::<Value>(&mut connection).await }
+        });
+        for reply in join_all(sets).await {
+            assert!(
+                matches!(reply.expect("SET NX PX"), Value::Okay),
+                "raw SET NX PX was refused on a fresh key"
+            );
+        }
+
+        let deletes = self.connections.iter().map(|connection| {
+            let mut connection = connection.clone();
+            let mut delete = redis::cmd("EVALSHA");
+            delete.arg(&self.release_sha).arg(1).arg(key).arg(RAW_TOKEN);
+            async move { delete.query_async::<i64>(&mut connection).await }
+        });
+        for reply in join_all(deletes).await {
+            assert_eq!(
+                reply.expect("EVALSHA release"),
+                1,
+                "raw release deleted nothing"
+            );
+        }
+    }
+}
+
+/// Our locker over `urls`, default settings, connected and scripts loaded.
+pub async fn locker(urls: &[String]) -> QuorumLocker {
+    let locker = QuorumLocker::builder()
+        .urls(urls.iter().cloned())
+        .build()
+        .await
+        .expect("build the locker");
+    let ready = locker.prepare().await.expect("prepare the locker");
+    assert_eq!(ready, urls.len(), "every instance should be ready");
+    locker
+}
+
+/// One cycle of ours on `key`: `acquire`, then `release`.
+pub async fn ours_cycle(locker: &QuorumLocker, key: &str) {
+    let lock = locker.acquire(key, TTL).await.expect("acquire");
+    lock.release().await.expect("release");
+}
+
+/// The raw floor and our locker over the same first N servers.
+pub struct Pair {
+    /// How many servers.
+    pub n: usize,
+    /// The raw floor over them.
+    pub raw: RawFloor,
+    /// Our locker over them.
+    pub ours: QuorumLocker,
+}
+
+/// One [`Pair`] per size in [`SIZES`], all over `cluster`'s servers.
+pub async fn pairs(cluster: &RedisCluster) -> Vec<Pair> {
+    let urls = cluster.urls();
+    let mut pairs = Vec::with_capacity(SIZES.len());
+    for n in SIZES {
+        let urls = &urls[..n];
+        pairs.push(Pair {
+            n,
+            raw: RawFloor::connect(urls).await,
+            ours: locker(urls).await,
+        });
+    }
+    pairs
+}

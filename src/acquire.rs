@@ -1,0 +1,197 @@
+//! One acquisition attempt, and the rollback that follows a lost (or abandoned)
+//! attempt on every instance that may hold our token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::error::{InstanceVote, Shortfall, Vote};
+use crate::fanout::{Fanout, Tagged};
+use crate::lock::Lock;
+use crate::locker::{LockKey, Shared};
+use crate::quorum::{self, Decision};
+use crate::token;
+
+/// How an attempt ended.
+pub(crate) enum Outcome {
+    Won(Lock),
+    Lost {
+        shortfall: Shortfall,
+        causes: Vec<InstanceVote>,
+    },
+}
+
+/// An attempt in flight. Dropping it before it is won — because it was lost, or
+/// because the caller's future was dropped at the await — rolls it back.
+struct Attempt {
+    shared: Arc<Shared>,
+    key: Arc<str>,
+    token: Arc<str>,
+    ttl: Duration,
+    fanout: Fanout,
+    won: bool,
+}
+
+/// Makes one attempt to take `key` for `ttl` with a fresh token.
+pub(crate) async fn attempt(
+    shared: &Arc<Shared>,
+    key: &LockKey,
+    ttl: Duration,
+) -> crate::Result<Outcome> {
+    let token = token::generate()?;
+    let n = shared.members.len();
+    let quorum = shared.quorum;
+    let timeout = shared.settings.instance_timeout;
+    // PX counts whole milliseconds; the validity must not count the fraction.
+    let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
+    let ttl = Duration::from_millis(ttl_ms);
+
+    let start = Instant::now();
+    let mut attempt = Attempt {
+        shared: Arc::clone(shared),
+        key: Arc::clone(&key.redis),
+        fanout: Fanout::start(&shared.members, |instance| {
+            instance.set_nx_px(&key.redis, &token, ttl_ms)
+        }),
+        token,
+        ttl,
+        won: false,
+    };
+    attempt
+        .fanout
+        .collect(start + timeout, timeout, |tally| {
+            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
+        })
+        .await;
+    let elapsed = start.elapsed();
+    let tally = attempt.fanout.tally();
+
+    let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
+        Decision::Won => {
+            let drift = quorum::drift(ttl, shared.settings.drift_factor);
+            match quorum::validity(ttl, elapsed, drift) {
+                Some(_) => {
+                    attempt.won = true;
+                    debug!(key = %key.user, granted = tally.granted, ?elapsed, "lock acquired");
+                    let valid_until = start + (ttl - drift);
+                    return Ok(Outcome::Won(Lock::new(
+                        Arc::clone(shared),
+                        key.clone(),
+                        Arc::clone(&attempt.token),
+                        ttl,
+                        start,
+                        valid_until,
+                    )));
+                }
+                None => Shortfall::ValidityExhausted { elapsed },
+            }
+        }
+        // `collect` returns only once decided, timed out or fully answered, and a
+        // timed-out or fully answered attempt that did not win has lost.
+        Decision::Lost | Decision::Open => Shortfall::TooFewVotes {
+            granted: tally.granted,
+            needed: quorum,
+        },
+    };
+    let causes = attempt.fanout.votes(&shared.members);
+    debug!(key = %key.user, %shortfall, "attempt lost");
+    Ok(Outcome::Lost { shortfall, causes })
+    // `attempt` drops here and rolls back.
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if self.won {
+            // Sets still in flight make the held lock survive more instance
+            // failures, so they are finished, not dropped (a connection still
+            // opening would otherwise never send them). The lock's release or
+            // expiry covers those instances.
+            let in_flight = self.fanout.take_pending();
+            if !in_flight.is_empty() {
+                let bound = self.ttl;
+                self.shared.background.spawn(async move {
+                    let finish = in_flight
+                        .into_iter()
+                        .map(|tagged| tokio::time::timeout(bound, tagged));
+                    join_all(finish).await;
+                });
+            }
+            return;
+        }
+        let may_hold: Vec<usize> = (0..self.shared.members.len())
+            .filter(|&index| {
+                matches!(
+                    self.fanout.vote(index),
+                    Some(Vote::Granted | Vote::Failed(_))
+                )
+            })
+            .collect();
+        let in_flight = self.fanout.take_pending();
+        if may_hold.is_empty() && in_flight.is_empty() {
+            return;
+        }
+        let rollback = roll_back(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.key),
+            Arc::clone(&self.token),
+            self.ttl,
+            may_hold,
+            in_flight,
+        );
+        if !self.shared.background.spawn(rollback) {
+            warn!(key = %self.key, "attempt dropped outside a Tokio runtime: no rollback, the key expires by its TTL");
+        }
+    }
+}
+
+/// Removes our token from every instance that granted or failed, and from every
+/// instance whose reply is still in flight once that reply arrives (or once the
+/// wait for it gives up: on a multiplexed connection the delete is queued behind
+/// the set, so it still lands after it).
+async fn roll_back(
+    shared: Arc<Shared>,
+    key: Arc<str>,
+    token: Arc<str>,
+    ttl: Duration,
+    may_hold: Vec<usize>,
+    in_flight: FuturesUnordered<Tagged>,
+) {
+    // Past the TTL a set that did land has expired by itself: waiting longer buys
+    // nothing. Never wait less than one instance timeout.
+    let bound = ttl.max(shared.settings.instance_timeout);
+    let delete = |index: usize| {
+        let shared = Arc::clone(&shared);
+        let key = Arc::clone(&key);
+        let token = Arc::clone(&token);
+        async move {
+            let Some(member) = shared.members.get(index) else {
+                return;
+            };
+            match tokio::time::timeout(bound, member.instance.release(&key, &token)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    warn!(%key, instance = index, address = %member.address, %err, "rollback failed")
+                }
+                Err(_) => {
+                    warn!(%key, instance = index, address = %member.address, "rollback timed out")
+                }
+            }
+        }
+    };
+    let now = may_hold.into_iter().map(delete);
+    let later = in_flight.into_iter().map(|tagged| async move {
+        let index = tagged.index;
+        let refused = matches!(
+            tokio::time::timeout(bound, tagged).await,
+            Ok((_, Ok(false)))
+        );
+        if !refused {
+            delete(index).await;
+        }
+    });
+    let _: (Vec<()>, Vec<()>) = futures_util::future::join(join_all(now), join_all(later)).await;
+}

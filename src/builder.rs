@@ -1,0 +1,261 @@
+//! Builds a [`QuorumLocker`] from instances in order and validated settings.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+
+use crate::address;
+use crate::background::Background;
+use crate::error::Error;
+use crate::instance::redis::RedisInstance;
+use crate::instance::{Instance, Member};
+use crate::locker::{check_ttl, QuorumLocker, Settings, Shared};
+use crate::quorum;
+use crate::retry::RetryPolicy;
+
+/// The per-instance timeout unless set: a LAN round trip is well under a
+/// millisecond, so 50 ms means the instance is in trouble, and it is short next
+/// to typical TTLs (the Redlock paper suggests 5–50 ms for a 10 s TTL).
+pub const DEFAULT_INSTANCE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// The TTL returned by [`QuorumLocker::default_ttl`] unless set.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+/// How long `acquire` keeps retrying unless set.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The clock-drift factor unless set: 1% of the TTL (plus 2 ms), as in the Redlock
+/// description.
+pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
+
+/// How long a new connection to an instance may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Configures and builds a [`QuorumLocker`]; start with [`QuorumLocker::builder`].
+///
+/// Instances vote in the order given, and that order is how errors and reports
+/// refer to them (index 0 is the first). Every setting is checked in
+/// [`build`](Self::build), which reports the first problem as a typed [`Error`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder {
+    sources: Vec<Source>,
+    quorum: Option<usize>,
+    default_ttl: Duration,
+    drift_factor: f64,
+    instance_timeout: Duration,
+    retry: RetryPolicy,
+    acquire_timeout: Duration,
+    key_prefix: String,
+}
+
+enum Source {
+    Url(String),
+    Connection {
+        name: String,
+        instance: Box<dyn Instance>,
+    },
+}
+
+impl Builder {
+    pub(crate) fn new() -> Self {
+        Self {
+            sources: Vec::new(),
+            quorum: None,
+            default_ttl: DEFAULT_TTL,
+            drift_factor: DEFAULT_DRIFT_FACTOR,
+            instance_timeout: DEFAULT_INSTANCE_TIMEOUT,
+            retry: RetryPolicy::default(),
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            key_prefix: String::new(),
+        }
+    }
+
+    /// Adds an instance by URL: `redis://[user[:password]@]host[:port][/db]`,
+    /// `rediss://…` (with the `tls` feature) or `redis+unix:///path`. The
+    /// connection opens lazily and reconnects by itself.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.sources.push(Source::Url(url.into()));
+        self
+    }
+
+    /// Adds instances by URL, in order.
+    pub fn urls<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.sources
+            .extend(urls.into_iter().map(|url| Source::Url(url.into())));
+        self
+    }
+
+    /// Adds an instance through a connection you made: a
+    /// [`ConnectionManager`], a [`MultiplexedConnection`](redis::aio::MultiplexedConnection)
+    /// or any cloneable async connection. Each operation clones it, so it should
+    /// be a multiplexed one. `name` shows in errors and must be unique.
+    pub fn connection<C>(mut self, name: impl Into<String>, connection: C) -> Self
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.sources.push(Source::Connection {
+            name: name.into(),
+            instance: Box::new(RedisInstance::new(connection)),
+        });
+        self
+    }
+
+    /// How many instances must grant a lock. Default: a majority, `N / 2 + 1`.
+    /// Must be more than `N / 2` (or two owners could win at once) and at most `N`.
+    pub fn quorum(mut self, quorum: usize) -> Self {
+        self.quorum = Some(quorum);
+        self
+    }
+
+    /// The TTL for callers that use [`QuorumLocker::default_ttl`]. Default: 10 s.
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// The fraction of the TTL set aside for clock drift between this process and
+    /// the servers; the validity is `ttl − elapsed − (ttl × factor + 2 ms)`.
+    /// Default: 0.01. Must be finite, at least 0 and below 1.
+    pub fn drift_factor(mut self, factor: f64) -> Self {
+        self.drift_factor = factor;
+        self
+    }
+
+    /// How long to wait for one instance's reply before counting it as a failed
+    /// vote. Default: [`DEFAULT_INSTANCE_TIMEOUT`] (50 ms). Must be non-zero.
+    pub fn instance_timeout(mut self, timeout: Duration) -> Self {
+        self.instance_timeout = timeout;
+        self
+    }
+
+    /// The delays between `acquire`'s attempts. Default: [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How long `acquire` keeps retrying before giving up. Default: 10 s. At
+    /// least one attempt is always made.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// A prefix put before every key in Redis (`"locks:"` makes `job` into
+    /// `locks:job`). Default: none.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Checks every setting and builds the locker. Connections open on first use
+    /// (or in [`QuorumLocker::prepare`]), so a minority of instances being down
+    /// does not stop the build.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoRuntime`] outside a Tokio runtime; [`Error::NoInstances`],
+    /// [`Error::InvalidUrl`], [`Error::DuplicateInstance`],
+    /// [`Error::QuorumOutOfRange`], [`Error::InvalidTtl`] (the default TTL) or
+    /// [`Error::InvalidConfig`] for bad settings.
+    pub async fn build(self) -> crate::Result<QuorumLocker> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::NoRuntime);
+        }
+        if self.sources.is_empty() {
+            return Err(Error::NoInstances);
+        }
+        if !(self.drift_factor.is_finite() && (0.0..1.0).contains(&self.drift_factor)) {
+            return Err(Error::InvalidConfig {
+                setting: "drift_factor",
+                reason: format!(
+                    "{} is not finite, at least 0 and below 1",
+                    self.drift_factor
+                ),
+            });
+        }
+        if self.instance_timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                setting: "instance_timeout",
+                reason: "zero would fail every vote".to_string(),
+            });
+        }
+        check_ttl(self.default_ttl, self.drift_factor)?;
+        let n = self.sources.len();
+        let quorum = self.quorum.unwrap_or(quorum::majority(n));
+        if !quorum::quorum_in_range(n, quorum) {
+            return Err(Error::QuorumOutOfRange {
+                quorum,
+                instances: n,
+            });
+        }
+
+        let mut members = Vec::with_capacity(n);
+        let mut identities: Vec<String> = Vec::with_capacity(n);
+        for (index, source) in self.sources.into_iter().enumerate() {
+            let (identity, address, instance) = match source {
+                Source::Url(url) => {
+                    let parsed = address::parse_url(index, &url)?;
+                    let instance = connect_lazily(index, parsed.info, &parsed.display)?;
+                    (parsed.identity, parsed.display, instance)
+                }
+                Source::Connection { name, instance } => (name.clone(), name, instance),
+            };
+            if let Some(first) = identities.iter().position(|seen| *seen == identity) {
+                return Err(Error::DuplicateInstance {
+                    first,
+                    second: index,
+                    address,
+                });
+            }
+            identities.push(identity);
+            members.push(Member {
+                index,
+                address: address.into(),
+                instance,
+            });
+        }
+
+        Ok(QuorumLocker::from_shared(Shared {
+            members,
+            quorum,
+            settings: Settings {
+                default_ttl: self.default_ttl,
+                drift_factor: self.drift_factor,
+                instance_timeout: self.instance_timeout,
+                retry: self.retry,
+                acquire_timeout: self.acquire_timeout,
+                key_prefix: self.key_prefix,
+            },
+            background: Background::new(),
+        }))
+    }
+}
+
+/// A reconnecting multiplexed connection that opens on first use. Our own
+/// per-call timeouts bound every operation, so redis-rs's response timeout is off.
+fn connect_lazily(
+    index: usize,
+    info: redis::ConnectionInfo,
+    display: &str,
+) -> crate::Result<Box<dyn Instance>> {
+    let invalid = |err: redis::RedisError| Error::InvalidUrl {
+        index,
+        url: display.to_string(),
+        reason: err.to_string(),
+    };
+    let client = redis::Client::open(info).map_err(invalid)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None)
+        // One connection attempt per use: a dead instance then fails its vote at
+        // once (connection refused) instead of keeping background work waiting on
+        // a retry schedule; the next operation tries again.
+        .set_number_of_retries(0);
+    let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?;
+    Ok(Box::new(RedisInstance::new(manager)))
+}

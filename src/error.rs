@@ -1,0 +1,226 @@
+//! Typed errors. Each variant is a distinct decision for the caller: the lock was
+//! not acquired, is not held, the instances could not be reached, or the input was
+//! invalid. Per-instance causes carry the instance's index and redacted address.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when building a locker or using a lock.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The lock was not acquired: another owner holds it, too few instances
+    /// answered, or the attempt took so long that no validity was left. `causes`
+    /// holds the vote of every instance in the last attempt.
+    #[error(
+        "lock {key:?} not acquired after {attempts} attempt(s): {shortfall}{}",
+        Causes(causes)
+    )]
+    NotAcquired {
+        /// The key as the caller gave it (without the locker's prefix).
+        key: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// Why the last attempt was lost.
+        shortfall: Shortfall,
+        /// Each instance's vote in the last attempt, in instance order.
+        causes: Vec<InstanceVote>,
+    },
+
+    /// No instance still held the lock with our token: it expired, or another owner
+    /// took it over after expiry.
+    #[error("lock {key:?} is not held by this owner on any instance")]
+    NotHeld {
+        /// The key as the caller gave it.
+        key: String,
+    },
+
+    /// Too few instances answered to know the outcome: the operation may or may not
+    /// have taken effect on the others.
+    #[error("{operation} of lock {key:?}: instances unavailable{}", Causes(causes))]
+    Unavailable {
+        /// What was being done (`"release"`, `"prepare"`).
+        operation: &'static str,
+        /// The key as the caller gave it (empty for locker-wide operations).
+        key: String,
+        /// Each instance's result, in instance order.
+        causes: Vec<InstanceVote>,
+    },
+
+    /// The TTL is zero, shorter than the drift allowance, or too large for `PX`.
+    #[error("invalid TTL {ttl:?}: {reason}")]
+    InvalidTtl {
+        /// The TTL given.
+        ttl: Duration,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The lock key is empty.
+    #[error("the lock key is empty")]
+    EmptyKey,
+
+    /// The builder was given no instances.
+    #[error("no Redis instances were given")]
+    NoInstances,
+
+    /// Two instances are the same server; its vote would count twice.
+    #[error("instance {second} ({address}) is the same server as instance {first}")]
+    DuplicateInstance {
+        /// Index of the first occurrence.
+        first: usize,
+        /// Index of the duplicate.
+        second: usize,
+        /// The shared address, password redacted.
+        address: String,
+    },
+
+    /// The quorum is larger than the number of instances, or not more than half of
+    /// them (two owners could then win at once).
+    #[error("quorum {quorum} is out of range for {instances} instance(s): it must be more than {} and at most {instances}", instances / 2)]
+    QuorumOutOfRange {
+        /// The quorum asked for.
+        quorum: usize,
+        /// The number of instances.
+        instances: usize,
+    },
+
+    /// A Redis URL could not be parsed or uses an unsupported scheme.
+    #[error("instance {index}: invalid Redis URL {url}: {reason}")]
+    InvalidUrl {
+        /// Index of the instance.
+        index: usize,
+        /// The URL, password redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A builder setting is out of its range.
+    #[error("invalid {setting}: {reason}")]
+    InvalidConfig {
+        /// The setting's builder method.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The locker was built or used outside a Tokio runtime.
+    #[error("quorumlock needs a Tokio runtime: build and use the locker inside one")]
+    NoRuntime,
+
+    /// The operating system's random number generator failed, so no safe token
+    /// could be made.
+    #[error("the operating system's random number generator failed: {0}")]
+    Entropy(String),
+}
+
+/// Why an attempt was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Shortfall {
+    /// Fewer than `needed` instances granted the key.
+    TooFewVotes {
+        /// Instances that granted.
+        granted: usize,
+        /// The quorum.
+        needed: usize,
+    },
+    /// A quorum granted, but the attempt took longer than the TTL minus the drift
+    /// allowance, so no validity was left.
+    ValidityExhausted {
+        /// How long the attempt took.
+        elapsed: Duration,
+    },
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooFewVotes { granted, needed } => {
+                write!(f, "{granted} instance(s) granted, {needed} needed")
+            }
+            Self::ValidityExhausted { elapsed } => {
+                write!(
+                    f,
+                    "a quorum granted but the attempt took {elapsed:?}, leaving no validity"
+                )
+            }
+        }
+    }
+}
+
+/// One instance's answer in an attempt, a release or a preparation.
+#[derive(Debug, Clone)]
+pub struct InstanceVote {
+    /// The instance's position in the order given to the builder.
+    pub index: usize,
+    /// Its address (password redacted) or the name given with its connection.
+    pub address: Arc<str>,
+    /// What it answered.
+    pub vote: Vote,
+}
+
+impl fmt::Display for InstanceVote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "instance {} ({}): {}",
+            self.index, self.address, self.vote
+        )
+    }
+}
+
+/// What an instance answered.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Vote {
+    /// It did what was asked (set, deleted or loaded).
+    Granted,
+    /// It answered no: the key is held by another owner, or not held by us.
+    Refused,
+    /// It answered with an error, or the connection failed.
+    Failed(redis::RedisError),
+    /// It did not answer within the per-instance timeout.
+    TimedOut(Duration),
+    /// It had not answered when the outcome was already decided.
+    Unanswered,
+}
+
+impl fmt::Display for Vote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Granted => f.write_str("granted"),
+            Self::Refused => f.write_str("refused"),
+            Self::Failed(err) => write!(f, "failed: {err}"),
+            Self::TimedOut(after) => write!(f, "timed out after {after:?}"),
+            Self::Unanswered => f.write_str("not needed for the decision"),
+        }
+    }
+}
+
+/// Formats causes as `; instance 0 (..): ..; instance 1 (..): ..`.
+struct Causes<'a>(&'a [InstanceVote]);
+
+impl fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for cause in self.0 {
+            write!(f, "; {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// Each instance's vote, where the error carries them.
+    pub fn causes(&self) -> &[InstanceVote] {
+        match self {
+            Self::NotAcquired { causes, .. } | Self::Unavailable { causes, .. } => causes,
+            _ => &[],
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Sends one operation to every instance at once and collects the replies until
+//! the caller's decision is made, the per-instance deadline passes, or every
+//! instance has answered. Replies still in flight stay available, never dropped
+//! unseen, so they can be finished in the background.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::time::Instant;
+
+use crate::error::{InstanceVote, Vote};
+use crate::instance::{BoxFuture, Instance, Member, Reply};
+
+/// One instance's reply, tagged with the instance's index.
+pub(crate) struct Tagged {
+    pub(crate) index: usize,
+    reply: BoxFuture<Reply>,
+}
+
+impl Future for Tagged {
+    type Output = (usize, Reply);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.reply
+            .as_mut()
+            .poll(cx)
+            .map(|reply| (self.index, reply))
+    }
+}
+
+/// Counts of the replies so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Tally {
+    /// Instances that did what was asked.
+    pub(crate) granted: usize,
+    /// Instances that refused, failed or timed out.
+    pub(crate) failed: usize,
+    /// Of `failed`, those that answered with an error or did not answer.
+    pub(crate) unreachable: usize,
+}
+
+impl Tally {
+    pub(crate) fn answered(&self) -> usize {
+        self.granted + self.failed
+    }
+}
+
+/// An operation in flight on every instance.
+pub(crate) struct Fanout {
+    pending: FuturesUnordered<Tagged>,
+    votes: Vec<Option<Vote>>,
+    tally: Tally,
+}
+
+impl Fanout {
+    /// Starts `operation` on every member. The futures are created here, and the
+    /// commands leave on the first poll: all of them within one poll of `collect`.
+    pub(crate) fn start(
+        members: &[Member],
+        operation: impl Fn(&dyn Instance) -> BoxFuture<Reply>,
+    ) -> Self {
+        let pending = members
+            .iter()
+            .map(|member| Tagged {
+                index: member.index,
+                reply: operation(&*member.instance),
+            })
+            .collect();
+        Self {
+            pending,
+            votes: vec![None; members.len()],
+            tally: Tally::default(),
+        }
+    }
+
+    pub(crate) fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    /// The vote of each instance so far; `None` while it has not answered.
+    pub(crate) fn vote(&self, index: usize) -> Option<&Vote> {
+        self.votes.get(index).and_then(Option::as_ref)
+    }
+
+    /// Collects replies until `done(tally)` holds, every instance has answered, or
+    /// `deadline` passes; at the deadline, instances that have not answered are
+    /// counted as failed (timed out) but their replies stay in flight.
+    pub(crate) async fn collect(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        mut done: impl FnMut(Tally) -> bool,
+    ) {
+        while !done(self.tally) && !self.pending.is_empty() {
+            match tokio::time::timeout_at(deadline, self.pending.next()).await {
+                Ok(Some((index, reply))) => self.record(index, reply),
+                Ok(None) => break,
+                Err(_elapsed) => {
+                    for tagged in self.pending.iter() {
+                        if let Some(vote @ None) = self.votes.get_mut(tagged.index) {
+                            *vote = Some(Vote::TimedOut(timeout));
+                            self.tally.failed += 1;
+                            self.tally.unreachable += 1;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        // Replies that are already here cost nothing to count, and make reports
+        // (how many released, which instances may hold a rolled-back token) exact.
+        while let Some(Some((index, reply))) = self.pending.next().now_or_never() {
+            self.record(index, reply);
+        }
+    }
+
+    fn record(&mut self, index: usize, reply: Reply) {
+        let vote = match reply {
+            Ok(true) => Vote::Granted,
+            Ok(false) => Vote::Refused,
+            Err(err) => Vote::Failed(err),
+        };
+        let Some(slot) = self.votes.get_mut(index) else {
+            return;
+        };
+        // A reply after the deadline replaces nothing: the vote was already counted.
+        if slot.is_some() {
+            return;
+        }
+        match vote {
+            Vote::Granted => self.tally.granted += 1,
+            Vote::Failed(_) => {
+                self.tally.failed += 1;
+                self.tally.unreachable += 1;
+            }
+            _ => self.tally.failed += 1,
+        }
+        *slot = Some(vote);
+    }
+
+    /// Every instance's vote, in order; instances not yet heard from are
+    /// `Unanswered`.
+    pub(crate) fn votes(&self, members: &[Member]) -> Vec<InstanceVote> {
+        members
+            .iter()
+            .map(|member| InstanceVote {
+                index: member.index,
+                address: Arc::clone(&member.address),
+                vote: self.vote(member.index).cloned().unwrap_or(Vote::Unanswered),
+            })
+            .collect()
+    }
+
+    /// The replies still in flight, to be finished elsewhere.
+    pub(crate) fn take_pending(&mut self) -> FuturesUnordered<Tagged> {
+        std::mem::take(&mut self.pending)
+    }
+}

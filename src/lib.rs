@@ -1,0 +1,103 @@
+//! Distributed locks over N Redis instances with the Redlock quorum algorithm.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = quorumlock::testing::RedisCluster::start(3)?;
+//! # let urls = cluster.urls();
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! use std::time::Duration;
+//! use quorumlock::QuorumLocker;
+//!
+//! // Three instances: a lock needs two of them.
+//! let locker = QuorumLocker::builder().urls(urls).build().await?;
+//!
+//! let lock = locker.acquire("nightly-report", Duration::from_secs(30)).await?;
+//! // ... do the work, finishing well before `lock.valid_until()` ...
+//! assert!(locker.try_acquire("nightly-report", Duration::from_secs(30)).await.is_err());
+//! lock.release().await?;
+//! # Ok::<_, quorumlock::Error>(())
+//! # })?;
+//! # Ok(()) }
+//! ```
+//!
+//! # The algorithm
+//!
+//! A [`QuorumLocker`] holds N instances in the order given. One attempt:
+//!
+//! 1. notes the time on this process's monotonic clock;
+//! 2. sends `SET key token NX PX ttl` to every instance at once, with a fresh
+//!    128-bit random token, each reply bounded by the per-instance timeout;
+//! 3. stops waiting as soon as the outcome is certain: won at the quorum-th grant
+//!    (a majority by default), lost once more than `N − quorum` instances have
+//!    refused, failed or timed out;
+//! 4. computes the validity `ttl − elapsed − (ttl × drift_factor + 2 ms)`; the
+//!    attempt is won only if a quorum granted and validity is left;
+//! 5. otherwise removes its token, by compare-and-delete, from every instance that
+//!    may hold it — those that granted, failed or timed out, and those whose reply
+//!    is still in flight, once it arrives.
+//!
+//! [`QuorumLocker::acquire`] repeats attempts after randomised delays
+//! ([`RetryPolicy`]) until its timeout; [`QuorumLocker::try_acquire`] makes one.
+//! [`Lock::release`] runs compare-and-delete on every instance in parallel.
+//!
+//! # What a lock guarantees
+//!
+//! A lock is for **efficiency, not correctness**: it keeps processes from doing
+//! the same expensive work twice, and is exclusive only while these hold:
+//!
+//! - every server's clock runs at most `1 / (1 − drift_factor)` times as fast as
+//!   this process's (a fast server expires the key early and lets a second owner
+//!   in);
+//! - the holder does not pause past [`Lock::valid_until`] (garbage collection, swap
+//!   or a stopped VM would let it work on after the lock passed on);
+//! - an instance that restarts keeps its keys, or stays down for the longest TTL
+//!   (a restart without persistence forgets the key);
+//! - the instances are distinct servers (the builder refuses a repeated address).
+//!
+//! Network delay costs only validity: it is counted from before the requests left.
+//!
+//! # Cancel safety
+//!
+//! Dropping an `acquire` or `try_acquire` future at any await point — under
+//! `tokio::time::timeout`, in a `select!` — rolls back its attempt in the
+//! background: no key with its token is left behind.
+//! [`QuorumLocker::settle`] waits for such background work to finish.
+//!
+//! # Features
+//!
+//! - `tls`: `rediss://` URLs.
+//! - `testing`: the `testing` module, local `redis-server` processes with fault controls.
+//! - `testcontainers`: the same fixture in Docker where `redis-server` is missing.
+#![deny(missing_docs, unreachable_pub)]
+#![deny(unsafe_code)]
+
+mod acquire;
+mod address;
+mod background;
+mod builder;
+mod error;
+mod fanout;
+mod instance;
+mod lock;
+mod locker;
+mod quorum;
+mod release;
+mod retry;
+mod scripts;
+mod token;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+pub use builder::{
+    Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT, DEFAULT_TTL,
+};
+pub use error::{Error, InstanceVote, Result, Shortfall, Vote};
+pub use lock::Lock;
+pub use locker::{QuorumLocker, MAX_TTL};
+pub use retry::RetryPolicy;

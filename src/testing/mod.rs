@@ -1,0 +1,120 @@
+//! Real Redis servers for tests, benchmarks and examples (cargo feature `testing`).
+//!
+//! [`RedisServer`] runs one `redis-server` child process on a free loopback port with
+//! persistence off and its own temporary directory; [`RedisCluster`] runs several. Both
+//! expose fault controls (kill, pause, resume, restart empty) so tests can exercise the
+//! lock's quorum logic against real failures rather than mocks.
+//!
+//! The binary is `$REDIS_SERVER_BIN` if set, else `redis-server` on `PATH`. When neither
+//! exists and the `testcontainers` feature is on, `redis:7-alpine` Docker containers are
+//! used instead. Otherwise starting fails with [`HarnessError::NotInstalled`], which says
+//! what to install: a missing server is an error, never a silently skipped test.
+//!
+//! Starting and controlling servers blocks the calling thread for at most a few seconds;
+//! that is fine inside `#[tokio::test]` but keep it out of latency-sensitive tasks.
+//!
+//! # Example
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use quorumlock::testing::RedisCluster;
+//!
+//! let mut cluster = RedisCluster::start(3)?;
+//! let urls = cluster.urls(); // hand these to the lock under test
+//! assert_eq!(urls.len(), 3);
+//!
+//! cluster.pause(0)?; // instance 0 stops answering, its keys survive
+//! cluster.resume(0)?;
+//! cluster.kill(1)?; // instance 1 refuses connections
+//! cluster.restart_empty(1)?; // back on the same port, with no keys
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Servers are killed and reaped when dropped; on Linux they are also killed by the
+//! kernel if the test process dies without unwinding (`PR_SET_PDEATHSIG`).
+
+mod cluster;
+#[cfg(feature = "testcontainers")]
+mod container;
+mod server;
+
+use std::path::PathBuf;
+
+pub use cluster::RedisCluster;
+pub use server::{RedisServer, RedisServerBuilder};
+
+/// Why the fixture could not start or control a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HarnessError {
+    /// No backend is available on this machine.
+    #[error(
+        "redis-server not found: install it (Debian/Ubuntu: `apt-get install -y redis-server`; \
+         macOS: `brew install redis`) or set REDIS_SERVER_BIN, or enable the `testcontainers` \
+         feature on a machine with Docker"
+    )]
+    NotInstalled,
+    /// The server process could not be spawned.
+    #[error("could not spawn {bin}: {source}")]
+    Spawn {
+        /// The binary that was run.
+        bin: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The server did not answer `PING` in time, or exited during startup.
+    #[error(
+        "redis-server on port {port} did not become ready: {reason}\n--- log tail ---\n{log_tail}"
+    )]
+    NotReady {
+        /// The port it was started on.
+        port: u16,
+        /// What went wrong, e.g. the exit status.
+        reason: String,
+        /// The last lines of the server's log.
+        log_tail: String,
+    },
+    /// A signal could not be delivered.
+    #[error("could not send {signal} to pid {pid}: {source}")]
+    Signal {
+        /// Name of the signal, e.g. `SIGSTOP`.
+        signal: &'static str,
+        /// The target process.
+        pid: u32,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The operation needs a running server, but it was killed.
+    #[error("redis server on port {port} is not running")]
+    NotRunning {
+        /// The server's port.
+        port: u16,
+    },
+    /// The operation is not available on this backend.
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+    /// Docker or testcontainers failed.
+    #[error("docker: {0}")]
+    Docker(String),
+    /// Any other I/O failure (temporary directory, free port lookup, reaping a child).
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `$REDIS_SERVER_BIN` when set (spawning reports it if it is wrong), else `redis-server`
+/// from `PATH`.
+fn redis_server_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(bin));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("redis-server"))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

@@ -1,0 +1,594 @@
+//! One Redis server on a loopback port, with fault controls.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::HarnessError;
+
+/// Fresh ports tried before giving up. A clash needs another process to bind the port
+/// between our probe and the server's own bind, so a few retries are plenty.
+const START_ATTEMPTS: usize = 20;
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `restart_empty` keeps trying to rebind a port that is briefly still in use.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_millis(200);
+const MAX_POLL_PAUSE: Duration = Duration::from_millis(50);
+/// The default Redis port may belong to a real server on the developer's machine.
+const DEFAULT_REDIS_PORT: u16 = 6379;
+const LOG_FILE: &str = "redis.log";
+const LOG_TAIL_LINES: usize = 30;
+
+/// Extra arguments and environment for a [`RedisServer`]; see [`RedisServer::builder`].
+///
+/// The settings are kept by the server and re-applied by [`RedisServer::restart_empty`].
+#[derive(Debug, Clone, Default)]
+pub struct RedisServerBuilder {
+    pub(super) args: Vec<OsString>,
+    pub(super) envs: Vec<(OsString, OsString)>,
+}
+
+impl RedisServerBuilder {
+    /// Appends a `redis-server` argument, e.g. `--requirepass`.
+    ///
+    /// Arguments follow the fixture's own, so they override its defaults (`--save`,
+    /// `--appendonly`); do not change `--port`, `--bind`, `--dir` or `--logfile`.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Appends several `redis-server` arguments; see [`arg`](Self::arg).
+    pub fn args<I>(mut self, args: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the server process, e.g. `LD_PRELOAD`.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts a server with these settings and waits until it answers `PING`.
+    pub fn start(&self) -> Result<RedisServer, HarnessError> {
+        match super::redis_server_bin() {
+            Some(bin) => RedisServer::start_process(bin, self.clone()),
+            None => RedisServer::start_without_binary(self),
+        }
+    }
+}
+
+/// A Redis server for tests on `127.0.0.1`, killed and reaped when dropped.
+///
+/// Persistence is off, so a killed server loses its keys, like a real crash without AOF.
+pub struct RedisServer {
+    port: u16,
+    paused: bool,
+    backend: Backend,
+}
+
+enum Backend {
+    Process {
+        bin: PathBuf,
+        config: RedisServerBuilder,
+        /// `None` once killed.
+        run: Option<Process>,
+    },
+    #[cfg(feature = "testcontainers")]
+    Container(Box<super::container::RedisContainer>),
+}
+
+impl RedisServer {
+    /// Starts a server with default settings; see [`builder`](Self::builder) for more.
+    pub fn start() -> Result<Self, HarnessError> {
+        RedisServerBuilder::default().start()
+    }
+
+    /// Settings for a server with extra arguments or environment:
+    ///
+    /// ```
+    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
+    /// let server = quorumlock::testing::RedisServer::builder()
+    ///     .arg("--requirepass")
+    ///     .arg("secret")
+    ///     .start()?;
+    /// # drop(server);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> RedisServerBuilder {
+        RedisServerBuilder::default()
+    }
+
+    fn start_process(bin: PathBuf, config: RedisServerBuilder) -> Result<Self, HarnessError> {
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port()?;
+            if port == DEFAULT_REDIS_PORT {
+                continue;
+            }
+            match Process::launch(&bin, &config, port)? {
+                Launch::Ready(run) => {
+                    return Ok(Self {
+                        port,
+                        paused: false,
+                        backend: Backend::Process {
+                            bin,
+                            config,
+                            run: Some(run),
+                        },
+                    })
+                }
+                // Most likely someone else bound the port first: try another one.
+                Launch::Exited(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("no usable free port").into()))
+    }
+
+    #[cfg(feature = "testcontainers")]
+    fn start_without_binary(config: &RedisServerBuilder) -> Result<Self, HarnessError> {
+        let (port, container) = super::container::RedisContainer::start(config)?;
+        Ok(Self {
+            port,
+            paused: false,
+            backend: Backend::Container(Box::new(container)),
+        })
+    }
+
+    #[cfg(not(feature = "testcontainers"))]
+    fn start_without_binary(_config: &RedisServerBuilder) -> Result<Self, HarnessError> {
+        Err(HarnessError::NotInstalled)
+    }
+
+    /// The TCP port, stable across [`restart_empty`](Self::restart_empty).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// `redis://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id; `None` once killed, or when it runs in a container.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.backend {
+            Backend::Process { run, .. } => run.as_ref().map(|run| run.child.id()),
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(_) => None,
+        }
+    }
+
+    /// The running server process's log: Redis's own log plus its stdout and stderr.
+    /// `None` once killed (the file is deleted with it), or when it runs in a container.
+    pub fn log_path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Process { run, .. } => run.as_ref().map(|run| run.log.as_path()),
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(_) => None,
+        }
+    }
+
+    /// Whether the server exists: not killed and not exited. A paused server is running.
+    pub fn is_running(&self) -> bool {
+        match &self.backend {
+            Backend::Process { run, .. } => run.as_ref().is_some_and(|run| !run.has_exited()),
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(container) => container.is_running(),
+        }
+    }
+
+    /// Whether [`pause`](Self::pause) was called without a later resume, kill or restart.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Kills the server at once (`SIGKILL`, no shutdown) and reaps it; its keys are lost
+    /// and its port refuses connections. Killing a killed server does nothing.
+    pub fn kill(&mut self) -> Result<(), HarnessError> {
+        let killed = match &mut self.backend {
+            Backend::Process { run, .. } => match run.take() {
+                Some(mut run) => run.kill(),
+                None => Ok(()),
+            },
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(container) => {
+                // Unlike a stopped process, a paused container may refuse to stop.
+                if self.paused {
+                    container.resume()?;
+                }
+                container.kill()
+            }
+        };
+        self.paused = false;
+        killed
+    }
+
+    /// Freezes the server (`SIGSTOP`): the kernel still accepts connections but nothing is
+    /// answered, like a server stalled by its host or cut off by a network partition.
+    pub fn pause(&mut self) -> Result<(), HarnessError> {
+        match &self.backend {
+            Backend::Process { run, .. } => self.running(run)?.signal(libc::SIGSTOP, "SIGSTOP")?,
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(container) => container.pause()?,
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Unfreezes a paused server (`SIGCONT`); requests queued meanwhile are then served.
+    pub fn resume(&mut self) -> Result<(), HarnessError> {
+        match &self.backend {
+            Backend::Process { run, .. } => self.running(run)?.signal(libc::SIGCONT, "SIGCONT")?,
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(container) => container.resume()?,
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Kills the server if it runs, then starts a fresh, empty one on the same port with
+    /// the same arguments and environment, and waits until it answers `PING`.
+    pub fn restart_empty(&mut self) -> Result<(), HarnessError> {
+        self.kill()?;
+        let port = self.port;
+        match &mut self.backend {
+            Backend::Process { bin, config, run } => {
+                let mut last_error = None;
+                // The old socket is normally gone once the process is reaped; retrying
+                // covers slow teardown, and reports a port taken by someone else.
+                let restarted = poll_until(REBIND_TIMEOUT, || {
+                    match Process::launch(bin, config, port) {
+                        Ok(Launch::Ready(new)) => Some(Ok(new)),
+                        Ok(Launch::Exited(error)) => {
+                            last_error = Some(error);
+                            None
+                        }
+                        Err(error) => Some(Err(error)),
+                    }
+                });
+                let new = match restarted {
+                    Some(result) => result?,
+                    None => {
+                        return Err(last_error
+                            .unwrap_or_else(|| io::Error::other("could not rebind").into()))
+                    }
+                };
+                *run = Some(new);
+                Ok(())
+            }
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(container) => container.restart(port),
+        }
+    }
+
+    fn running<'a>(&self, run: &'a Option<Process>) -> Result<&'a Process, HarnessError> {
+        run.as_ref()
+            .ok_or(HarnessError::NotRunning { port: self.port })
+    }
+}
+
+impl fmt::Debug for RedisServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisServer")
+            .field("url", &self.url())
+            .field("pid", &self.pid())
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+/// A running `redis-server` child and its private directory, killed and reaped on drop.
+struct Process {
+    child: Child,
+    log: PathBuf,
+    /// Removed after the child is dead (fields drop after `Drop::drop`).
+    _dir: TempDir,
+}
+
+enum Launch {
+    Ready(Process),
+    /// The server exited during startup; retrying on another port may help.
+    Exited(HarnessError),
+}
+
+impl Process {
+    fn launch(bin: &Path, config: &RedisServerBuilder, port: u16) -> Result<Launch, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("quorumlock-redis-")
+            .tempdir()?;
+        let log_path = dir.path().join(LOG_FILE);
+        // Argument errors go to stderr before the log file is opened: appending both to
+        // one file gives a single log to quote when startup fails.
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut command = Command::new(bin);
+        command
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--logfile")
+            .arg(&log_path)
+            .args(&config.args)
+            .envs(config.envs.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut command);
+        let child = spawn(command).map_err(|source| HarnessError::Spawn {
+            bin: bin.to_owned(),
+            source,
+        })?;
+        let mut run = Process {
+            child,
+            log: log_path,
+            _dir: dir,
+        };
+
+        let outcome = poll_until(READY_TIMEOUT, || match run.child.try_wait() {
+            Ok(Some(status)) => Some(Err(format!("exited during startup ({status})"))),
+            Err(error) => Some(Err(format!("could not check the process: {error}"))),
+            // PONG could come from another process that won the race for this port.
+            Ok(None) => (answers_ping(port) && owns_port(run.child.id(), port)).then_some(Ok(())),
+        });
+        let (exited, reason) = match outcome {
+            Some(Ok(())) => return Ok(Launch::Ready(run)),
+            Some(Err(reason)) => (true, reason),
+            None => (false, format!("no answer to PING within {READY_TIMEOUT:?}")),
+        };
+        // Kill before reading the log so the tail is complete.
+        let _ = run.kill();
+        let error = HarnessError::NotReady {
+            port,
+            reason,
+            log_tail: log_tail(&run.log),
+        };
+        if exited {
+            Ok(Launch::Exited(error))
+        } else {
+            Err(error)
+        }
+    }
+
+    fn kill(&mut self) -> Result<(), HarnessError> {
+        let pid = self.child.id();
+        self.child.kill().map_err(|source| HarnessError::Signal {
+            signal: "SIGKILL",
+            pid,
+            source,
+        })?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    #[allow(unsafe_code)] // libc::kill: std has no SIGSTOP/SIGCONT.
+    fn signal(&self, signal: libc::c_int, name: &'static str) -> Result<(), HarnessError> {
+        let pid = self.child.id();
+        // SAFETY: kill(2) has no memory-safety preconditions. The child is not reaped
+        // yet, so its pid cannot have been recycled for another process.
+        if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(HarnessError::Signal {
+                signal: name,
+                pid,
+                source: io::Error::last_os_error(),
+            })
+        }
+    }
+
+    /// Checks for exit without reaping, so that `Child` keeps owning the pid.
+    #[allow(unsafe_code)] // libc::waitid: std's try_wait needs `&mut` and reaps.
+    fn has_exited(&self) -> bool {
+        // SAFETY: siginfo_t is plain data, valid when zeroed; waitid only writes to it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        let id = self.child.id() as libc::id_t;
+        // SAFETY: `info` is a valid, writable siginfo_t.
+        if unsafe { libc::waitid(libc::P_PID, id, &mut info, options) } != 0 {
+            // Only possible if the child was reaped behind our back: it is gone.
+            return true;
+        }
+        // With WNOHANG and no exited child, waitid leaves the fields zero.
+        info.si_signo != 0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SIGKILL also ends a SIGSTOPped process; waiting reaps it so nothing is orphaned.
+        let _ = self.kill();
+    }
+}
+
+/// A port nobody listens on right now. The server binds it a moment later, so another
+/// process can still take it first: callers retry.
+pub(super) fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Calls `probe` with growing pauses until it returns `Some` or `timeout` has passed.
+pub(super) fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        thread::sleep(pause.min(left));
+        pause = (pause * 2).min(MAX_POLL_PAUSE);
+    }
+}
+
+/// Whether a server on `port` answers a raw `PING`. `NOAUTH` counts: the server is up,
+/// it just wants a password (`--requirepass`, ACLs). `LOADING` and silence do not.
+pub(super) fn answers_ping(port: u16) -> bool {
+    ping(port).is_ok_and(|reply| reply.starts_with(b"+PONG") || reply.starts_with(b"-NOAUTH"))
+}
+
+fn ping(port: u16) -> io::Result<Vec<u8>> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, PING_TIMEOUT)?;
+    stream.set_read_timeout(Some(PING_TIMEOUT))?;
+    stream.set_write_timeout(Some(PING_TIMEOUT))?;
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+    let mut reply = Vec::new();
+    let mut chunk = [0; 64];
+    // Replies to PING are one short line; the length cap bounds the loop regardless.
+    while !reply.ends_with(b"\r\n") && reply.len() < 256 {
+        let read = stream.read(&mut chunk)?;
+        if read == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..read]);
+    }
+    Ok(reply)
+}
+
+/// Whether process `pid` holds the listening socket of `port`, read from `/proc`.
+/// Unknown (unreadable `/proc`) counts as yes: then PING alone decides.
+#[cfg(target_os = "linux")]
+fn owns_port(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let local = format!(":{port:04X}");
+    // Columns: sl, local_address (hex ip:port), rem_address, st (0A = LISTEN), ..., inode.
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() > 9 && cols[1].ends_with(&local) && cols[3] == "0A")
+        .map(|cols| format!("socket:[{}]", cols[9]))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return true;
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| {
+            sockets
+                .iter()
+                .any(|socket| target.as_os_str() == socket.as_str())
+        })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn owns_port(_pid: u32, _port: u16) -> bool {
+    true
+}
+
+/// Makes the kernel kill the server when the test process dies, even by SIGKILL, when
+/// no destructor runs.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // pre_exec and prctl: std has no parent-death signal.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure only makes async-signal-safe calls
+    // (prctl, getppid) and builds errors without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // A parent that died before prctl took effect would send no signal.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
+
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `command` from one thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
+/// process: a server spawned from a scoped thread, a blocking-pool worker or a finished
+/// test thread would be killed while still in use.
+fn spawn(command: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let gone = || io::Error::other("the redis-server spawner thread is not running");
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
+        thread::Builder::new()
+            .name("quorumlock-redis-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in incoming {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .ok()
+            .map(|_| requests)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .as_ref()
+        .ok_or_else(gone)?
+        .send((command, reply))
+        .map_err(|_| gone())?;
+    answer.recv().map_err(|_| gone())?
+}
+
+fn log_tail(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+        Err(error) => format!("(no log at {}: {error})", path.display()),
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owns_port_tells_the_listener_from_other_processes() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(owns_port(std::process::id(), port));
+        // Our parent (cargo or nextest) does not hold this socket.
+        let parent = std::os::unix::process::parent_id();
+        assert!(!owns_port(parent, port));
+        drop(listener);
+        assert!(!owns_port(std::process::id(), port));
+    }
+}
