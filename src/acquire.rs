@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
+use futures_util::FutureExt;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::{InstanceVote, Shortfall, Vote};
-use crate::fanout::{Fanout, Tagged};
+use crate::fanout::{Fanout, Straggler, Tagged};
 use crate::lock::Lock;
 use crate::locker::{LockKey, Shared};
 use crate::quorum::{self, Decision};
@@ -54,8 +55,8 @@ pub(crate) async fn attempt(
     let mut attempt = Attempt {
         shared: Arc::clone(shared),
         key: Arc::clone(&key.redis),
-        fanout: Fanout::start(&shared.members, |instance| {
-            instance.set_nx_px(&key.redis, &token, ttl_ms)
+        fanout: Fanout::start(&shared.members, |member| {
+            member.instance.set_nx_px(&key.redis, &token, ttl_ms)
         }),
         token,
         ttl,
@@ -78,6 +79,8 @@ pub(crate) async fn attempt(
                     attempt.won = true;
                     debug!(key = %key.user, granted = tally.granted, ?elapsed, "lock acquired");
                     let valid_until = start + (ttl - drift);
+                    let stragglers =
+                        finish_in_background(shared, attempt.fanout.take_pending(), ttl);
                     return Ok(Outcome::Won(Lock::new(
                         Arc::clone(shared),
                         key.clone(),
@@ -85,6 +88,7 @@ pub(crate) async fn attempt(
                         ttl,
                         start,
                         valid_until,
+                        stragglers,
                     )));
                 }
                 None => Shortfall::ValidityExhausted { elapsed },
@@ -106,20 +110,6 @@ pub(crate) async fn attempt(
 impl Drop for Attempt {
     fn drop(&mut self) {
         if self.won {
-            // Sets still in flight make the held lock survive more instance
-            // failures, so they are finished, not dropped (a connection still
-            // opening would otherwise never send them). The lock's release or
-            // expiry covers those instances.
-            let in_flight = self.fanout.take_pending();
-            if !in_flight.is_empty() {
-                let bound = self.ttl;
-                self.shared.background.spawn(async move {
-                    let finish = in_flight
-                        .into_iter()
-                        .map(|tagged| tokio::time::timeout(bound, tagged));
-                    join_all(finish).await;
-                });
-            }
             return;
         }
         let may_hold: Vec<usize> = (0..self.shared.members.len())
@@ -146,6 +136,34 @@ impl Drop for Attempt {
             warn!(key = %self.key, "attempt dropped outside a Tokio runtime: no rollback, the key expires by its TTL");
         }
     }
+}
+
+/// Finishes a won attempt's sets still in flight: they make the held lock survive
+/// more instance failures, and a connection still opening would never send them
+/// if they were dropped. The lock's release waits for each before deleting there,
+/// so a late set cannot land after the delete.
+fn finish_in_background(
+    shared: &Arc<Shared>,
+    in_flight: FuturesUnordered<Tagged>,
+    ttl: Duration,
+) -> Vec<Straggler> {
+    let stragglers: Vec<Straggler> = in_flight
+        .into_iter()
+        .map(|tagged| Straggler {
+            index: tagged.index,
+            reply: tagged.shared(),
+        })
+        .collect();
+    if !stragglers.is_empty() {
+        let finish: Vec<_> = stragglers
+            .iter()
+            .map(|straggler| tokio::time::timeout(ttl, straggler.reply.clone()))
+            .collect();
+        shared.background.spawn(async move {
+            join_all(finish).await;
+        });
+    }
+    stragglers
 }
 
 /// Removes our token from every instance that granted or failed, and from every

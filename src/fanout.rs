@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Shared;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use crate::error::{InstanceVote, Vote};
-use crate::instance::{BoxFuture, Instance, Member, Reply};
+use crate::instance::{BoxFuture, Member, Reply};
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
@@ -31,6 +32,13 @@ impl Future for Tagged {
             .poll(cx)
             .map(|reply| (self.index, reply))
     }
+}
+
+/// A reply still in flight after the decision of a won attempt, shared between
+/// the task that finishes it and the release that must follow it.
+pub(crate) struct Straggler {
+    pub(crate) index: usize,
+    pub(crate) reply: Shared<Tagged>,
 }
 
 /// Counts of the replies so far.
@@ -62,13 +70,13 @@ impl Fanout {
     /// commands leave on the first poll: all of them within one poll of `collect`.
     pub(crate) fn start(
         members: &[Member],
-        operation: impl Fn(&dyn Instance) -> BoxFuture<Reply>,
+        operation: impl Fn(&Member) -> BoxFuture<Reply>,
     ) -> Self {
         let pending = members
             .iter()
             .map(|member| Tagged {
                 index: member.index,
-                reply: operation(&*member.instance),
+                reply: operation(member),
             })
             .collect();
         Self {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::fanout::Straggler;
 use crate::locker::{LockKey, Shared};
 use crate::token;
 
@@ -25,6 +26,8 @@ pub struct Lock {
     ttl: Duration,
     acquired_at: Instant,
     valid_until: Instant,
+    /// Sets of the winning attempt that were still in flight when it was decided.
+    stragglers: Vec<Straggler>,
 }
 
 impl Lock {
@@ -35,6 +38,7 @@ impl Lock {
         ttl: Duration,
         acquired_at: Instant,
         valid_until: Instant,
+        stragglers: Vec<Straggler>,
     ) -> Self {
         Self {
             shared,
@@ -43,6 +47,7 @@ impl Lock {
             ttl,
             acquired_at,
             valid_until,
+            stragglers,
         }
     }
 
@@ -101,7 +106,14 @@ impl Lock {
     /// Dropping the future after its first poll still lets the deletes already
     /// sent run on the servers; the lock otherwise expires by its TTL.
     pub async fn release(self) -> crate::Result<usize> {
-        crate::release::release(&self.shared, &self.key, &self.token, self.ttl).await
+        crate::release::release(
+            &self.shared,
+            &self.key,
+            &self.token,
+            self.ttl,
+            &self.stragglers,
+        )
+        .await
     }
 }
 
@@ -116,5 +128,17 @@ impl fmt::Debug for Lock {
             .field("ttl", &self.ttl)
             .field("remaining", &self.remaining())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Locks and lockers move between tasks and threads.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<super::Lock>();
+        send_sync::<crate::QuorumLocker>();
+        send_sync::<crate::Error>();
     }
 }

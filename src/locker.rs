@@ -182,7 +182,7 @@ impl QuorumLocker {
             .settings
             .instance_timeout
             .max(Duration::from_secs(1));
-        let mut fanout = Fanout::start(members, |instance| instance.load_scripts());
+        let mut fanout = Fanout::start(members, |member| member.instance.load_scripts());
         fanout
             .collect(Instant::now() + timeout, timeout, |tally| {
                 tally.answered() == members.len()

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::fanout::Fanout;
+use crate::fanout::{Fanout, Straggler};
 use crate::locker::{LockKey, Shared};
 
 /// Deletes `key` where it holds `token`; see [`Lock::release`](crate::Lock::release).
@@ -16,13 +16,29 @@ pub(crate) async fn release(
     key: &LockKey,
     token: &Arc<str>,
     ttl: Duration,
+    stragglers: &[Straggler],
 ) -> crate::Result<usize> {
     let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
     let start = Instant::now();
-    let mut fanout = Fanout::start(&shared.members, |instance| {
-        instance.release(&key.redis, token)
+    let bound = ttl.max(timeout);
+    let mut fanout = Fanout::start(&shared.members, |member| {
+        let delete = member.instance.release(&key.redis, token);
+        match stragglers
+            .iter()
+            .find(|straggler| straggler.index == member.index)
+        {
+            None => delete,
+            // The acquisition's set may not have left yet: delete only after it.
+            Some(straggler) => {
+                let set = straggler.reply.clone();
+                Box::pin(async move {
+                    let _ = tokio::time::timeout(bound, set).await;
+                    delete.await
+                })
+            }
+        }
     });
     // Once a quorum has answered and one released, the rest cannot change what the
     // caller does next; a slow or paused instance must not hold the caller up.
@@ -37,7 +53,6 @@ pub(crate) async fn release(
     let stragglers = fanout.take_pending();
     if !stragglers.is_empty() {
         let key = Arc::clone(&key.redis);
-        let bound = ttl.max(timeout);
         shared.background.spawn(async move {
             let finish = stragglers.into_iter().map(|tagged| {
                 let key = Arc::clone(&key);

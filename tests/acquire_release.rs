@@ -42,6 +42,8 @@ async fn try_acquire_of_a_held_key_fails_with_every_vote() {
         let first = locker(&cluster).await;
         let second = locker(&cluster).await;
         let lock = first.acquire("job", TTL).await.expect("acquire");
+        // Decided at the quorum; let the remaining sets land before counting.
+        first.settle().await;
 
         match second.try_acquire("job", TTL).await {
             Err(Error::NotAcquired {
@@ -80,6 +82,7 @@ async fn the_key_prefix_is_applied_in_redis_only() {
         .unwrap();
     let lock = locker.acquire("job", TTL).await.unwrap();
     assert_eq!(lock.key(), "job");
+    locker.settle().await;
     assert_eq!(
         holders(&cluster, "locks:job", lock.token()).await,
         [0, 1, 2]
@@ -95,11 +98,13 @@ async fn release_after_the_lock_passed_to_another_owner_is_not_held_and_harmless
         let first = locker(&cluster).await;
         let second = locker(&cluster).await;
         let stale = first.acquire("job", TTL).await.unwrap();
+        first.settle().await;
         // Expire it behind its back, and let the second owner in.
         for i in 0..n {
             common::delete(&cluster, i, "job").await;
         }
         let current = second.acquire("job", TTL).await.unwrap();
+        second.settle().await;
 
         match stale.release().await {
             Err(Error::NotHeld { key }) => assert_eq!(key, "job"),

@@ -372,3 +372,49 @@ fn a_bad_argument_reports_the_server_log() {
     assert!(matches!(error, HarnessError::NotReady { .. }), "{message}");
     assert!(message.contains("no-such-option"), "{message}");
 }
+
+/// Run by `a_missing_binary_is_an_error_that_says_what_to_install` in a child process
+/// whose environment hides redis-server.
+#[test]
+fn missing_binary_helper() {
+    let Some(expected) = std::env::var_os("QUORUMLOCK_MISSING_BINARY_HELPER") else {
+        return;
+    };
+    let error = RedisCluster::start(2).expect_err("no redis-server can be found");
+    let message = error.to_string();
+    let expected = expected.to_string_lossy();
+    assert!(
+        message.contains(&*expected),
+        "{expected:?} not in: {message}"
+    );
+    println!("helper-checked");
+}
+
+#[test]
+fn a_missing_binary_is_an_error_that_says_what_to_install() {
+    let run_helper = |bin: Option<&str>, expected: &str| {
+        let mut helper = Command::new(std::env::current_exe().expect("test binary"));
+        helper
+            .args(["--exact", "missing_binary_helper", "--nocapture"])
+            .env("QUORUMLOCK_MISSING_BINARY_HELPER", expected)
+            .env("PATH", "/nonexistent");
+        match bin {
+            Some(bin) => helper.env("REDIS_SERVER_BIN", bin),
+            None => helper.env_remove("REDIS_SERVER_BIN"),
+        };
+        let output = helper.output().expect("run helper");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("helper-checked"),
+            "helper failed: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    // Without the `testcontainers` feature this is exactly HarnessError::NotInstalled;
+    // with it, the Docker error repeats the same advice.
+    run_helper(None, "apt-get install -y redis-server");
+    run_helper(
+        Some("/nonexistent/redis-server"),
+        "could not spawn /nonexistent/redis-server",
+    );
+}

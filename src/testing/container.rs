@@ -11,7 +11,7 @@ use testcontainers::runners::SyncRunner;
 use testcontainers::{Container, GenericImage, ImageExt};
 
 use super::server::{answers_ping, free_port, poll_until, RedisServerBuilder};
-use super::HarnessError;
+use super::{HarnessError, INSTALL_ADVICE};
 
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -43,8 +43,8 @@ impl RedisContainer {
         }
         let container = off_runtime(|| request.start()).map_err(|error| {
             HarnessError::Docker(format!(
-                "{}; a redis:7-alpine container could not be started either: {error}",
-                HarnessError::NotInstalled
+                "redis-server not found: {INSTALL_ADVICE}; the redis:7-alpine container \
+                 fallback failed too: {error}"
             ))
         })?;
         let this = Self {

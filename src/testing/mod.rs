@@ -7,7 +7,8 @@
 //!
 //! The binary is `$REDIS_SERVER_BIN` if set, else `redis-server` on `PATH`. When neither
 //! exists and the `testcontainers` feature is on, `redis:7-alpine` Docker containers are
-//! used instead. Otherwise starting fails with [`HarnessError::NotInstalled`], which says
+//! used instead (reached on `127.0.0.1`, so Docker must run locally; `pid()` and
+//! `log_path()` are then `None`). Otherwise starting fails with [`HarnessError::NotInstalled`], which says
 //! what to install: a missing server is an error, never a silently skipped test.
 //!
 //! Starting and controlling servers blocks the calling thread for at most a few seconds;
@@ -50,9 +51,9 @@ pub use server::{RedisServer, RedisServerBuilder};
 pub enum HarnessError {
     /// No backend is available on this machine.
     #[error(
-        "redis-server not found: install it (Debian/Ubuntu: `apt-get install -y redis-server`; \
-         macOS: `brew install redis`) or set REDIS_SERVER_BIN, or enable the `testcontainers` \
-         feature on a machine with Docker"
+        "redis-server not found: {}, or enable the `testcontainers` feature on a machine with \
+         Docker",
+        INSTALL_ADVICE
     )]
     NotInstalled,
     /// The server process could not be spawned.
@@ -101,6 +102,9 @@ pub enum HarnessError {
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }
+
+const INSTALL_ADVICE: &str = "install it (Debian/Ubuntu: `apt-get install -y redis-server`; \
+     macOS: `brew install redis`) or set REDIS_SERVER_BIN";
 
 /// `$REDIS_SERVER_BIN` when set (spawning reports it if it is wrong), else `redis-server`
 /// from `PATH`.
