@@ -14,15 +14,28 @@ use quorumlock::testing::RedisCluster;
 use quorumlock::{Error, QuorumLocker};
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Keep the local servers alive until the end of `main`.
-    let (urls, _local) = match std::env::var("REDIS_URLS") {
-        Ok(urls) => {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    // Keep the local servers alive until the end of `run`.
+    let from_env = std::env::var("REDIS_URLS")
+        .ok()
+        .filter(|urls| !urls.trim().is_empty());
+    let (urls, _local) = match from_env {
+        Some(urls) => {
             let urls: Vec<String> = urls.split(',').map(|url| url.trim().to_string()).collect();
-            println!("using the {} instances in REDIS_URLS", urls.len());
+            println!("using the instance(s) in REDIS_URLS:");
             (urls, None)
         }
-        Err(_) => {
+        None => {
             let cluster = RedisCluster::start(3)?;
             println!("REDIS_URLS is not set: started 3 local redis-server processes");
             (cluster.urls(), Some(cluster))

@@ -27,9 +27,12 @@ pub(crate) fn parse_url(index: usize, url: &str) -> Result<ParsedUrl, Error> {
             "rediss:// needs quorumlock's `tls` feature".to_string(),
         ));
     }
-    let info = url
-        .into_connection_info()
-        .map_err(|err| invalid(strip_url(&err.to_string(), url)))?;
+    let info = url.into_connection_info().map_err(|err| {
+        invalid(format!(
+            "{}; expected redis://[user[:password]@]host[:port][/db]",
+            strip_url(&err.to_string(), url)
+        ))
+    })?;
     if !info.addr().is_supported() {
         return Err(invalid(
             "rediss:// needs quorumlock's `tls` feature".to_string(),
@@ -61,23 +64,43 @@ pub(crate) fn parse_url(index: usize, url: &str) -> Result<ParsedUrl, Error> {
     })
 }
 
-/// The URL with any password in its user-info part replaced by `***`.
+/// The URL with anything that may be a password replaced by `***`: the user-info
+/// part (up to the last `@`, since a password may hold `/`, `?` or `#`) and the
+/// values of query parameters whose name mentions a password. Used on input that
+/// may not parse, so it over-redacts rather than guess.
 pub(crate) fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
     };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            let user_info = &rest[..at];
+            match user_info.split_once(':') {
+                Some((user, _)) if !user.contains(['/', '?', '#']) => {
+                    format!("{user}:***{}", &rest[at..])
+                }
+                _ => format!("***{}", &rest[at..]),
+            }
+        }
+        None => rest.to_string(),
     };
-    let user_info = &authority[..at];
-    let user = match user_info.find(':') {
-        Some(colon) => format!("{}:***", &user_info[..colon]),
-        None => user_info.to_string(),
+    let redacted = match rest.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.to_ascii_lowercase().contains("pass") => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => rest,
     };
-    format!("{}{user}{}", &url[..scheme_end], &url[scheme_end + at..])
+    format!("{scheme}{redacted}")
 }
 
 /// Parse errors may quote the input; keep the password out of them.
@@ -109,6 +132,16 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h"), "redis://:***@h");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
         assert_eq!(redact_url("nonsense"), "nonsense");
+        assert_eq!(redact_url("alice:pw@host:6379"), "alice:***@host:6379");
+        assert_eq!(redact_url("redis://a:p/w#x@h:1"), "redis://a:***@h:1");
+        assert_eq!(
+            redact_url("redis://h:1/?password=pw&db=2"),
+            "redis://h:1/?password=***&db=2"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///s.sock?pass=pw"),
+            "redis+unix:///s.sock?pass=***"
+        );
     }
 
     #[test]
@@ -136,8 +169,18 @@ mod tests {
 
     proptest! {
         #[test]
-        fn password_never_shown(password in "[A-Za-z0-9]{6,20}", port in 1u16..) {
-            let url = format!("redis://user:{password}@host:{port}/1");
+        fn password_never_shown(
+            password in "[A-Za-z0-9/?#:@%]{6,20}",
+            port in 1u32..100_000,
+            form in 0usize..4,
+        ) {
+            prop_assume!(password.chars().filter(char::is_ascii_alphanumeric).count() >= 4);
+            let url = match form {
+                0 => format!("redis://user:{password}@host:{port}/1"),
+                1 => format!("user:{password}@host:{port}"),
+                2 => format!("redis://host:{port}/?password={password}"),
+                _ => format!("rediss://:{password}@host:{port}"),
+            };
             let text = match parse_url(0, &url) {
                 Ok(parsed) => parsed.display,
                 Err(err) => err.to_string(),

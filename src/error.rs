@@ -15,7 +15,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The lock was not acquired: another owner holds it, too few instances
     /// answered, or the attempt took so long that no validity was left. `causes`
-    /// holds the vote of every instance in the last attempt.
+    /// holds the vote of every instance in the last attempt: refusals mean
+    /// contention, failures and time-outs mean instances are unreachable (see
+    /// [`Error::unreachable_instances`]).
     #[error(
         "lock {key:?} not acquired after {attempts} attempt(s): {shortfall}{}",
         Causes(causes)
@@ -41,7 +43,11 @@ pub enum Error {
 
     /// Too few instances answered to know the outcome: the operation may or may not
     /// have taken effect on the others.
-    #[error("{operation} of lock {key:?}: instances unavailable{}", Causes(causes))]
+    #[error(
+        "{operation}{}: too few instances answered{}",
+        Subject(key),
+        Causes(causes)
+    )]
     Unavailable {
         /// What was being done (`"release"`, `"prepare"`).
         operation: &'static str,
@@ -198,7 +204,21 @@ impl fmt::Display for Vote {
             Self::Refused => f.write_str("refused"),
             Self::Failed(err) => write!(f, "failed: {err}"),
             Self::TimedOut(after) => write!(f, "timed out after {after:?}"),
-            Self::Unanswered => f.write_str("not needed for the decision"),
+            Self::Unanswered => f.write_str("no reply before the outcome was decided"),
+        }
+    }
+}
+
+/// Formats a lock key as ` of lock "key"`, and a locker-wide operation's empty
+/// key as nothing.
+struct Subject<'a>(&'a str);
+
+impl fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, " of lock {:?}", self.0)
         }
     }
 }
@@ -216,6 +236,15 @@ impl fmt::Display for Causes<'_> {
 }
 
 impl Error {
+    /// How many instances failed or timed out (rather than refused) in the causes:
+    /// zero means a `NotAcquired` was plain contention.
+    pub fn unreachable_instances(&self) -> usize {
+        self.causes()
+            .iter()
+            .filter(|cause| matches!(cause.vote, Vote::Failed(_) | Vote::TimedOut(_)))
+            .count()
+    }
+
     /// Each instance's vote, where the error carries them.
     pub fn causes(&self) -> &[InstanceVote] {
         match self {

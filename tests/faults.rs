@@ -95,6 +95,7 @@ async fn partial_grant_is_rolled_back_everywhere() {
         "{err}"
     );
     assert!(matches!(err.causes()[4].vote, Vote::TimedOut(_)), "{err}");
+    assert_eq!(err.unreachable_instances(), 1, "{err}");
 
     cluster.resume(4).unwrap();
     locker.settle().await;
@@ -258,4 +259,23 @@ async fn split_votes_at_even_n_never_hang_or_leak() {
         0,
         "winners: {winners:?}"
     );
+}
+
+/// With every instance down, `acquire` gives up at its timeout with every
+/// instance's failure, told apart from contention.
+#[tokio::test]
+async fn all_instances_down_is_not_acquired_with_every_failure() {
+    let mut cluster = cluster(3);
+    let locker = builder(&cluster)
+        .acquire_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        cluster.kill(i).unwrap();
+    }
+    let err = locker.acquire("job", TTL).await.unwrap_err();
+    assert!(matches!(err, Error::NotAcquired { .. }), "{err}");
+    assert_eq!(err.unreachable_instances(), 3, "{err}");
+    locker.settle().await;
 }
