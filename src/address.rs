@@ -73,34 +73,35 @@ pub(crate) fn redact_url(url: &str) -> String {
         Some(i) => url.split_at(i + 3),
         None => ("", url),
     };
-    let rest = match rest.rfind('@') {
-        Some(at) => {
-            let user_info = &rest[..at];
-            match user_info.split_once(':') {
-                Some((user, _)) if !user.contains(['/', '?', '#']) => {
-                    format!("{user}:***{}", &rest[at..])
+    // Query first, so that an `@` inside a query password is gone before the
+    // user-info search. Everything after a password parameter goes: its value
+    // may hold `&`.
+    let rest = match rest.split_once('?') {
+        Some((path, query)) => {
+            let mut kept = Vec::new();
+            for pair in query.split('&') {
+                match pair.split_once('=') {
+                    Some((name, _)) if name.to_ascii_lowercase().contains("pass") => {
+                        kept.push(format!("{name}=***"));
+                        break;
+                    }
+                    _ => kept.push(pair.to_string()),
                 }
-                _ => format!("***{}", &rest[at..]),
             }
+            format!("{path}?{}", kept.join("&"))
         }
         None => rest.to_string(),
     };
-    let redacted = match rest.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if name.to_ascii_lowercase().contains("pass") => {
-                        format!("{name}=***")
-                    }
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
+    let rest = match rest.rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) if !user.contains(['/', '?', '#']) => {
+                format!("{user}:***{}", &rest[at..])
+            }
+            _ => format!("***{}", &rest[at..]),
+        },
         None => rest,
     };
-    format!("{scheme}{redacted}")
+    format!("{scheme}{rest}")
 }
 
 /// Parse errors may quote the input; keep the password out of them.
