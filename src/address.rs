@@ -137,7 +137,7 @@ mod tests {
         assert_eq!(redact_url("redis://a:p/w#x@h:1"), "redis://a:***@h:1");
         assert_eq!(
             redact_url("redis://h:1/?password=pw&db=2"),
-            "redis://h:1/?password=***&db=2"
+            "redis://h:1/?password=***"
         );
         assert_eq!(
             redact_url("redis+unix:///s.sock?pass=pw"),
