@@ -104,6 +104,17 @@ impl Builder {
         self
     }
 
+    /// Adds an in-process [`MemoryInstance`](crate::MemoryInstance): for unit tests
+    /// of code that takes locks, and for simulating slow, failing or drifting
+    /// instances without Redis. Its name shows in errors and must be unique.
+    pub fn memory(mut self, instance: &crate::MemoryInstance) -> Self {
+        self.sources.push(Source::Connection {
+            name: instance.name().to_string(),
+            instance: instance.instance(),
+        });
+        self
+    }
+
     /// How many instances must grant a lock. Default: a majority, `N / 2 + 1`.
     /// Must be more than `N / 2` (or two owners could win at once) and at most `N`.
     pub fn quorum(mut self, quorum: usize) -> Self {

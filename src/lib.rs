@@ -98,6 +98,7 @@ pub use builder::{
     Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT, DEFAULT_TTL,
 };
 pub use error::{Error, InstanceVote, Result, Shortfall, Vote};
+pub use instance::memory::MemoryInstance;
 pub use lock::Lock;
 pub use locker::{QuorumLocker, MAX_TTL};
 pub use retry::RetryPolicy;

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Deletes the key only if it still holds our token; returns 1 if deleted, else 0.
+/// Deletes the key only if it still holds our value; returns 1 if deleted, else 0.
 /// A plain `DEL` could delete another owner's lock after ours expired.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -16,7 +16,34 @@ return 0"#,
     )
 });
 
+/// Sets a new TTL (ARGV[2], milliseconds) only if the key still holds our value;
+/// returns 1 if extended, else 0. Never creates the key: a lock that expired stays
+/// free for whoever takes it next.
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"if redis.call("GET", KEYS[1]) == ARGV[1] then
+    return redis.call("PEXPIRE", KEYS[1], ARGV[2])
+end
+return 0"#,
+    )
+});
+
+/// `SET NX PX`, or a new TTL where the key already holds our value: a process that
+/// chose its own token takes back the lock it held before a restart. Returns 1 if
+/// the key now holds our value, else 0.
+pub(crate) static RETAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+    return 1
+end
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+    return redis.call("PEXPIRE", KEYS[1], ARGV[2])
+end
+return 0"#,
+    )
+});
+
 /// Every script, for `prepare()`.
-pub(crate) fn all() -> [&'static Script; 1] {
-    [&RELEASE]
+pub(crate) fn all() -> [&'static Script; 3] {
+    [&RELEASE, &EXTEND, &RETAKE]
 }

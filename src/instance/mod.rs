@@ -2,11 +2,13 @@
 //! instance. Every operation returns a `'static` future so that a reply still in
 //! flight when an attempt is decided can be finished in the background.
 
+pub(crate) mod memory;
 pub(crate) mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A boxed, sendable, `'static` future.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -14,16 +16,36 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// `Ok(true)`: the instance did it; `Ok(false)`: it refused; `Err`: no answer.
 pub(crate) type Reply = Result<bool, ::redis::RedisError>;
 
-/// One lock instance.
-pub(crate) trait Instance: Send + Sync + 'static {
-    /// `SET key token NX PX ttl_ms`: true if the key was set.
-    fn set_nx_px(&self, key: &Arc<str>, token: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+/// What an instance says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Probe {
+    /// The server's `run_id`: it changes on every restart.
+    pub(crate) run_id: String,
+    /// The server's clock (`TIME`), since the Unix epoch.
+    pub(crate) server_time: Duration,
+}
 
-    /// Compare-and-delete: true if the key held `token` and was deleted.
-    fn release(&self, key: &Arc<str>, token: &Arc<str>) -> BoxFuture<Reply>;
+/// One lock instance. `value` is what the key holds for its owner: the token,
+/// followed by the lock's metadata if it has any.
+pub(crate) trait Instance: Send + Sync + 'static {
+    /// `SET key value NX PX ttl_ms`: true if the key was set.
+    fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+
+    /// As `set_nx_px`, and also true (with the TTL reset) where the key already
+    /// holds `value`.
+    fn retake(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+
+    /// Compare-and-pexpire: true if the key held `value` and now expires in `ttl_ms`.
+    fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+
+    /// Compare-and-delete: true if the key held `value` and was deleted.
+    fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply>;
 
     /// Loads every script, so later calls need no `NOSCRIPT` round trip.
     fn load_scripts(&self) -> BoxFuture<Reply>;
+
+    /// The server's identity and clock, in one round trip.
+    fn probe(&self) -> BoxFuture<Result<Probe, ::redis::RedisError>>;
 }
 
 /// An instance in the locker's order, with the name it is shown by.

@@ -2,11 +2,12 @@
 //! (`MultiplexedConnection`, `ConnectionManager`, or the user's own).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, RedisError, Value};
+use redis::{ErrorKind, RedisError, Script, Value};
 
-use super::{BoxFuture, Instance, Reply};
+use super::{BoxFuture, Instance, Probe, Reply};
 use crate::scripts;
 
 /// A Redis instance over connection `C`; every operation clones `C`, which for
@@ -21,15 +22,39 @@ impl<C> RedisInstance<C> {
     }
 }
 
+impl<C> RedisInstance<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Runs a script that answers 1 (done) or 0 (refused).
+    fn run(
+        &self,
+        script: &'static Script,
+        key: &str,
+        args: (&str, Option<u64>),
+    ) -> BoxFuture<Reply> {
+        let mut connection = self.connection.clone();
+        let mut invocation = script.prepare_invoke();
+        invocation.key(key).arg(args.0);
+        if let Some(ttl_ms) = args.1 {
+            invocation.arg(ttl_ms);
+        }
+        Box::pin(async move {
+            let done: i64 = invocation.invoke_async(&mut connection).await?;
+            Ok(done == 1)
+        })
+    }
+}
+
 impl<C> Instance for RedisInstance<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn set_nx_px(&self, key: &Arc<str>, token: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
+    fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
         let mut set = redis::cmd("SET");
         set.arg(&**key)
-            .arg(&**token)
+            .arg(&**value)
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms);
@@ -43,23 +68,54 @@ where
         })
     }
 
-    fn release(&self, key: &Arc<str>, token: &Arc<str>) -> BoxFuture<Reply> {
-        let mut connection = self.connection.clone();
-        let mut release = scripts::RELEASE.prepare_invoke();
-        release.key(&**key).arg(&**token);
-        Box::pin(async move {
-            let deleted: i64 = release.invoke_async(&mut connection).await?;
-            Ok(deleted == 1)
-        })
+    fn retake(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
+        self.run(&scripts::RETAKE, key, (value, Some(ttl_ms)))
+    }
+
+    fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
+        self.run(&scripts::EXTEND, key, (value, Some(ttl_ms)))
+    }
+
+    fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
+        self.run(&scripts::RELEASE, key, (value, None))
     }
 
     fn load_scripts(&self) -> BoxFuture<Reply> {
-        let mut connection = self.connection.clone();
+        let loads = scripts::all().map(|script| {
+            let mut connection = self.connection.clone();
+            async move { script.prepare_invoke().load_async(&mut connection).await }
+        });
         Box::pin(async move {
-            for script in scripts::all() {
-                script.prepare_invoke().load_async(&mut connection).await?;
+            // Sent together over the multiplexed connection: one round trip.
+            for loaded in futures_util::future::join_all(loads).await {
+                loaded?;
             }
             Ok(true)
+        })
+    }
+
+    fn probe(&self) -> BoxFuture<Result<Probe, RedisError>> {
+        let mut connection = self.connection.clone();
+        let mut probe = redis::pipe();
+        probe.cmd("INFO").arg("server").cmd("TIME");
+        Box::pin(async move {
+            let (info, (seconds, micros)): (String, (u64, u64)) =
+                probe.query_async(&mut connection).await?;
+            let run_id = info
+                .lines()
+                .find_map(|line| line.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_string())
+                .ok_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::UnexpectedReturnType,
+                        "unexpected reply",
+                        "INFO server has no run_id".to_string(),
+                    ))
+                })?;
+            Ok(Probe {
+                run_id,
+                server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
+            })
         })
     }
 }
