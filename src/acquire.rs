@@ -7,14 +7,17 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
 use futures_util::FutureExt;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::field::Empty;
+use tracing::{debug, debug_span, warn, Instrument, Span};
 
 use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
 use crate::lock::Lock;
 use crate::locker::{LockKey, Shared};
 use crate::quorum::{self, Decision};
+use crate::status::Held;
 use crate::token;
 
 /// How an attempt ended.
@@ -23,7 +26,15 @@ pub(crate) enum Outcome {
     Lost {
         shortfall: Shortfall,
         causes: Vec<InstanceVote>,
+        /// The rollback running in the background, if any.
+        rollback: Option<JoinHandle<()>>,
     },
+}
+
+/// Who is asking: the caller's own token, if chosen, and the metadata to store.
+pub(crate) struct Identity {
+    pub(crate) token: Option<Arc<str>>,
+    pub(crate) metadata: Option<Arc<str>>,
 }
 
 /// An attempt in flight. Dropping it before it is won — because it was lost, or
@@ -31,36 +42,75 @@ pub(crate) enum Outcome {
 struct Attempt {
     shared: Arc<Shared>,
     key: Arc<str>,
-    token: Arc<str>,
+    value: Arc<str>,
     ttl: Duration,
     fanout: Fanout,
-    won: bool,
+    /// Won, or already rolled back: nothing left for `Drop`.
+    settled: bool,
 }
 
-/// Makes one attempt to take `key` for `ttl` with a fresh token.
+/// Makes attempt number `number` to take `key` for `ttl`.
 pub(crate) async fn attempt(
     shared: &Arc<Shared>,
     key: &LockKey,
     ttl: Duration,
+    identity: &Identity,
+    number: u32,
 ) -> crate::Result<Outcome> {
-    let token = token::generate()?;
+    // A random token is fresh for every attempt: a rollback of an earlier attempt,
+    // still running, must not delete what a later one set.
+    let token = match &identity.token {
+        Some(token) => Arc::clone(token),
+        None => token::generate()?,
+    };
+    let value: Arc<str> = match &identity.metadata {
+        Some(metadata) => format!("{token} {metadata}").into(),
+        None => Arc::clone(&token),
+    };
+    let span = debug_span!(
+        "attempt",
+        key = %key.user,
+        attempt = number,
+        token = %token::abbreviate(&token),
+        granted = Empty,
+        failed = Empty,
+        validity_ms = Empty,
+    );
+    run(shared, key, ttl, identity, token, value)
+        .instrument(span)
+        .await
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    key: &LockKey,
+    ttl: Duration,
+    identity: &Identity,
+    token: Arc<str>,
+    value: Arc<str>,
+) -> crate::Result<Outcome> {
     let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
     // PX counts whole milliseconds; the validity must not count the fraction.
     let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
     let ttl = Duration::from_millis(ttl_ms);
+    let retake = identity.token.is_some();
 
     let start = Instant::now();
     let mut attempt = Attempt {
         shared: Arc::clone(shared),
         key: Arc::clone(&key.redis),
         fanout: Fanout::start(&shared.members, |member| {
-            member.instance.set_nx_px(&key.redis, &token, ttl_ms)
+            if retake {
+                member.instance.retake(&key.redis, &token, &value, ttl_ms)
+            } else {
+                member.instance.set_nx_px(&key.redis, &value, ttl_ms)
+            }
         }),
-        token,
+        value,
         ttl,
-        won: false,
+        settled: false,
     };
     attempt
         .fanout
@@ -70,24 +120,31 @@ pub(crate) async fn attempt(
         .await;
     let elapsed = start.elapsed();
     let tally = attempt.fanout.tally();
+    let span = Span::current();
+    span.record("granted", tally.granted);
+    span.record("failed", tally.failed);
 
     let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
         Decision::Won => {
             let drift = quorum::drift(ttl, shared.settings.drift_factor);
             match quorum::validity(ttl, elapsed, drift) {
-                Some(_) => {
-                    attempt.won = true;
-                    debug!(key = %key.user, granted = tally.granted, ?elapsed, "lock acquired");
-                    let valid_until = start + (ttl - drift);
+                Some(validity) => {
+                    attempt.settled = true;
+                    span.record("validity_ms", validity.as_millis() as u64);
+                    debug!(?elapsed, "lock acquired");
                     let stragglers =
                         finish_in_background(shared, attempt.fanout.take_pending(), ttl);
-                    return Ok(Outcome::Won(Lock::new(
-                        Arc::clone(shared),
+                    let held = Held::new(
                         key.clone(),
-                        Arc::clone(&attempt.token),
+                        token,
+                        Arc::clone(&attempt.value),
                         ttl,
                         start,
-                        valid_until,
+                        start + (ttl - drift),
+                    );
+                    return Ok(Outcome::Won(Lock::new(
+                        Arc::clone(shared),
+                        held,
                         stragglers,
                     )));
                 }
@@ -101,16 +158,22 @@ pub(crate) async fn attempt(
             needed: quorum,
         },
     };
+    span.record("validity_ms", 0u64);
     let causes = attempt.fanout.votes(&shared.members);
-    debug!(key = %key.user, %shortfall, "attempt lost");
-    Ok(Outcome::Lost { shortfall, causes })
-    // `attempt` drops here and rolls back.
+    debug!(%shortfall, "attempt lost");
+    let rollback = attempt.roll_back();
+    Ok(Outcome::Lost {
+        shortfall,
+        causes,
+        rollback,
+    })
 }
 
-impl Drop for Attempt {
-    fn drop(&mut self) {
-        if self.won {
-            return;
+impl Attempt {
+    /// Starts the rollback in the background, once.
+    fn roll_back(&mut self) -> Option<JoinHandle<()>> {
+        if std::mem::replace(&mut self.settled, true) {
+            return None;
         }
         let may_hold: Vec<usize> = (0..self.shared.members.len())
             .filter(|&index| {
@@ -122,19 +185,27 @@ impl Drop for Attempt {
             .collect();
         let in_flight = self.fanout.take_pending();
         if may_hold.is_empty() && in_flight.is_empty() {
-            return;
+            return None;
         }
         let rollback = roll_back(
             Arc::clone(&self.shared),
             Arc::clone(&self.key),
-            Arc::clone(&self.token),
+            Arc::clone(&self.value),
             self.ttl,
             may_hold,
             in_flight,
         );
-        if !self.shared.background.spawn(rollback) {
+        let handle = self.shared.background.spawn(rollback);
+        if handle.is_none() {
             warn!(key = %self.key, "attempt dropped outside a Tokio runtime: no rollback, the key expires by its TTL");
         }
+        handle
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.roll_back();
     }
 }
 
@@ -173,7 +244,7 @@ fn finish_in_background(
 async fn roll_back(
     shared: Arc<Shared>,
     key: Arc<str>,
-    token: Arc<str>,
+    value: Arc<str>,
     ttl: Duration,
     may_hold: Vec<usize>,
     in_flight: FuturesUnordered<Tagged>,
@@ -184,12 +255,12 @@ async fn roll_back(
     let delete = |index: usize| {
         let shared = Arc::clone(&shared);
         let key = Arc::clone(&key);
-        let token = Arc::clone(&token);
+        let value = Arc::clone(&value);
         async move {
             let Some(member) = shared.members.get(index) else {
                 return;
             };
-            match tokio::time::timeout(bound, member.instance.release(&key, &token)).await {
+            match tokio::time::timeout(bound, member.instance.release(&key, &value)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
                     warn!(%key, instance = index, address = %member.address, %err, "rollback failed")

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// Spawns tasks on the current Tokio runtime and counts those still running.
 #[derive(Clone)]
@@ -29,22 +30,20 @@ impl Background {
         }
     }
 
-    /// Spawns `task`; returns false, dropping it, where there is no runtime (a drop
-    /// outside any runtime has nowhere to run its cleanup).
-    pub(crate) fn spawn<F>(&self, task: F) -> bool
+    /// Spawns `task`; returns `None`, dropping it, where there is no runtime (a
+    /// drop outside any runtime has nowhere to run its cleanup). Dropping the
+    /// handle does not stop the task.
+    pub(crate) fn spawn<F>(&self, task: F) -> Option<JoinHandle<()>>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
         self.running.send_modify(|running| *running += 1);
         let running = Running(Arc::clone(&self.running));
-        runtime.spawn(async move {
+        Some(runtime.spawn(async move {
             let _running = running;
             task.await;
-        });
-        true
+        }))
     }
 
     /// Resolves once no background task is running.

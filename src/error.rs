@@ -41,6 +41,33 @@ pub enum Error {
         key: String,
     },
 
+    /// An extend did not reach a quorum with validity left. The lock is now lost:
+    /// the keys keep their earlier TTL on the instances that did extend and
+    /// expire by themselves; the extend deleted nothing.
+    #[error("lock {key:?} not extended: {shortfall}{}", Causes(causes))]
+    NotExtended {
+        /// The key as the caller gave it.
+        key: String,
+        /// Why the extend fell short.
+        shortfall: Shortfall,
+        /// Each instance's answer, in instance order.
+        causes: Vec<InstanceVote>,
+    },
+
+    /// The lock is no longer valid: its validity ran out, an extend failed, or it
+    /// was released. From [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock)
+    /// it means the work was cancelled (dropped at its next await point) because the
+    /// lock was lost.
+    #[error("lock {key:?} was lost{}", Because(source.as_deref()))]
+    LockLost {
+        /// The key as the caller gave it.
+        key: String,
+        /// The failed extend that lost it, when that was the reason (else the
+        /// validity ran out first).
+        #[source]
+        source: Option<Box<Error>>,
+    },
+
     /// Too few instances answered to know the outcome: the operation may or may not
     /// have taken effect on the others.
     #[error(
@@ -106,10 +133,11 @@ pub enum Error {
         reason: String,
     },
 
-    /// A builder setting is out of its range.
+    /// A setting is out of its range: a builder setting, a lock option (token,
+    /// metadata, auto-extend interval) or a memory instance's clock rate.
     #[error("invalid {setting}: {reason}")]
     InvalidConfig {
-        /// The setting's builder method.
+        /// The setting's method name.
         setting: &'static str,
         /// What is wrong with it.
         reason: String,
@@ -223,6 +251,18 @@ impl fmt::Display for Subject<'_> {
     }
 }
 
+/// Formats a loss's cause as `: cause`, or `: its validity ran out` without one.
+struct Because<'a>(Option<&'a Error>);
+
+impl fmt::Display for Because<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(cause) => write!(f, ": {cause}"),
+            None => f.write_str(": its validity ran out"),
+        }
+    }
+}
+
 /// Formats causes as `; instance 0 (..): ..; instance 1 (..): ..`.
 struct Causes<'a>(&'a [InstanceVote]);
 
@@ -248,7 +288,9 @@ impl Error {
     /// Each instance's vote, where the error carries them.
     pub fn causes(&self) -> &[InstanceVote] {
         match self {
-            Self::NotAcquired { causes, .. } | Self::Unavailable { causes, .. } => causes,
+            Self::NotAcquired { causes, .. }
+            | Self::NotExtended { causes, .. }
+            | Self::Unavailable { causes, .. } => causes,
             _ => &[],
         }
     }

@@ -76,14 +76,19 @@ mod address;
 mod background;
 mod builder;
 mod error;
+mod extend;
 mod fanout;
+mod guard;
+mod health;
 mod instance;
 mod lock;
 mod locker;
 mod quorum;
 mod release;
+mod request;
 mod retry;
 mod scripts;
+mod status;
 mod token;
 
 #[cfg(feature = "testing")]
@@ -98,7 +103,11 @@ pub use builder::{
     Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT, DEFAULT_TTL,
 };
 pub use error::{Error, InstanceVote, Result, Shortfall, Vote};
+pub use guard::LockGuard;
+pub use health::{Health, InstanceHealth};
 pub use instance::memory::MemoryInstance;
 pub use lock::Lock;
 pub use locker::{QuorumLocker, MAX_TTL};
+pub use request::{LockRequest, MAX_METADATA_LEN, MAX_TOKEN_LEN};
 pub use retry::RetryPolicy;
+pub use status::LockStatus;

@@ -1,13 +1,18 @@
 //! The lock handle: proof of ownership of one key.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::warn;
 
+use crate::error::Error;
 use crate::fanout::Straggler;
-use crate::locker::{LockKey, Shared};
+use crate::guard::LockGuard;
+use crate::locker::Shared;
+use crate::status::{Held, LockStatus};
 use crate::token;
 
 /// A lock held on a quorum of instances, returned by
@@ -15,76 +20,151 @@ use crate::token;
 /// [`try_acquire`](crate::QuorumLocker::try_acquire).
 ///
 /// The lock is yours until [`valid_until`](Self::valid_until) on this process's
-/// monotonic clock, provided the timing assumptions in the crate docs hold. Release
-/// it with [`release`](Self::release) when the work is done. Dropping it without
-/// releasing leaves the key in Redis until its TTL expires.
-#[must_use = "a lock that is dropped stays taken until its TTL expires; call `release`"]
+/// monotonic clock, provided the timing assumptions in the crate docs hold.
+/// [`extend`](Self::extend) it to keep it longer, or hand it to a watchdog with
+/// [`auto_extend`](Self::auto_extend); [`release`](Self::release) it when the work is
+/// done.
+///
+/// Dropping a lock without releasing it starts a release in the background (retried
+/// while the keys may still exist), so a lock is never leaked by an early return, a
+/// `?` or a panic. Outside a Tokio runtime there is nowhere to run it, and the keys
+/// expire by their TTL.
+#[must_use = "dropping a lock releases it at once; keep it while the work runs"]
 pub struct Lock {
     shared: Arc<Shared>,
-    key: LockKey,
-    token: Arc<str>,
-    ttl: Duration,
-    acquired_at: Instant,
-    valid_until: Instant,
+    held: Arc<Held>,
     /// Sets of the winning attempt that were still in flight when it was decided.
-    stragglers: Vec<Straggler>,
+    stragglers: Arc<[Straggler]>,
+    /// Cleared once a release has run to an answer, so `Drop` has nothing to do.
+    release_on_drop: bool,
 }
 
 impl Lock {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        key: LockKey,
-        token: Arc<str>,
-        ttl: Duration,
-        acquired_at: Instant,
-        valid_until: Instant,
-        stragglers: Vec<Straggler>,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, held: Held, stragglers: Vec<Straggler>) -> Self {
         Self {
             shared,
-            key,
-            token,
-            ttl,
-            acquired_at,
-            valid_until,
-            stragglers,
+            held: Arc::new(held),
+            stragglers: stragglers.into(),
+            release_on_drop: true,
         }
     }
 
     /// The key as given to `acquire` (without the locker's key prefix).
     pub fn key(&self) -> &str {
-        &self.key.user
+        &self.held.key.user
     }
 
-    /// The random token that marks this owner's value in Redis (32 hex digits).
+    /// The token that marks this owner's value in Redis: 32 random hex digits, or
+    /// the token chosen with [`LockRequest::token`](crate::LockRequest::token).
     pub fn token(&self) -> &str {
-        &self.token
+        &self.held.token
     }
 
-    /// The TTL the lock was taken with.
+    /// The metadata stored beside the token (see
+    /// [`LockRequest::metadata`](crate::LockRequest::metadata)), if any.
+    pub fn metadata(&self) -> Option<&str> {
+        self.held.metadata()
+    }
+
+    /// The TTL last set on the instances: the acquire's, or the last extend's.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.held.ttl()
     }
 
-    /// When the winning attempt started; the validity is counted from here.
+    /// When the winning attempt started.
     pub fn acquired_at(&self) -> Instant {
-        self.acquired_at
+        self.held.acquired_at
     }
 
-    /// The end of the validity: `acquired_at + ttl − drift allowance`. Past it, the
-    /// lock may be held by someone else.
+    /// The end of the validity: `start + ttl − drift allowance`, where `start` is
+    /// when the acquire (or the last successful extend) started. Past it, the lock
+    /// may be held by someone else.
     pub fn valid_until(&self) -> Instant {
-        self.valid_until
+        self.held.valid_until()
     }
 
-    /// The validity left now (zero once expired).
+    /// The validity left now: zero once it has run out or the lock was lost.
     pub fn remaining(&self) -> Duration {
-        self.valid_until.saturating_duration_since(Instant::now())
+        self.held.remaining()
     }
 
-    /// Whether validity is left.
+    /// Whether validity is left and no extend has failed.
     pub fn is_valid(&self) -> bool {
-        !self.remaining().is_zero()
+        !self.held.is_lost()
+    }
+
+    /// A cloneable view of this lock's validity, with [`LockStatus::lost`].
+    pub fn status(&self) -> LockStatus {
+        LockStatus::new(Arc::clone(&self.held))
+    }
+
+    /// Resolves when the lock is no longer valid: its validity ran out or an extend
+    /// failed. For a loop of your own:
+    ///
+    /// ```no_run
+    /// # async fn demo(lock: quorumlock::Lock) {
+    /// let mut batches = tokio::time::interval(std::time::Duration::from_millis(100));
+    /// loop {
+    ///     tokio::select! {
+    ///         () = lock.lost() => break, // stop: someone else may hold it now
+    ///         _ = batches.tick() => { /* one batch of work, then extend */ }
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only waits.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let held = Arc::clone(&self.held);
+        async move { held.lost().await }
+    }
+
+    /// Sets the key's TTL to `ttl` on every instance where it still holds this
+    /// lock's token (compare-and-pexpire, in parallel), and returns the new
+    /// validity. Like an acquire, it needs a quorum, and the validity is counted
+    /// from the extend's own start: `ttl − elapsed − drift allowance`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::LockLost`] when the validity had already run out or an earlier
+    ///   extend failed: no request is sent;
+    /// - [`Error::NotExtended`] when fewer than a quorum extended or no validity was
+    ///   left; the lock is then marked lost (see [`lost`](Self::lost));
+    /// - [`Error::InvalidTtl`] for a bad TTL, before any request; the lock is kept.
+    ///
+    /// An extend never deletes or creates a key: a lock that expired stays with
+    /// whoever took it next.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the lock as it was, with its earlier validity; the
+    /// requests already sent may still extend some instances.
+    pub async fn extend(&self, ttl: Duration) -> crate::Result<Duration> {
+        crate::extend::extend(&self.shared, &self.held, ttl).await
+    }
+
+    /// Hands the lock to a watchdog that extends it by its TTL every third of the
+    /// TTL while the returned guard lives; see [`LockGuard`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoRuntime`] outside a Tokio runtime (the watchdog needs one).
+    pub fn auto_extend(self) -> crate::Result<LockGuard> {
+        let every = self.ttl() / 3;
+        LockGuard::start(self, every)
+    }
+
+    /// As [`auto_extend`](Self::auto_extend), extending every `every` instead.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `every` is zero or not shorter than the
+    /// validity the lock has after an extend (the lock would lapse between
+    /// extends); [`Error::NoRuntime`] outside a Tokio runtime.
+    pub fn auto_extend_every(self, every: Duration) -> crate::Result<LockGuard> {
+        LockGuard::start(self, every)
     }
 
     /// Deletes the key on every instance where it still holds this lock's token,
@@ -96,36 +176,68 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// - [`Error::NotHeld`](crate::Error::NotHeld) when every instance answered and
-    ///   none held the token (the lock had expired);
-    /// - [`Error::Unavailable`](crate::Error::Unavailable) when none released and
-    ///   some did not answer.
+    /// - [`Error::NotHeld`] when every instance answered and none held the token
+    ///   (the lock had expired);
+    /// - [`Error::Unavailable`] when none released and some did not answer; the
+    ///   release is then retried in the background while the keys may exist.
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future after its first poll still lets the deletes already
-    /// sent run on the servers; the lock otherwise expires by its TTL.
-    pub async fn release(self) -> crate::Result<usize> {
+    /// Dropping the future drops the lock, which releases it in the background.
+    pub async fn release(mut self) -> crate::Result<usize> {
+        let result = self.release_once().await;
+        self.held.lose(None);
+        // Only a release that reached no verdict is worth repeating.
+        self.release_on_drop = matches!(result, Err(Error::Unavailable { .. }));
+        result
+    }
+
+    pub(crate) async fn release_once(&self) -> crate::Result<usize> {
         crate::release::release(
             &self.shared,
-            &self.key,
-            &self.token,
-            self.ttl,
+            &self.held.key,
+            &self.held.value,
+            self.held.ttl(),
             &self.stragglers,
         )
         .await
+    }
+
+    pub(crate) fn held(&self) -> &Arc<Held> {
+        &self.held
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        self.held.lose(None);
+        if !self.release_on_drop {
+            return;
+        }
+        let release = crate::release::release_until_expired(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.held),
+            Arc::clone(&self.stragglers),
+        );
+        if self.shared.background.spawn(release).is_none() {
+            warn!(key = %self.held.key.user, "lock dropped outside a Tokio runtime: not released, the key expires by its TTL");
+        }
     }
 }
 
 impl fmt::Debug for Lock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lock")
-            .field("key", &self.key.user)
+            .field("key", &self.key())
             .field(
                 "token",
-                &format_args!("{}…", token::abbreviate(&self.token)),
+                &format_args!("{}…", token::abbreviate(self.token())),
             )
-            .field("ttl", &self.ttl)
+            .field("ttl", &self.ttl())
             .field("remaining", &self.remaining())
             .finish()
     }
@@ -138,6 +250,8 @@ mod tests {
     fn handles_are_send_and_sync() {
         fn send_sync<T: Send + Sync + 'static>() {}
         send_sync::<super::Lock>();
+        send_sync::<crate::LockGuard>();
+        send_sync::<crate::LockStatus>();
         send_sync::<crate::QuorumLocker>();
         send_sync::<crate::Error>();
     }

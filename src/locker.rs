@@ -1,19 +1,22 @@
 //! The locker: N instances in order, a quorum, and the acquire loop.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::acquire::{self, Outcome};
+use crate::acquire::{self, Identity, Outcome};
 use crate::background::Background;
 use crate::builder::Builder;
 use crate::error::Error;
-use crate::fanout::Fanout;
+use crate::health::{self, Health};
 use crate::instance::Member;
 use crate::lock::Lock;
 use crate::quorum;
+use crate::request::LockRequest;
 use crate::retry::RetryPolicy;
+use crate::status::LockStatus;
 
 /// The largest TTL accepted: `2³² − 1` seconds, about 136 years. Far below what
 /// `PX` (milliseconds in a signed 64-bit count from the epoch) allows, and far from
@@ -78,6 +81,10 @@ impl QuorumLocker {
         Builder::new()
     }
 
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     pub(crate) fn from_shared(shared: Shared) -> Self {
         Self {
             shared: Arc::new(shared),
@@ -85,7 +92,8 @@ impl QuorumLocker {
     }
 
     /// Takes `key` for `ttl`, retrying with randomised delays (the
-    /// [`RetryPolicy`]) until the acquire timeout.
+    /// [`RetryPolicy`]) until the acquire timeout. For a caller-chosen token,
+    /// metadata or a different wait, use [`lock`](Self::lock).
     ///
     /// Each attempt sends `SET key token NX PX ttl` to every instance at once and
     /// is decided at the quorum-th grant (or once a quorum is out of reach); a lost
@@ -102,35 +110,7 @@ impl QuorumLocker {
     /// Dropping the future at any point leaves no key with its token behind: the
     /// attempt in flight is rolled back in the background.
     pub async fn acquire(&self, key: &str, ttl: Duration) -> crate::Result<Lock> {
-        let key = self.lock_key(key, ttl)?;
-        let started = Instant::now();
-        let deadline = started.checked_add(self.shared.settings.acquire_timeout);
-        let mut attempts = 0u32;
-        loop {
-            attempts = attempts.saturating_add(1);
-            let (shortfall, causes) = match acquire::attempt(&self.shared, &key, ttl).await? {
-                Outcome::Won(lock) => return Ok(lock),
-                Outcome::Lost { shortfall, causes } => (shortfall, causes),
-            };
-            let retry_at = self
-                .shared
-                .settings
-                .retry
-                .delay(attempts)
-                .and_then(|delay| Instant::now().checked_add(delay))
-                .filter(|at| deadline.is_none_or(|deadline| *at < deadline));
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => {
-                    return Err(Error::NotAcquired {
-                        key: key.user.to_string(),
-                        attempts,
-                        shortfall,
-                        causes,
-                    })
-                }
-            }
-        }
+        self.lock(key).ttl(ttl).acquire().await
     }
 
     /// Makes exactly one attempt to take `key` for `ttl`.
@@ -143,15 +123,107 @@ impl QuorumLocker {
     ///
     /// As [`acquire`](Self::acquire): a dropped attempt is rolled back.
     pub async fn try_acquire(&self, key: &str, ttl: Duration) -> crate::Result<Lock> {
-        let key = self.lock_key(key, ttl)?;
-        match acquire::attempt(&self.shared, &key, ttl).await? {
-            Outcome::Won(lock) => Ok(lock),
-            Outcome::Lost { shortfall, causes } => Err(Error::NotAcquired {
-                key: key.user.to_string(),
-                attempts: 1,
-                shortfall,
-                causes,
-            }),
+        self.lock(key).ttl(ttl).try_acquire().await
+    }
+
+    /// Takes `key` (waiting as [`acquire`](Self::acquire) does), runs `work` while a
+    /// watchdog extends the lock every third of `ttl`, and releases the lock when
+    /// the work ends — also when it returns an error or panics (the panic then
+    /// continues, after the release).
+    ///
+    /// `work` receives a [`LockStatus`] for the lock. If the lock is lost while the
+    /// work runs — a quorum of instances no longer hold it, or the validity ran out
+    /// because extends could not get through — the work's future is dropped at its
+    /// next await point (Rust's cancellation) and `with_lock` returns
+    /// [`Error::LockLost`]. Work that runs long stretches without awaiting should
+    /// check [`LockStatus::is_valid`] itself, and work with side effects that must
+    /// not be cut short should `select!` on [`LockStatus::lost`] and stop cleanly.
+    ///
+    /// ```no_run
+    /// # async fn demo(locker: quorumlock::QuorumLocker) -> quorumlock::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let rows = locker
+    ///     .with_lock("refill-cache", Duration::from_secs(10), |status| async move {
+    ///         // ... the expensive work; `status.lost()` resolves if the lock goes ...
+    ///         42
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire) before the work starts; [`Error::LockLost`]
+    /// when the work was cancelled because the lock was lost. A failed release
+    /// after the work finished is logged, not returned: the work's result is
+    /// worth more, and the keys expire by their TTL.
+    pub async fn with_lock<F, Fut, T>(&self, key: &str, ttl: Duration, work: F) -> crate::Result<T>
+    where
+        F: FnOnce(LockStatus) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.lock(key).ttl(ttl).run(work).await
+    }
+
+    /// Starts a lock request for `key` with per-call options: TTL, your own token,
+    /// metadata, how long to wait, the auto-extend interval.
+    pub fn lock(&self, key: impl Into<String>) -> LockRequest<'_> {
+        LockRequest::new(self, key.into())
+    }
+
+    /// The attempt loop behind every acquire.
+    pub(crate) async fn acquire_loop(
+        &self,
+        request: &LockRequest<'_>,
+        wait: Duration,
+        retry: RetryPolicy,
+    ) -> crate::Result<Lock> {
+        let key = self.lock_key(request.key(), request.ttl)?;
+        request.validate()?;
+        let identity = Identity {
+            token: request.token.as_deref().map(Arc::from),
+            metadata: request.metadata.as_deref().map(Arc::from),
+        };
+        let deadline = Instant::now().checked_add(wait);
+        let mut attempts = 0u32;
+        loop {
+            attempts = attempts.saturating_add(1);
+            let attempt =
+                acquire::attempt(&self.shared, &key, request.ttl, &identity, attempts).await?;
+            let (shortfall, causes, rollback) = match attempt {
+                Outcome::Won(lock) => return Ok(lock),
+                Outcome::Lost {
+                    shortfall,
+                    causes,
+                    rollback,
+                } => (shortfall, causes, rollback),
+            };
+            let retry_at = retry
+                .delay(attempts)
+                .and_then(|delay| Instant::now().checked_add(delay))
+                .filter(|at| deadline.is_none_or(|deadline| *at < deadline));
+            let Some(retry_at) = retry_at else {
+                return Err(Error::NotAcquired {
+                    key: key.user.to_string(),
+                    attempts,
+                    shortfall,
+                    causes,
+                });
+            };
+            // A chosen token is the same in every attempt: the next one must not
+            // start while this one's rollback could still delete what it sets.
+            if let (Some(_), Some(rollback)) = (&identity.token, rollback) {
+                match deadline {
+                    Some(deadline) => {
+                        let _ = tokio::time::timeout_at(deadline, rollback).await;
+                    }
+                    None => {
+                        let _ = rollback.await;
+                    }
+                }
+            }
+            tokio::time::sleep_until(retry_at).await;
         }
     }
 
@@ -164,40 +236,58 @@ impl QuorumLocker {
         lock.release().await
     }
 
-    /// Connects to every instance and loads the Lua scripts there, so that the first
-    /// lock pays for neither. Returns how many instances are ready.
+    /// Connects to every instance, loads the Lua scripts there (so that the first
+    /// lock pays for neither), and reports each instance's health.
     ///
     /// Locks work without it: connections open on first use and scripts load on a
-    /// `NOSCRIPT` answer.
+    /// `NOSCRIPT` answer. Its value is the early, clear failure at start-up.
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] when fewer than a quorum of instances are ready; its
-    /// causes say what each answered.
-    pub async fn prepare(&self) -> crate::Result<usize> {
-        let members = &self.shared.members;
-        // Loading may include connecting: allow a connection's worth of time.
+    /// - [`Error::Unavailable`] when fewer than a quorum of instances are ready;
+    ///   its causes say what each answered;
+    /// - [`Error::DuplicateInstance`] when two instances are the same server under
+    ///   different addresses (their `run_id`s match): its vote would count twice.
+    pub async fn prepare(&self) -> crate::Result<Health> {
+        let health = self.check_health(true).await;
+        if !health.has_quorum() {
+            return Err(Error::Unavailable {
+                operation: "prepare",
+                key: String::new(),
+                causes: health.votes(),
+            });
+        }
+        if let Some((first, second)) = health.same_server() {
+            return Err(Error::DuplicateInstance {
+                first,
+                second,
+                address: self.shared.members[second].address.to_string(),
+            });
+        }
+        Ok(health)
+    }
+
+    /// Asks every instance, in parallel, for its `run_id` and clock, and reports
+    /// whether it answered and how fast. Never fails: an unreachable instance is
+    /// part of the report.
+    pub async fn health(&self) -> Health {
+        self.check_health(false).await
+    }
+
+    async fn check_health(&self, load_scripts: bool) -> Health {
+        // The check may include connecting: allow a connection's worth of time.
         let timeout = self
             .shared
             .settings
             .instance_timeout
             .max(Duration::from_secs(1));
-        let mut fanout = Fanout::start(members, |member| member.instance.load_scripts());
-        fanout
-            .collect(Instant::now() + timeout, timeout, |tally| {
-                tally.answered() == members.len()
-            })
-            .await;
-        let ready = fanout.tally().granted;
-        if ready >= self.shared.quorum {
-            Ok(ready)
-        } else {
-            Err(Error::Unavailable {
-                operation: "prepare",
-                key: String::new(),
-                causes: fanout.votes(members),
-            })
-        }
+        health::check(
+            &self.shared.members,
+            self.shared.quorum,
+            timeout,
+            load_scripts,
+        )
+        .await
     }
 
     /// Waits until the background work this locker started has finished: rollbacks

@@ -9,12 +9,18 @@ use tracing::{debug, warn};
 use crate::error::Error;
 use crate::fanout::{Fanout, Straggler};
 use crate::locker::{LockKey, Shared};
+use crate::status::Held;
 
-/// Deletes `key` where it holds `token`; see [`Lock::release`](crate::Lock::release).
+/// The first pause between the releases of a dropped lock that reached no verdict.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+/// The longest pause between them.
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// Deletes `key` where it holds `value`; see [`Lock::release`](crate::Lock::release).
 pub(crate) async fn release(
     shared: &Arc<Shared>,
     key: &LockKey,
-    token: &Arc<str>,
+    value: &Arc<str>,
     ttl: Duration,
     stragglers: &[Straggler],
 ) -> crate::Result<usize> {
@@ -24,7 +30,7 @@ pub(crate) async fn release(
     let start = Instant::now();
     let bound = ttl.max(timeout);
     let mut fanout = Fanout::start(&shared.members, |member| {
-        let delete = member.instance.release(&key.redis, token);
+        let delete = member.instance.release(&key.redis, value);
         match stragglers
             .iter()
             .find(|straggler| straggler.index == member.index)
@@ -80,5 +86,28 @@ pub(crate) async fn release(
             key: key.user.to_string(),
             causes,
         }),
+    }
+}
+
+/// The release of a lock dropped without one: repeated with doubling pauses while
+/// too few instances answer, until the keys would have expired by their TTL anyway.
+pub(crate) async fn release_until_expired(
+    shared: Arc<Shared>,
+    held: Arc<Held>,
+    stragglers: Arc<[Straggler]>,
+) {
+    let mut pause = FIRST_RETRY;
+    loop {
+        match release(&shared, &held.key, &held.value, held.ttl(), &stragglers).await {
+            Err(Error::Unavailable { .. }) => {}
+            _ => return,
+        }
+        let next = Instant::now() + pause;
+        if next >= held.expires_at() {
+            debug!(key = %held.key.user, "giving up the release of a dropped lock: its keys expire by their TTL");
+            return;
+        }
+        tokio::time::sleep_until(next).await;
+        pause = (pause * 2).min(MAX_RETRY);
     }
 }

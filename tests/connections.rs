@@ -127,10 +127,10 @@ async fn passwords_and_acl_users_authenticate() {
 async fn prepare_loads_scripts_and_release_survives_a_script_flush() {
     let cluster = cluster(3);
     let locker = common::locker(&cluster).await;
-    assert_eq!(locker.prepare().await.unwrap(), 3);
+    assert_eq!(locker.prepare().await.unwrap().reachable(), 3);
     for i in 0..3 {
         let mut connection = cluster.connection(i).await.unwrap();
-        assert!(cached_scripts(&mut connection).await >= 1, "instance {i}");
+        assert_eq!(cached_scripts(&mut connection).await, 3, "instance {i}");
         // As after a restart: the next release meets NOSCRIPT and reloads.
         let _: () = redis::cmd("SCRIPT")
             .arg("FLUSH")
@@ -151,7 +151,10 @@ async fn prepare_reports_unreachable_instances() {
     let mut cluster = cluster(3);
     let locker = common::locker(&cluster).await;
     cluster.kill(0).unwrap();
-    assert_eq!(locker.prepare().await.unwrap(), 2, "a quorum is ready");
+    let health = locker.prepare().await.unwrap();
+    assert_eq!(health.reachable(), 2, "a quorum is ready");
+    assert!(!health.instances()[0].is_reachable());
+    assert!(health.instances()[1].run_id.is_some());
     cluster.kill(1).unwrap();
     match locker.prepare().await {
         Err(Error::Unavailable {
@@ -177,4 +180,66 @@ async fn cached_scripts(connection: &mut redis::aio::MultiplexedConnection) -> u
         .find_map(|line| line.strip_prefix("number_of_cached_scripts:"))
         .and_then(|count| count.trim().parse().ok())
         .expect("INFO memory has number_of_cached_scripts")
+}
+
+#[tokio::test]
+async fn health_reports_run_id_latency_and_clock() {
+    let mut cluster = cluster(3);
+    let locker = common::locker(&cluster).await;
+    let health = locker.health().await;
+    assert_eq!(health.reachable(), 3);
+    assert!(health.has_quorum());
+    assert_eq!(health.same_server(), None);
+    let mut run_ids = Vec::new();
+    for instance in health.instances() {
+        assert!(instance.latency.is_some(), "{instance:?}");
+        let run_id = instance.run_id.clone().expect("run_id");
+        assert_eq!(run_id.len(), 40, "{run_id}");
+        run_ids.push(run_id);
+        // Same machine, same clock: within a second of ours.
+        let server = instance.server_time.unwrap();
+        let local = instance.local_time.unwrap();
+        let apart = server
+            .duration_since(local)
+            .unwrap_or_else(|behind| behind.duration());
+        assert!(apart < Duration::from_secs(1), "{apart:?}");
+    }
+    assert!(health.to_string().contains("3 of 3 instance(s) reachable"));
+
+    // A restart is visible as a new run_id; a dead instance as unreachable.
+    cluster.restart_empty(1).unwrap();
+    cluster.kill(2).unwrap();
+    let health = locker.health().await;
+    let after = health.instances();
+    assert_eq!(after[0].run_id.as_ref(), Some(&run_ids[0]));
+    assert_ne!(after[1].run_id.as_ref(), Some(&run_ids[1]));
+    assert!(!after[2].is_reachable());
+    assert!(
+        matches!(after[2].error, Some(Vote::Failed(_))),
+        "{:?}",
+        after[2]
+    );
+    assert_eq!(health.reachable(), 2);
+}
+
+#[tokio::test]
+async fn prepare_refuses_one_server_under_two_addresses() {
+    let cluster = cluster(2);
+    let port = cluster.server(0).port();
+    // Textually different, so the builder cannot tell; the run_id can.
+    let locker = QuorumLocker::builder()
+        .url(format!("redis://127.0.0.1:{port}"))
+        .url(format!("redis://localhost:{port}"))
+        .url(cluster.urls()[1].clone())
+        .build()
+        .await
+        .unwrap();
+    match locker.prepare().await {
+        Err(Error::DuplicateInstance {
+            first: 0,
+            second: 1,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
 }

@@ -31,9 +31,16 @@ pub(crate) trait Instance: Send + Sync + 'static {
     /// `SET key value NX PX ttl_ms`: true if the key was set.
     fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
 
-    /// As `set_nx_px`, and also true (with the TTL reset) where the key already
-    /// holds `value`.
-    fn retake(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+    /// As `set_nx_px`, and also true where the key already holds a value with this
+    /// `token` (the token alone, or the token, a space and metadata): that value is
+    /// then replaced by `value`, with the TTL `ttl_ms`.
+    fn retake(
+        &self,
+        key: &Arc<str>,
+        token: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Reply>;
 
     /// Compare-and-pexpire: true if the key held `value` and now expires in `ttl_ms`.
     fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;

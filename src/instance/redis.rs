@@ -27,17 +27,12 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// Runs a script that answers 1 (done) or 0 (refused).
-    fn run(
-        &self,
-        script: &'static Script,
-        key: &str,
-        args: (&str, Option<u64>),
-    ) -> BoxFuture<Reply> {
+    fn run(&self, script: &'static Script, key: &str, args: &[&str]) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
         let mut invocation = script.prepare_invoke();
-        invocation.key(key).arg(args.0);
-        if let Some(ttl_ms) = args.1 {
-            invocation.arg(ttl_ms);
+        invocation.key(key);
+        for arg in args {
+            invocation.arg(*arg);
         }
         Box::pin(async move {
             let done: i64 = invocation.invoke_async(&mut connection).await?;
@@ -68,16 +63,24 @@ where
         })
     }
 
-    fn retake(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
-        self.run(&scripts::RETAKE, key, (value, Some(ttl_ms)))
+    fn retake(
+        &self,
+        key: &Arc<str>,
+        token: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Reply> {
+        let ttl_ms = ttl_ms.to_string();
+        self.run(&scripts::RETAKE, key, &[&**value, &ttl_ms, &**token])
     }
 
     fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
-        self.run(&scripts::EXTEND, key, (value, Some(ttl_ms)))
+        let ttl_ms = ttl_ms.to_string();
+        self.run(&scripts::EXTEND, key, &[&**value, &ttl_ms])
     }
 
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
-        self.run(&scripts::RELEASE, key, (value, None))
+        self.run(&scripts::RELEASE, key, &[&**value])
     }
 
     fn load_scripts(&self) -> BoxFuture<Reply> {

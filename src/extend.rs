@@ -1,0 +1,125 @@
+//! Extend: compare-and-pexpire on every instance in parallel, counted against the
+//! quorum and timed from its own start, exactly like an acquire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::error::{Error, Shortfall, Vote};
+use crate::fanout::Fanout;
+use crate::locker::{check_ttl, Shared};
+use crate::quorum::{self, Decision};
+use crate::status::Held;
+
+/// A failed extend, and whether the lock is certainly gone.
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    /// More than `N − quorum` instances refused: the key is no longer ours on
+    /// enough of them for any later extend to succeed. Otherwise the shortfall came
+    /// from instances that did not answer, or from a slow round.
+    pub(crate) certain: bool,
+}
+
+/// [`Lock::extend`](crate::Lock::extend): any failure loses the lock.
+pub(crate) async fn extend(
+    shared: &Arc<Shared>,
+    held: &Held,
+    ttl: Duration,
+) -> crate::Result<Duration> {
+    match try_extend(shared, held, ttl).await {
+        Ok(validity) => Ok(validity),
+        Err(Failure { error, .. }) => {
+            if matches!(error, Error::NotExtended { .. }) {
+                held.lose(None);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// One extend round, leaving the decision to lose the lock to the caller.
+pub(crate) async fn try_extend(
+    shared: &Arc<Shared>,
+    held: &Held,
+    ttl: Duration,
+) -> Result<Duration, Failure> {
+    let refuse = |error| Failure {
+        error,
+        certain: true,
+    };
+    check_ttl(ttl, shared.settings.drift_factor).map_err(|error| Failure {
+        error,
+        certain: false,
+    })?;
+    if held.is_lost() {
+        return Err(refuse(Error::LockLost {
+            key: held.key.user.to_string(),
+            source: None,
+        }));
+    }
+    let n = shared.members.len();
+    let quorum = shared.quorum;
+    let timeout = shared.settings.instance_timeout;
+    let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
+    let ttl = Duration::from_millis(ttl_ms);
+
+    let start = Instant::now();
+    let mut fanout = Fanout::start(&shared.members, |member| {
+        member.instance.extend(&held.key.redis, &held.value, ttl_ms)
+    });
+    fanout
+        .collect(start + timeout, timeout, |tally| {
+            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
+        })
+        .await;
+    let elapsed = start.elapsed();
+    let tally = fanout.tally();
+    finish_in_background(shared, &mut fanout, timeout.max(ttl));
+
+    let drift = quorum::drift(ttl, shared.settings.drift_factor);
+    let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
+        Decision::Won => match quorum::validity(ttl, elapsed, drift) {
+            Some(validity) => {
+                held.renew(ttl, start, start + (ttl - drift));
+                debug!(key = %held.key.user, granted = tally.granted, ?validity, "lock extended");
+                return Ok(validity);
+            }
+            None => Shortfall::ValidityExhausted { elapsed },
+        },
+        Decision::Lost | Decision::Open => Shortfall::TooFewVotes {
+            granted: tally.granted,
+            needed: quorum,
+        },
+    };
+    let causes = fanout.votes(&shared.members);
+    let refused = causes
+        .iter()
+        .filter(|cause| matches!(cause.vote, Vote::Refused))
+        .count();
+    debug!(key = %held.key.user, %shortfall, refused, "extend fell short");
+    Err(Failure {
+        error: Error::NotExtended {
+            key: held.key.user.to_string(),
+            shortfall,
+            causes,
+        },
+        certain: refused > n - quorum,
+    })
+}
+
+/// Lets the extends still in flight land: harmless either way, but a connection
+/// still opening would otherwise never send them.
+fn finish_in_background(shared: &Shared, fanout: &mut Fanout, bound: Duration) {
+    let pending = fanout.take_pending();
+    if pending.is_empty() {
+        return;
+    }
+    shared.background.spawn(async move {
+        let finish = pending
+            .into_iter()
+            .map(|tagged| tokio::time::timeout(bound, tagged));
+        futures_util::future::join_all(finish).await;
+    });
+}

@@ -1,0 +1,184 @@
+//! The auto-extend watchdog and the guard that owns it.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::error::Error;
+use crate::extend;
+use crate::lock::Lock;
+use crate::locker::Shared;
+use crate::quorum;
+use crate::status::{Held, LockStatus};
+
+/// A lock kept alive by a watchdog task that extends it while the guard lives.
+///
+/// Made by [`Lock::auto_extend`] (and used by
+/// [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock)). Every interval
+/// (a third of the TTL by default) the watchdog extends the lock by its TTL. An
+/// extend that fails because instances did not answer is retried while validity is
+/// left; once the lock is lost — a quorum of instances no longer hold the token, or
+/// the validity ran out — the watchdog stops and [`lost`](Self::lost) resolves.
+///
+/// Dropping the guard stops the watchdog and releases the lock in the background;
+/// [`release`](Self::release) does it in the foreground.
+///
+/// ```no_run
+/// # async fn demo(locker: quorumlock::QuorumLocker) -> quorumlock::Result<()> {
+/// use std::time::Duration;
+///
+/// let guard = locker.acquire("reindex", Duration::from_secs(30)).await?.auto_extend()?;
+/// tokio::select! {
+///     () = guard.lost() => eprintln!("lost the lock; stopping"),
+///     () = reindex() => {}
+/// }
+/// guard.release().await?;
+/// # Ok(()) }
+/// # async fn reindex() {}
+/// ```
+#[must_use = "dropping the guard releases the lock at once"]
+pub struct LockGuard {
+    lock: Lock,
+    /// Dropped to stop the watchdog.
+    _stop: oneshot::Sender<()>,
+}
+
+impl LockGuard {
+    pub(crate) fn start(lock: Lock, every: Duration) -> crate::Result<Self> {
+        let validity = lock.ttl() - quorum::drift(lock.ttl(), lock.shared().settings.drift_factor);
+        if every.is_zero() || every >= validity {
+            return Err(Error::InvalidConfig {
+                setting: "auto_extend_every",
+                reason: format!(
+                    "{every:?} must be above zero and below the lock's validity after an extend ({validity:?})"
+                ),
+            });
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let (stop, stopped) = oneshot::channel();
+        let watchdog = watch(
+            Arc::clone(lock.shared()),
+            Arc::clone(lock.held()),
+            every,
+            stopped,
+        );
+        // Not counted as background work: it lives as long as the guard, and
+        // `settle` must not wait for that.
+        runtime.spawn(watchdog);
+        Ok(Self { lock, _stop: stop })
+    }
+
+    /// The key as given to `acquire`.
+    pub fn key(&self) -> &str {
+        self.lock.key()
+    }
+
+    /// The lock's token.
+    pub fn token(&self) -> &str {
+        self.lock.token()
+    }
+
+    /// The metadata stored beside the token, if any.
+    pub fn metadata(&self) -> Option<&str> {
+        self.lock.metadata()
+    }
+
+    /// The end of the current validity; each extend moves it.
+    pub fn valid_until(&self) -> Instant {
+        self.lock.valid_until()
+    }
+
+    /// The validity left now: zero once the lock is lost.
+    pub fn remaining(&self) -> Duration {
+        self.lock.remaining()
+    }
+
+    /// Whether the lock is still valid.
+    pub fn is_valid(&self) -> bool {
+        self.lock.is_valid()
+    }
+
+    /// A cloneable view of the lock's validity.
+    pub fn status(&self) -> LockStatus {
+        self.lock.status()
+    }
+
+    /// Resolves when the lock is lost; see [`Lock::lost`].
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.lock.lost()
+    }
+
+    /// Why the lock was lost, when a failed extend is the reason; taken once.
+    pub(crate) fn take_loss(&self) -> Option<Error> {
+        self.lock.held().take_loss()
+    }
+
+    /// Stops the watchdog and releases the lock; see [`Lock::release`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Lock::release`].
+    pub async fn release(self) -> crate::Result<usize> {
+        let Self { lock, _stop } = self;
+        drop(_stop);
+        lock.release().await
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LockGuard").field(&self.lock).finish()
+    }
+}
+
+/// Extends the lock every `every` until stopped or lost. Each extend is scheduled
+/// from the start of the last successful one, since that is where its validity is
+/// counted from.
+async fn watch(
+    shared: Arc<Shared>,
+    held: Arc<Held>,
+    every: Duration,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut next = held.acquired_at + every;
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            () = held.lost() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let started = Instant::now();
+        let ttl = held.ttl();
+        let outcome = tokio::select! {
+            _ = &mut stopped => return,
+            outcome = extend::try_extend(&shared, &held, ttl) => outcome,
+        };
+        match outcome {
+            Ok(_) => next = started + every,
+            Err(failure) => {
+                // A round that heard too little proves nothing while validity is
+                // left; try again soon, but never past the validity.
+                let retry_at = Instant::now() + retry_pause(&shared, every);
+                if !failure.certain && retry_at < held.valid_until() {
+                    debug!(key = %held.key.user, error = %failure.error, "extend inconclusive; retrying");
+                    next = retry_at;
+                    continue;
+                }
+                warn!(key = %held.key.user, error = %failure.error, "lock lost: the watchdog could not extend it");
+                held.lose(Some(failure.error));
+                return;
+            }
+        }
+    }
+}
+
+/// The pause before retrying an inconclusive extend: long enough for a blip to
+/// pass, short next to the interval.
+fn retry_pause(shared: &Shared, every: Duration) -> Duration {
+    (every / 10).max(shared.settings.instance_timeout)
+}

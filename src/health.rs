@@ -1,0 +1,190 @@
+//! Health reports: per instance, whether it answers, how fast, which server process
+//! it is (`run_id`) and what its clock says.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+use crate::error::{InstanceVote, Vote};
+use crate::instance::Member;
+use crate::token;
+
+/// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
+/// [`prepare`](crate::QuorumLocker::prepare) found, instance by instance.
+#[derive(Debug, Clone)]
+pub struct Health {
+    instances: Vec<InstanceHealth>,
+    quorum: usize,
+}
+
+/// One instance's health.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InstanceHealth {
+    /// The instance's position in the order given to the builder.
+    pub index: usize,
+    /// Its address (password redacted) or name.
+    pub address: Arc<str>,
+    /// The round trip of one `INFO server` + `TIME` request on an open connection.
+    pub latency: Option<Duration>,
+    /// The server's `run_id`, which changes whenever the server restarts.
+    pub run_id: Option<String>,
+    /// The server's clock (`TIME`) when it answered.
+    pub server_time: Option<SystemTime>,
+    /// This process's wall clock when the answer arrived, to compare with
+    /// `server_time`.
+    pub local_time: Option<SystemTime>,
+    /// Why it is unreachable: `Failed` or `TimedOut`. `None` when it answered.
+    pub error: Option<Vote>,
+}
+
+impl InstanceHealth {
+    /// Whether it answered.
+    pub fn is_reachable(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+impl Health {
+    /// Every instance, in order.
+    pub fn instances(&self) -> &[InstanceHealth] {
+        &self.instances
+    }
+
+    /// How many instances answered.
+    pub fn reachable(&self) -> usize {
+        self.instances
+            .iter()
+            .filter(|instance| instance.is_reachable())
+            .count()
+    }
+
+    /// The locker's quorum.
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    /// Whether enough instances answered for a lock to be granted.
+    pub fn has_quorum(&self) -> bool {
+        self.reachable() >= self.quorum
+    }
+
+    /// The first two instances that are the same server process (same `run_id`)
+    /// under different addresses, such as `localhost` and `127.0.0.1`: its vote
+    /// would count twice.
+    pub fn same_server(&self) -> Option<(usize, usize)> {
+        self.instances.iter().enumerate().find_map(|(i, first)| {
+            let run_id = first.run_id.as_ref()?;
+            self.instances[i + 1..]
+                .iter()
+                .find(|second| second.run_id.as_ref() == Some(run_id))
+                .map(|second| (first.index, second.index))
+        })
+    }
+
+    /// Each instance's state as a vote, for errors.
+    pub(crate) fn votes(&self) -> Vec<InstanceVote> {
+        self.instances
+            .iter()
+            .map(|instance| InstanceVote {
+                index: instance.index,
+                address: Arc::clone(&instance.address),
+                vote: instance.error.clone().unwrap_or(Vote::Granted),
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} of {} instance(s) reachable, quorum {}",
+            self.reachable(),
+            self.instances.len(),
+            self.quorum
+        )?;
+        for instance in &self.instances {
+            write!(f, "instance {} ({}): ", instance.index, instance.address)?;
+            match (&instance.error, instance.latency) {
+                (Some(error), _) => writeln!(f, "{error}")?,
+                (None, latency) => {
+                    write!(f, "ok")?;
+                    if let Some(latency) = latency {
+                        write!(f, ", {:.2} ms", latency.as_secs_f64() * 1e3)?;
+                    }
+                    if let Some(run_id) = &instance.run_id {
+                        write!(f, ", run_id {}…", token::abbreviate(run_id))?;
+                    }
+                    if let Some(offset) = clock_offset_ms(instance) {
+                        write!(f, ", clock {offset:+.1} ms from ours")?;
+                    }
+                    writeln!(f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Server clock minus local clock, in milliseconds.
+fn clock_offset_ms(instance: &InstanceHealth) -> Option<f64> {
+    let server = instance.server_time?;
+    let local = instance.local_time?;
+    Some(match server.duration_since(local) {
+        Ok(ahead) => ahead.as_secs_f64() * 1e3,
+        Err(behind) => -behind.duration().as_secs_f64() * 1e3,
+    })
+}
+
+/// Checks every instance in parallel. With `load_scripts`, loads the Lua scripts
+/// first; without, sends one unmeasured probe first. Either way the connection is open before
+/// the measured probe, so the latency is a round trip, not a connect.
+pub(crate) async fn check(
+    members: &[Member],
+    quorum: usize,
+    timeout: Duration,
+    load_scripts: bool,
+) -> Health {
+    let checks = members.iter().map(|member| async move {
+        let mut health = InstanceHealth {
+            index: member.index,
+            address: Arc::clone(&member.address),
+            latency: None,
+            run_id: None,
+            server_time: None,
+            local_time: None,
+            error: None,
+        };
+        let probe = async {
+            if load_scripts {
+                member.instance.load_scripts().await?;
+            } else {
+                // A connection broken by a server restart fails once and then
+                // reconnects: only the measured probe decides.
+                let _ = member.instance.probe().await;
+            }
+            let sent = Instant::now();
+            let probe = member.instance.probe().await?;
+            Ok::<_, redis::RedisError>((probe, sent.elapsed()))
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok((probe, latency))) => {
+                health.latency = Some(latency);
+                health.run_id = Some(probe.run_id);
+                health.server_time = SystemTime::UNIX_EPOCH.checked_add(probe.server_time);
+                health.local_time = Some(SystemTime::now());
+            }
+            Ok(Err(err)) => health.error = Some(Vote::Failed(err)),
+            Err(_) => health.error = Some(Vote::TimedOut(timeout)),
+        }
+        health
+    });
+    Health {
+        instances: join_all(checks).await,
+        quorum,
+    }
+}

@@ -1,0 +1,224 @@
+//! A lock request with per-call options: TTL, token, metadata, how long to wait.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tracing::warn;
+
+use crate::error::Error;
+use crate::lock::Lock;
+use crate::locker::QuorumLocker;
+use crate::retry::RetryPolicy;
+use crate::status::LockStatus;
+
+/// The longest token accepted.
+pub const MAX_TOKEN_LEN: usize = 256;
+/// The longest metadata accepted, in bytes.
+pub const MAX_METADATA_LEN: usize = 4096;
+
+/// One lock request, made by [`QuorumLocker::lock`]: set the options, then
+/// [`acquire`](Self::acquire), [`try_acquire`](Self::try_acquire) or
+/// [`run`](Self::run).
+///
+/// ```no_run
+/// # async fn demo(locker: quorumlock::QuorumLocker) -> quorumlock::Result<()> {
+/// use std::time::Duration;
+///
+/// let lock = locker
+///     .lock("billing-export")
+///     .ttl(Duration::from_secs(60))
+///     .metadata("host=worker-7")
+///     .wait(Duration::from_secs(5))
+///     .acquire()
+///     .await?;
+/// assert_eq!(lock.metadata(), Some("host=worker-7"));
+/// lock.release().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a lock request does nothing until acquired"]
+#[derive(Debug, Clone)]
+pub struct LockRequest<'a> {
+    locker: &'a QuorumLocker,
+    key: String,
+    pub(crate) ttl: Duration,
+    pub(crate) token: Option<String>,
+    pub(crate) metadata: Option<String>,
+    wait: Option<Duration>,
+    retry: Option<RetryPolicy>,
+    extend_every: Option<Duration>,
+}
+
+impl<'a> LockRequest<'a> {
+    pub(crate) fn new(locker: &'a QuorumLocker, key: String) -> Self {
+        Self {
+            locker,
+            key,
+            ttl: locker.default_ttl(),
+            token: None,
+            metadata: None,
+            wait: None,
+            retry: None,
+            extend_every: None,
+        }
+    }
+
+    /// The lock's TTL. Default: the locker's [`default_ttl`](QuorumLocker::default_ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Uses `token` instead of a fresh random one, so that a process that restarts
+    /// can take back (or release) the lock it held before: an instance that already
+    /// holds this token for the key grants it again and resets its TTL.
+    ///
+    /// Anyone who knows the token can extend and release the lock, and two
+    /// processes with the same token are one owner to Redis: use a token unique to
+    /// the process (say, a host name and a job ID), never a shared constant. 1 to
+    /// [`MAX_TOKEN_LEN`] printable ASCII characters, without spaces.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Text stored in Redis beside the token (`GET key` shows `token metadata`), for
+    /// people and tools that inspect who holds a lock: a host name, a PID, a job.
+    /// At most [`MAX_METADATA_LEN`] bytes. Re-taking a lock with
+    /// [`token`](Self::token) replaces it.
+    pub fn metadata(mut self, metadata: impl Into<String>) -> Self {
+        self.metadata = Some(metadata.into());
+        self
+    }
+
+    /// How long [`acquire`](Self::acquire) and [`run`](Self::run) keep retrying.
+    /// Default: the locker's [`acquire_timeout`](crate::Builder::acquire_timeout).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// The delays between attempts. Default: the locker's
+    /// [`retry`](crate::Builder::retry) policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// How often [`run`](Self::run)'s watchdog extends the lock. Default: a third of
+    /// the TTL.
+    pub fn extend_every(mut self, every: Duration) -> Self {
+        self.extend_every = Some(every);
+        self
+    }
+
+    /// Takes the lock, retrying until the wait is over; see
+    /// [`QuorumLocker::acquire`].
+    ///
+    /// # Errors
+    ///
+    /// As [`QuorumLocker::acquire`], and [`Error::InvalidConfig`] for a bad token or
+    /// metadata.
+    pub async fn acquire(&self) -> crate::Result<Lock> {
+        let settings = &self.locker.shared().settings;
+        let wait = self.wait.unwrap_or(settings.acquire_timeout);
+        let retry = self.retry.unwrap_or(settings.retry);
+        self.locker.acquire_loop(self, wait, retry).await
+    }
+
+    /// Makes one attempt; see [`QuorumLocker::try_acquire`].
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire), after one attempt.
+    pub async fn try_acquire(&self) -> crate::Result<Lock> {
+        self.locker
+            .acquire_loop(self, Duration::ZERO, RetryPolicy::never())
+            .await
+    }
+
+    /// Takes the lock, runs `work` while a watchdog extends it, and releases it;
+    /// see [`QuorumLocker::with_lock`].
+    ///
+    /// # Errors
+    ///
+    /// As [`QuorumLocker::with_lock`].
+    pub async fn run<F, Fut, T>(&self, work: F) -> crate::Result<T>
+    where
+        F: FnOnce(LockStatus) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let lock = self.acquire().await?;
+        let guard = match self.extend_every {
+            Some(every) => lock.auto_extend_every(every)?,
+            None => lock.auto_extend()?,
+        };
+        let status = guard.status();
+        let work = AssertUnwindSafe(work(status.clone())).catch_unwind();
+        let finished: Option<Result<T, Box<dyn Any + Send>>> = tokio::select! {
+            biased;
+            finished = work => Some(finished),
+            () = status.lost() => None,
+        };
+        let loss = guard.take_loss();
+        let released = guard.release().await;
+        match finished {
+            Some(Ok(value)) => {
+                if let Err(err) = released {
+                    warn!(key = %self.key, %err, "the work finished but its lock could not be released");
+                }
+                Ok(value)
+            }
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Err(Error::LockLost {
+                key: self.key.clone(),
+                source: loss.map(Box::new),
+            }),
+        }
+    }
+
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Checks the token and metadata before any I/O.
+    pub(crate) fn validate(&self) -> crate::Result<()> {
+        if let Some(token) = &self.token {
+            check_token(token)?;
+        }
+        match &self.metadata {
+            Some(metadata) if metadata.len() > MAX_METADATA_LEN => Err(Error::InvalidConfig {
+                setting: "metadata",
+                reason: format!(
+                    "{} bytes is more than the {MAX_METADATA_LEN} allowed",
+                    metadata.len()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A token must be printable ASCII without spaces: the space separates it from
+/// the metadata in the stored value, and anything else would be hard to type in
+/// `redis-cli` when someone inspects a lock.
+fn check_token(token: &str) -> crate::Result<()> {
+    let invalid = |reason: &str| {
+        Err(Error::InvalidConfig {
+            setting: "token",
+            reason: reason.to_string(),
+        })
+    };
+    if token.is_empty() {
+        return invalid("empty");
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return invalid("longer than quorumlock::MAX_TOKEN_LEN");
+    }
+    if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return invalid("not printable ASCII without spaces");
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! What a held lock's handle, its watchdog and its status views share: the key,
+//! the token, and the validity, which extends move forward and a loss ends.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::locker::LockKey;
+use crate::token;
+
+/// The state of one held lock.
+pub(crate) struct Held {
+    pub(crate) key: LockKey,
+    pub(crate) token: Arc<str>,
+    /// What the key holds in Redis: the token, then a space and the metadata.
+    pub(crate) value: Arc<str>,
+    pub(crate) acquired_at: Instant,
+    tenure: watch::Sender<Tenure>,
+    /// Why the lock was lost, when a failed extend is the reason.
+    loss: Mutex<Option<Error>>,
+}
+
+/// The part of a lock's state that changes.
+#[derive(Debug, Clone, Copy)]
+struct Tenure {
+    /// The TTL last set on the instances.
+    ttl: Duration,
+    /// When the last successful acquire or extend started: the keys expire about
+    /// `ttl` after it.
+    renewed_at: Instant,
+    valid_until: Instant,
+    /// Set by a failed extend or a release; sticky.
+    lost: bool,
+}
+
+impl Held {
+    pub(crate) fn new(
+        key: LockKey,
+        token: Arc<str>,
+        value: Arc<str>,
+        ttl: Duration,
+        acquired_at: Instant,
+        valid_until: Instant,
+    ) -> Self {
+        Self {
+            key,
+            token,
+            value,
+            acquired_at,
+            tenure: watch::Sender::new(Tenure {
+                ttl,
+                renewed_at: acquired_at,
+                valid_until,
+                lost: false,
+            }),
+            loss: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn metadata(&self) -> Option<&str> {
+        self.value.split_once(' ').map(|(_, metadata)| metadata)
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        self.tenure.borrow().ttl
+    }
+
+    pub(crate) fn valid_until(&self) -> Instant {
+        self.tenure.borrow().valid_until
+    }
+
+    /// When the keys set by the last acquire or extend expire by their TTL, at the
+    /// latest: past it, nothing of ours is left to release.
+    pub(crate) fn expires_at(&self) -> Instant {
+        let tenure = self.tenure.borrow();
+        tenure.renewed_at + tenure.ttl
+    }
+
+    pub(crate) fn remaining(&self) -> Duration {
+        let tenure = self.tenure.borrow();
+        if tenure.lost {
+            Duration::ZERO
+        } else {
+            tenure.valid_until.saturating_duration_since(Instant::now())
+        }
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.remaining().is_zero()
+    }
+
+    /// Records a successful extend that started at `started`.
+    pub(crate) fn renew(&self, ttl: Duration, started: Instant, valid_until: Instant) {
+        self.tenure.send_if_modified(|tenure| {
+            // A lost lock stays lost: someone may have been told so and acted on it.
+            if tenure.lost {
+                return false;
+            }
+            *tenure = Tenure {
+                ttl,
+                renewed_at: started,
+                valid_until,
+                lost: false,
+            };
+            true
+        });
+    }
+
+    /// Marks the lock lost, keeping the first reason given.
+    pub(crate) fn lose(&self, reason: Option<Error>) {
+        if let Some(reason) = reason {
+            let mut loss = self.loss.lock().unwrap_or_else(PoisonError::into_inner);
+            if loss.is_none() && !self.tenure.borrow().lost {
+                *loss = Some(reason);
+            }
+        }
+        self.tenure
+            .send_if_modified(|tenure| !std::mem::replace(&mut tenure.lost, true));
+    }
+
+    /// Why the lock was lost, if a failed extend said so; taken once.
+    pub(crate) fn take_loss(&self) -> Option<Error> {
+        self.loss
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Resolves once the validity has run out or the lock was marked lost.
+    pub(crate) async fn lost(&self) {
+        let mut tenure = self.tenure.subscribe();
+        loop {
+            let Tenure {
+                valid_until, lost, ..
+            } = *tenure.borrow_and_update();
+            if lost {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(valid_until) => {
+                    // An extend may have landed at the same instant.
+                    if self.valid_until() <= Instant::now() {
+                        return;
+                    }
+                }
+                changed = tenure.changed() => {
+                    // The sender lives in `self`: this cannot fail while we run.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A cloneable live view of a held lock: its key, token and validity, and a future
+/// that resolves when the lock is lost. [`QuorumLocker::with_lock`] hands one to the
+/// work it runs; [`Lock::status`] and [`LockGuard::status`] make more.
+///
+/// [`QuorumLocker::with_lock`]: crate::QuorumLocker::with_lock
+/// [`Lock::status`]: crate::Lock::status
+/// [`LockGuard::status`]: crate::LockGuard::status
+#[derive(Clone)]
+pub struct LockStatus {
+    held: Arc<Held>,
+}
+
+impl LockStatus {
+    pub(crate) fn new(held: Arc<Held>) -> Self {
+        Self { held }
+    }
+
+    /// The key as given to `acquire` (without the locker's key prefix).
+    pub fn key(&self) -> &str {
+        &self.held.key.user
+    }
+
+    /// The token that marks this owner's value in Redis.
+    pub fn token(&self) -> &str {
+        &self.held.token
+    }
+
+    /// The metadata stored beside the token, if any.
+    pub fn metadata(&self) -> Option<&str> {
+        self.held.metadata()
+    }
+
+    /// The end of the validity on this process's monotonic clock; extends move it.
+    pub fn valid_until(&self) -> Instant {
+        self.held.valid_until()
+    }
+
+    /// The validity left now: zero once it has run out, or once the lock was lost
+    /// or released.
+    pub fn remaining(&self) -> Duration {
+        self.held.remaining()
+    }
+
+    /// Whether the lock is still valid.
+    pub fn is_valid(&self) -> bool {
+        !self.held.is_lost()
+    }
+
+    /// Resolves when the lock is no longer valid: its validity ran out, an extend
+    /// failed, or it was released. Resolves at once if that has already happened.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only waits.
+    pub async fn lost(&self) {
+        self.held.lost().await;
+    }
+}
+
+impl fmt::Debug for LockStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockStatus")
+            .field("key", &self.key())
+            .field(
+                "token",
+                &format_args!("{}…", token::abbreviate(self.token())),
+            )
+            .field("remaining", &self.remaining())
+            .finish()
+    }
+}
