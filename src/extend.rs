@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::field::Empty;
+use tracing::{debug, debug_span, Instrument, Span};
 
 use crate::error::{Error, Shortfall, Vote};
 use crate::fanout::Fanout;
 use crate::locker::{check_ttl, Shared};
 use crate::quorum::{self, Decision};
 use crate::status::Held;
+use crate::token;
 
 /// A failed extend, and whether the lock is certainly gone.
 pub(crate) struct Failure {
@@ -41,6 +43,22 @@ pub(crate) async fn extend(
 
 /// One extend round, leaving the decision to lose the lock to the caller.
 pub(crate) async fn try_extend(
+    shared: &Arc<Shared>,
+    held: &Held,
+    ttl: Duration,
+) -> Result<Duration, Failure> {
+    let span = debug_span!(
+        "extend",
+        key = %held.key.user,
+        token = %token::abbreviate(&held.token),
+        granted = Empty,
+        failed = Empty,
+        validity_ms = Empty,
+    );
+    extend_round(shared, held, ttl).instrument(span).await
+}
+
+async fn extend_round(
     shared: &Arc<Shared>,
     held: &Held,
     ttl: Duration,
@@ -76,6 +94,9 @@ pub(crate) async fn try_extend(
         .await;
     let elapsed = start.elapsed();
     let tally = fanout.tally();
+    let span = Span::current();
+    span.record("granted", tally.granted);
+    span.record("failed", tally.failed);
     finish_in_background(shared, &mut fanout, timeout.max(ttl));
 
     let drift = quorum::drift(ttl, shared.settings.drift_factor);
@@ -83,7 +104,8 @@ pub(crate) async fn try_extend(
         Decision::Won => match quorum::validity(ttl, elapsed, drift) {
             Some(validity) => {
                 held.renew(ttl, start, start + (ttl - drift));
-                debug!(key = %held.key.user, granted = tally.granted, ?validity, "lock extended");
+                span.record("validity_ms", validity.as_millis() as u64);
+                debug!("lock extended");
                 return Ok(validity);
             }
             None => Shortfall::ValidityExhausted { elapsed },
@@ -98,7 +120,8 @@ pub(crate) async fn try_extend(
         .iter()
         .filter(|cause| matches!(cause.vote, Vote::Refused))
         .count();
-    debug!(key = %held.key.user, %shortfall, refused, "extend fell short");
+    span.record("validity_ms", 0u64);
+    debug!(%shortfall, refused, "extend fell short");
     Err(Failure {
         error: Error::NotExtended {
             key: held.key.user.to_string(),

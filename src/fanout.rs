@@ -13,6 +13,7 @@ use futures_util::future::Shared;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
+use tracing::{debug, trace};
 
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
@@ -62,6 +63,8 @@ impl Tally {
 pub(crate) struct Fanout {
     pending: FuturesUnordered<Tagged>,
     votes: Vec<Option<Vote>>,
+    /// For the event each vote emits.
+    addresses: Vec<Arc<str>>,
     tally: Tally,
 }
 
@@ -82,6 +85,10 @@ impl Fanout {
         Self {
             pending,
             votes: vec![None; members.len()],
+            addresses: members
+                .iter()
+                .map(|member| Arc::clone(&member.address))
+                .collect(),
             tally: Tally::default(),
         }
     }
@@ -114,6 +121,13 @@ impl Fanout {
                             *vote = Some(Vote::TimedOut(timeout));
                             self.tally.failed += 1;
                             self.tally.unreachable += 1;
+                            let address = self.addresses.get(tagged.index);
+                            debug!(
+                                instance = tagged.index,
+                                address = address.map(|a| &**a),
+                                ?timeout,
+                                "instance timed out"
+                            );
                         }
                     }
                     return;
@@ -140,13 +154,21 @@ impl Fanout {
         if slot.is_some() {
             return;
         }
-        match vote {
-            Vote::Granted => self.tally.granted += 1,
-            Vote::Failed(_) => {
+        let address = self.addresses.get(index).map(|address| &**address);
+        match &vote {
+            Vote::Granted => {
+                self.tally.granted += 1;
+                trace!(instance = index, address, "instance granted");
+            }
+            Vote::Failed(err) => {
                 self.tally.failed += 1;
                 self.tally.unreachable += 1;
+                debug!(instance = index, address, %err, "instance failed");
             }
-            _ => self.tally.failed += 1,
+            _ => {
+                self.tally.failed += 1;
+                trace!(instance = index, address, "instance refused");
+            }
         }
         *slot = Some(vote);
     }

@@ -40,6 +40,33 @@
 //! ([`RetryPolicy`]) until its timeout; [`QuorumLocker::try_acquire`] makes one.
 //! [`Lock::release`] runs compare-and-delete on every instance in parallel.
 //!
+//! # Keeping a lock
+//!
+//! - [`Lock::extend`] runs compare-and-pexpire on every instance in parallel,
+//!   counts the quorum and recomputes the validity from its own start, like an
+//!   acquire. A failed extend marks the lock lost; it never deletes a key.
+//! - [`QuorumLocker::with_lock`] runs work under a lock that a watchdog extends
+//!   every third of its TTL, cancels the work if the lock is lost, and releases the
+//!   lock when the work ends (also on an error or a panic). [`Lock::auto_extend`]
+//!   gives the same watchdog as a [`LockGuard`] for code that runs its own loop.
+//! - [`Lock::lost`], [`LockGuard::lost`] and [`LockStatus::lost`] resolve when the
+//!   lock is no longer valid.
+//! - Dropping a [`Lock`] or [`LockGuard`] without releasing it starts the release in
+//!   the background, retried while the keys may still exist.
+//! - [`QuorumLocker::lock`] takes per-call options: your own token (so a
+//!   restarted process can take back its lock), metadata stored beside the token,
+//!   how long to wait.
+//! - [`QuorumLocker::health`] reports each instance's reachability, latency,
+//!   `run_id` and clock; [`QuorumLocker::prepare`] also refuses one server listed
+//!   under two addresses.
+//! - [`MemoryInstance`] is an in-process instance for unit tests of code that takes
+//!   locks, and for simulating slow, failing, paused or drifting instances under
+//!   Tokio's paused time.
+//!
+//! Every attempt, extend and release runs in a `tracing` span (`attempt`,
+//! `extend`, `release`) with the key, the counts and the validity, and each
+//! instance's answer is an event. Tokens appear abbreviated and passwords never.
+//!
 //! # What a lock guarantees
 //!
 //! A lock is for **efficiency, not correctness**: it keeps processes from doing
@@ -52,7 +79,8 @@
 //!   or a stopped VM would let it work on after the lock passed on);
 //! - an instance that restarts keeps its keys, or stays down for the longest TTL
 //!   (a restart without persistence forgets the key);
-//! - the instances are distinct servers (the builder refuses a repeated address).
+//! - the instances are distinct servers (the builder refuses a repeated address,
+//!   [`QuorumLocker::prepare`] a repeated `run_id`).
 //!
 //! Network delay costs only validity: it is counted from before the requests left.
 //!
@@ -60,7 +88,8 @@
 //!
 //! Dropping an `acquire` or `try_acquire` future at any await point — under
 //! `tokio::time::timeout`, in a `select!` — rolls back its attempt in the
-//! background: no key with its token is left behind.
+//! background: no key with its token is left behind. Dropping a lock releases it,
+//! and dropping an `extend` future leaves the lock with its earlier validity.
 //! [`QuorumLocker::settle`] waits for such background work to finish.
 //!
 //! # Features

@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::error::Error;
 use crate::fanout::Straggler;
 use crate::guard::LockGuard;
 use crate::locker::Shared;
@@ -128,11 +127,11 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// - [`Error::LockLost`] when the validity had already run out or an earlier
+    /// - [`Error::LockLost`](crate::Error::LockLost) when the validity had already run out or an earlier
     ///   extend failed: no request is sent;
-    /// - [`Error::NotExtended`] when fewer than a quorum extended or no validity was
+    /// - [`Error::NotExtended`](crate::Error::NotExtended) when fewer than a quorum extended or no validity was
     ///   left; the lock is then marked lost (see [`lost`](Self::lost));
-    /// - [`Error::InvalidTtl`] for a bad TTL, before any request; the lock is kept.
+    /// - [`Error::InvalidTtl`](crate::Error::InvalidTtl) for a bad TTL, before any request; the lock is kept.
     ///
     /// An extend never deletes or creates a key: a lock that expired stays with
     /// whoever took it next.
@@ -150,7 +149,7 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// [`Error::NoRuntime`] outside a Tokio runtime (the watchdog needs one).
+    /// [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime (the watchdog needs one).
     pub fn auto_extend(self) -> crate::Result<LockGuard> {
         let every = self.ttl() / 3;
         LockGuard::start(self, every)
@@ -160,9 +159,9 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] when `every` is zero or not shorter than the
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `every` is zero or not shorter than the
     /// validity the lock has after an extend (the lock would lapse between
-    /// extends); [`Error::NoRuntime`] outside a Tokio runtime.
+    /// extends); [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime.
     pub fn auto_extend_every(self, every: Duration) -> crate::Result<LockGuard> {
         LockGuard::start(self, every)
     }
@@ -176,31 +175,31 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// - [`Error::NotHeld`] when every instance answered and none held the token
+    /// - [`Error::NotHeld`](crate::Error::NotHeld) when every instance answered and none held the token
     ///   (the lock had expired);
-    /// - [`Error::Unavailable`] when none released and some did not answer; the
-    ///   release is then retried in the background while the keys may exist.
+    /// - [`Error::Unavailable`](crate::Error::Unavailable) when none released and some did not answer.
+    ///
+    /// Where an instance answered with an error (say, a broken connection), the
+    /// release is retried in the background while the keys may still exist there,
+    /// whatever this returns.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future drops the lock, which releases it in the background.
     pub async fn release(mut self) -> crate::Result<usize> {
-        let result = self.release_once().await;
-        self.held.lose(None);
-        // Only a release that reached no verdict is worth repeating.
-        self.release_on_drop = matches!(result, Err(Error::Unavailable { .. }));
-        result
-    }
-
-    pub(crate) async fn release_once(&self) -> crate::Result<usize> {
-        crate::release::release(
+        let released = crate::release::release(
             &self.shared,
             &self.held.key,
             &self.held.value,
             self.held.ttl(),
             &self.stragglers,
         )
-        .await
+        .await;
+        self.held.lose(None);
+        // Instances that answered with an error may still hold the key: `Drop`
+        // tries them again in the background.
+        self.release_on_drop = released.incomplete;
+        released.result
     }
 
     pub(crate) fn held(&self) -> &Arc<Held> {

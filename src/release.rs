@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::field::Empty;
+use tracing::{debug, debug_span, warn, Instrument, Span};
 
-use crate::error::Error;
+use crate::error::{Error, Vote};
 use crate::fanout::{Fanout, Straggler};
 use crate::locker::{LockKey, Shared};
 use crate::status::Held;
@@ -16,6 +17,15 @@ const FIRST_RETRY: Duration = Duration::from_millis(10);
 /// The longest pause between them.
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
+/// How a release round ended.
+pub(crate) struct Released {
+    pub(crate) result: crate::Result<usize>,
+    /// Some instance answered with an error, so the key may still be there: worth
+    /// another round. (Deletes that timed out are still in flight and finish in
+    /// the background.)
+    pub(crate) incomplete: bool,
+}
+
 /// Deletes `key` where it holds `value`; see [`Lock::release`](crate::Lock::release).
 pub(crate) async fn release(
     shared: &Arc<Shared>,
@@ -23,7 +33,20 @@ pub(crate) async fn release(
     value: &Arc<str>,
     ttl: Duration,
     stragglers: &[Straggler],
-) -> crate::Result<usize> {
+) -> Released {
+    let span = debug_span!("release", key = %key.user, released = Empty);
+    release_round(shared, key, value, ttl, stragglers)
+        .instrument(span)
+        .await
+}
+
+async fn release_round(
+    shared: &Arc<Shared>,
+    key: &LockKey,
+    value: &Arc<str>,
+    ttl: Duration,
+    stragglers: &[Straggler],
+) -> Released {
     let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
@@ -54,6 +77,7 @@ pub(crate) async fn release(
         })
         .await;
     let tally = fanout.tally();
+    let incomplete = (0..n).any(|index| matches!(fanout.vote(index), Some(Vote::Failed(_))));
     let causes = (tally.granted == 0).then(|| fanout.votes(&shared.members));
 
     let stragglers = fanout.take_pending();
@@ -75,8 +99,9 @@ pub(crate) async fn release(
         });
     }
 
-    debug!(key = %key.user, released = tally.granted, answered = tally.answered(), "released");
-    match causes {
+    Span::current().record("released", tally.granted);
+    debug!(answered = tally.answered(), "released");
+    let result = match causes {
         None => Ok(tally.granted),
         Some(_) if tally.unreachable == 0 => Err(Error::NotHeld {
             key: key.user.to_string(),
@@ -86,11 +111,13 @@ pub(crate) async fn release(
             key: key.user.to_string(),
             causes,
         }),
-    }
+    };
+    Released { result, incomplete }
 }
 
 /// The release of a lock dropped without one: repeated with doubling pauses while
-/// too few instances answer, until the keys would have expired by their TTL anyway.
+/// instances answer with errors, until the keys would have expired by their TTL
+/// anyway.
 pub(crate) async fn release_until_expired(
     shared: Arc<Shared>,
     held: Arc<Held>,
@@ -98,9 +125,9 @@ pub(crate) async fn release_until_expired(
 ) {
     let mut pause = FIRST_RETRY;
     loop {
-        match release(&shared, &held.key, &held.value, held.ttl(), &stragglers).await {
-            Err(Error::Unavailable { .. }) => {}
-            _ => return,
+        let released = release(&shared, &held.key, &held.value, held.ttl(), &stragglers).await;
+        if !released.incomplete {
+            return;
         }
         let next = Instant::now() + pause;
         if next >= held.expires_at() {
