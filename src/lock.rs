@@ -136,6 +136,27 @@ impl Lock {
     /// An extend never deletes or creates a key: a lock that expired stays with
     /// whoever took it next.
     ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{Error, MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker.acquire("import", Duration::from_secs(10)).await?;
+    /// tokio::time::sleep(Duration::from_secs(8)).await; // a long batch
+    /// let validity = lock.extend(Duration::from_secs(10)).await?;
+    /// assert!(validity > Duration::from_secs(9));
+    ///
+    /// redis.remove("import"); // the key is gone, as after an expiry
+    /// assert!(matches!(lock.extend(Duration::from_secs(10)).await, Err(Error::NotExtended { .. })));
+    /// assert!(!lock.is_valid());
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future leaves the lock as it was, with its earlier validity; the

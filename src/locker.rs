@@ -270,6 +270,22 @@ impl QuorumLocker {
     /// Asks every instance, in parallel, for its `run_id` and clock, and reports
     /// whether it answered and how fast. Never fails: an unreachable instance is
     /// part of the report.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let (a, b, c) = (MemoryInstance::new("a"), MemoryInstance::new("b"), MemoryInstance::new("c"));
+    /// let locker = QuorumLocker::builder().memory(&a).memory(&b).memory(&c).build().await?;
+    /// c.set_failing(true);
+    /// let health = locker.health().await;
+    /// assert_eq!(health.reachable(), 2);
+    /// assert!(health.has_quorum());
+    /// assert!(!health.instances()[2].is_reachable());
+    /// println!("{health}"); // one line per instance: latency, run_id, clock offset
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn health(&self) -> Health {
         self.check_health(false).await
     }
@@ -291,8 +307,14 @@ impl QuorumLocker {
     }
 
     /// Waits until the background work this locker started has finished: rollbacks
-    /// of lost or dropped attempts, and deletes still in flight after `release`
-    /// returned. Useful before shutting down, and in tests.
+    /// of lost or dropped attempts, releases of dropped locks, and requests still
+    /// in flight after a call returned. Useful before shutting down, and in tests.
+    ///
+    /// Work waiting on a stalled instance gives up only when the keys it concerns
+    /// would have expired anyway (after their TTL), so with an instance stopped
+    /// this can take up to the longest TTL in use; bound it with
+    /// `tokio::time::timeout` when that matters. Auto-extend watchdogs are not
+    /// background work: they end with their guards.
     pub async fn settle(&self) {
         self.shared.background.idle().await;
     }
