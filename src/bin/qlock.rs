@@ -1,0 +1,3 @@
+//! STUB — the qlock command-line tool is being written.
+
+fn main() {}
