@@ -7,7 +7,6 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
 use futures_util::FutureExt;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, debug_span, warn, Instrument, Span};
@@ -19,6 +18,7 @@ use crate::locker::{LockKey, Shared};
 use crate::quorum::{self, Decision};
 use crate::status::Held;
 use crate::token;
+use crate::value;
 
 /// How an attempt ended.
 pub(crate) enum Outcome {
@@ -26,8 +26,6 @@ pub(crate) enum Outcome {
     Lost {
         shortfall: Shortfall,
         causes: Vec<InstanceVote>,
-        /// The rollback running in the background, if any.
-        rollback: Option<JoinHandle<()>>,
     },
 }
 
@@ -57,16 +55,13 @@ pub(crate) async fn attempt(
     identity: &Identity,
     number: u32,
 ) -> crate::Result<Outcome> {
-    // A random token is fresh for every attempt: a rollback of an earlier attempt,
-    // still running, must not delete what a later one set.
     let token = match &identity.token {
         Some(token) => Arc::clone(token),
         None => token::generate()?,
     };
-    let value: Arc<str> = match &identity.metadata {
-        Some(metadata) => format!("{token} {metadata}").into(),
-        None => Arc::clone(&token),
-    };
+    // Fresh for every attempt, even with a chosen token: a rollback of an earlier
+    // attempt, still running, must not delete what a later one set.
+    let value = value::compose(&token, identity.metadata.as_deref())?;
     let span = debug_span!(
         "attempt",
         key = %key.user,
@@ -101,7 +96,7 @@ async fn run(
     let mut attempt = Attempt {
         shared: Arc::clone(shared),
         key: Arc::clone(&key.redis),
-        fanout: Fanout::start(&shared.members, |member| {
+        fanout: Fanout::start_gated(shared, true, |member| {
             if retake {
                 member.instance.retake(&key.redis, &token, &value, ttl_ms)
             } else {
@@ -127,7 +122,8 @@ async fn run(
     let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
         Decision::Won => {
             let drift = quorum::drift(ttl, shared.settings.drift_factor);
-            match quorum::validity(ttl, elapsed, drift) {
+            let lifetime = granted_lifetime(shared, &attempt.fanout, ttl);
+            match quorum::validity(lifetime, elapsed, drift) {
                 Some(validity) => {
                     attempt.settled = true;
                     span.record("validity_ms", validity.as_millis() as u64);
@@ -140,7 +136,7 @@ async fn run(
                         Arc::clone(&attempt.value),
                         ttl,
                         start,
-                        start + (ttl - drift),
+                        start + (lifetime - drift),
                     );
                     return Ok(Outcome::Won(Lock::new(
                         Arc::clone(shared),
@@ -159,21 +155,28 @@ async fn run(
         },
     };
     span.record("validity_ms", 0u64);
-    let causes = attempt.fanout.votes(&shared.members);
+    let causes = attempt.fanout.votes();
     debug!(%shortfall, "attempt lost");
-    let rollback = attempt.roll_back();
-    Ok(Outcome::Lost {
-        shortfall,
-        causes,
-        rollback,
-    })
+    attempt.roll_back();
+    Ok(Outcome::Lost { shortfall, causes })
+}
+
+/// How long the lock lasts from the attempt's start, given the estimated clock
+/// rates of the instances that granted it; see [`quorum::granted_lifetime`].
+pub(crate) fn granted_lifetime(shared: &Shared, fanout: &Fanout, ttl: Duration) -> Duration {
+    let rates = shared
+        .members
+        .iter()
+        .filter(|member| matches!(fanout.vote(member.index), Some(Vote::Granted)))
+        .map(|member| member.state.clock_rate());
+    quorum::granted_lifetime(ttl, rates, shared.members.len(), shared.quorum)
 }
 
 impl Attempt {
     /// Starts the rollback in the background, once.
-    fn roll_back(&mut self) -> Option<JoinHandle<()>> {
+    fn roll_back(&mut self) {
         if std::mem::replace(&mut self.settled, true) {
-            return None;
+            return;
         }
         let may_hold: Vec<usize> = (0..self.shared.members.len())
             .filter(|&index| {
@@ -185,7 +188,7 @@ impl Attempt {
             .collect();
         let in_flight = self.fanout.take_pending();
         if may_hold.is_empty() && in_flight.is_empty() {
-            return None;
+            return;
         }
         let rollback = roll_back(
             Arc::clone(&self.shared),
@@ -195,11 +198,9 @@ impl Attempt {
             may_hold,
             in_flight,
         );
-        let handle = self.shared.background.spawn(rollback);
-        if handle.is_none() {
+        if self.shared.background.spawn(rollback).is_none() {
             warn!(key = %self.key, "attempt dropped outside a Tokio runtime: no rollback, the key expires by its TTL");
         }
-        handle
     }
 }
 

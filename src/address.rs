@@ -22,6 +22,20 @@ pub(crate) fn parse_url(index: usize, url: &str) -> Result<ParsedUrl, Error> {
         url: redact_url(url),
         reason,
     };
+    match url.split_once("://") {
+        None if url.trim().is_empty() => return Err(invalid("empty".to_string())),
+        None => {
+            return Err(invalid(
+                "no scheme; expected redis://[user[:password]@]host[:port][/db]".to_string(),
+            ))
+        }
+        Some((scheme, _)) if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) => {
+            return Err(invalid(format!(
+                "unsupported scheme {scheme:?}; expected redis://, rediss:// or redis+unix://"
+            )))
+        }
+        Some(_) => {}
+    }
     if !cfg!(feature = "tls") && url.starts_with("rediss://") {
         return Err(invalid(
             "rediss:// needs quorumlock's `tls` feature".to_string(),

@@ -1,6 +1,9 @@
 //! Builds a [`QuorumLocker`] from instances in order and validated settings.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
@@ -10,6 +13,7 @@ use crate::error::Error;
 use crate::instance::redis::RedisInstance;
 use crate::instance::{Instance, Member};
 use crate::locker::{check_ttl, QuorumLocker, Settings, Shared};
+use crate::monitor::{InstanceState, Policy};
 use crate::quorum;
 use crate::retry::RetryPolicy;
 
@@ -27,6 +31,9 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The clock-drift factor unless set: 1% of the TTL (plus 2 ms), as in the Redlock
 /// description.
 pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
+
+/// How often each instance's `run_id` and clock are probed unless set.
+pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a new connection to an instance may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -46,6 +53,9 @@ pub struct Builder {
     retry: RetryPolicy,
     acquire_timeout: Duration,
     key_prefix: String,
+    restart_quarantine: Option<Duration>,
+    quarantine_fast_clocks: bool,
+    probe_every: Duration,
 }
 
 enum Source {
@@ -67,6 +77,9 @@ impl Builder {
             retry: RetryPolicy::default(),
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             key_prefix: String::new(),
+            restart_quarantine: None,
+            quarantine_fast_clocks: false,
+            probe_every: DEFAULT_PROBE_EVERY,
         }
     }
 
@@ -163,6 +176,41 @@ impl Builder {
         self
     }
 
+    /// How long an instance that restarted (its `run_id` changed) may not vote in
+    /// acquisitions. A Redis server restarted without persistence forgets the locks
+    /// it held, and its vote could hand a second owner a lock that is still held;
+    /// once every lock it could have held has expired, its vote is safe again. Set
+    /// it to the longest TTL any client of these instances uses. Default: the
+    /// [`default_ttl`](Self::default_ttl). Zero turns the check off.
+    ///
+    /// The locker learns of a restart from a probe (every
+    /// [`probe_every`](Self::probe_every), and at once after a connection fails);
+    /// until that probe answers, an instance whose connection failed does not vote
+    /// either.
+    pub fn restart_quarantine(mut self, quarantine: Duration) -> Self {
+        self.restart_quarantine = Some(quarantine);
+        self
+    }
+
+    /// Refuses votes from instances whose clock runs faster than
+    /// `1 / (1 − drift_factor)` times ours (as estimated from probes), so that a
+    /// lock needs a quorum of trustworthy clocks or fails with
+    /// [`Quarantine::ClockDrift`](crate::Quarantine::ClockDrift) in its causes.
+    /// Default: off. Even off, a lock's validity is shortened to what its
+    /// granting instances' estimated clock rates allow.
+    pub fn quarantine_fast_clocks(mut self, on: bool) -> Self {
+        self.quarantine_fast_clocks = on;
+        self
+    }
+
+    /// How often every instance is probed for its `run_id` and clock (one
+    /// `INFO server` and one `TIME`). Default: [`DEFAULT_PROBE_EVERY`] (1 s).
+    /// Must be non-zero.
+    pub fn probe_every(mut self, every: Duration) -> Self {
+        self.probe_every = every;
+        self
+    }
+
     /// Checks every setting and builds the locker. Connections open on first use
     /// (or in [`QuorumLocker::prepare`]), so a minority of instances being down
     /// does not stop the build.
@@ -189,6 +237,12 @@ impl Builder {
                 ),
             });
         }
+        if self.probe_every.is_zero() {
+            return Err(Error::InvalidConfig {
+                setting: "probe_every",
+                reason: "zero would probe without pause".to_string(),
+            });
+        }
         if self.instance_timeout.is_zero() {
             return Err(Error::InvalidConfig {
                 setting: "instance_timeout",
@@ -205,6 +259,7 @@ impl Builder {
             });
         }
 
+        let kick = Arc::new(Notify::new());
         let mut members = Vec::with_capacity(n);
         let mut identities: Vec<String> = Vec::with_capacity(n);
         for (index, source) in self.sources.into_iter().enumerate() {
@@ -228,22 +283,34 @@ impl Builder {
                 index,
                 address: address.into(),
                 instance,
+                state: InstanceState::new(Arc::clone(&kick)),
             });
         }
 
-        Ok(QuorumLocker::from_shared(Shared {
-            members,
-            quorum,
-            settings: Settings {
-                default_ttl: self.default_ttl,
-                drift_factor: self.drift_factor,
-                instance_timeout: self.instance_timeout,
-                retry: self.retry,
-                acquire_timeout: self.acquire_timeout,
-                key_prefix: self.key_prefix,
+        let policy = Policy {
+            restart_quarantine: self.restart_quarantine.unwrap_or(self.default_ttl),
+            max_clock_rate: self
+                .quarantine_fast_clocks
+                .then(|| 1.0 / (1.0 - self.drift_factor)),
+            probe_every: self.probe_every,
+        };
+        Ok(QuorumLocker::start(
+            Shared {
+                members,
+                quorum,
+                settings: Settings {
+                    default_ttl: self.default_ttl,
+                    drift_factor: self.drift_factor,
+                    instance_timeout: self.instance_timeout,
+                    retry: self.retry,
+                    acquire_timeout: self.acquire_timeout,
+                    key_prefix: self.key_prefix,
+                    policy,
+                },
+                background: Background::new(),
             },
-            background: Background::new(),
-        }))
+            kick,
+        ))
     }
 }
 

@@ -58,7 +58,7 @@ pub enum Error {
     /// was released. From [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock)
     /// it means the work was cancelled (dropped at its next await point) because the
     /// lock was lost.
-    #[error("lock {key:?} was lost{}", Because(source.as_deref()))]
+    #[error("lock {key:?} was lost: {}", if source.is_some() { "an extend failed" } else { "its validity ran out" })]
     LockLost {
         /// The key as the caller gave it.
         key: String,
@@ -223,6 +223,48 @@ pub enum Vote {
     TimedOut(Duration),
     /// It had not answered when the outcome was already decided.
     Unanswered,
+    /// It was not asked: the locker does not trust it now.
+    Quarantined(Quarantine),
+}
+
+/// Why an instance was not asked to grant a lock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Quarantine {
+    /// It restarted (its `run_id` changed) and may have forgotten the locks it
+    /// held; it votes again once every lock it could have held has expired. See
+    /// [`Builder::restart_quarantine`](crate::Builder::restart_quarantine).
+    Restarted {
+        /// How long until it votes again.
+        remaining: Duration,
+    },
+    /// Its connection failed and no probe has reached it since: it may have
+    /// restarted.
+    Unverified,
+    /// Its clock runs faster than the drift factor allows, so it would expire the
+    /// key early. See [`Builder::max_clock_rate`](crate::Builder::max_clock_rate).
+    ClockDrift {
+        /// Its clock's rate against ours (1.0 is exact).
+        rate: f64,
+    },
+}
+
+impl fmt::Display for Quarantine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Restarted { remaining } => write!(
+                f,
+                "restarted; quarantined for another {remaining:?} in case it forgot a lock"
+            ),
+            Self::Unverified => {
+                f.write_str("its connection failed and it has not been reached since")
+            }
+            Self::ClockDrift { rate } => write!(
+                f,
+                "its clock runs {rate:.3} times as fast as ours, beyond the drift allowance"
+            ),
+        }
+    }
 }
 
 impl fmt::Display for Vote {
@@ -233,6 +275,7 @@ impl fmt::Display for Vote {
             Self::Failed(err) => write!(f, "failed: {err}"),
             Self::TimedOut(after) => write!(f, "timed out after {after:?}"),
             Self::Unanswered => f.write_str("no reply before the outcome was decided"),
+            Self::Quarantined(why) => write!(f, "not asked: {why}"),
         }
     }
 }
@@ -251,18 +294,6 @@ impl fmt::Display for Subject<'_> {
     }
 }
 
-/// Formats a loss's cause as `: cause`, or `: its validity ran out` without one.
-struct Because<'a>(Option<&'a Error>);
-
-impl fmt::Display for Because<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(cause) => write!(f, ": {cause}"),
-            None => f.write_str(": its validity ran out"),
-        }
-    }
-}
-
 /// Formats causes as `; instance 0 (..): ..; instance 1 (..): ..`.
 struct Causes<'a>(&'a [InstanceVote]);
 
@@ -276,12 +307,17 @@ impl fmt::Display for Causes<'_> {
 }
 
 impl Error {
-    /// How many instances failed or timed out (rather than refused) in the causes:
-    /// zero means a `NotAcquired` was plain contention.
+    /// How many instances failed, timed out or were quarantined (rather than
+    /// refused) in the causes: zero means a `NotAcquired` was plain contention.
     pub fn unreachable_instances(&self) -> usize {
         self.causes()
             .iter()
-            .filter(|cause| matches!(cause.vote, Vote::Failed(_) | Vote::TimedOut(_)))
+            .filter(|cause| {
+                matches!(
+                    cause.vote,
+                    Vote::Failed(_) | Vote::TimedOut(_) | Vote::Quarantined(_)
+                )
+            })
             .count()
     }
 

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, debug_span, Instrument, Span};
 
+use crate::acquire::granted_lifetime;
 use crate::error::{Error, Shortfall, Vote};
 use crate::fanout::Fanout;
 use crate::locker::{check_ttl, Shared};
@@ -84,7 +85,7 @@ async fn extend_round(
     let ttl = Duration::from_millis(ttl_ms);
 
     let start = Instant::now();
-    let mut fanout = Fanout::start(&shared.members, |member| {
+    let mut fanout = Fanout::start(shared, |member| {
         member.instance.extend(&held.key.redis, &held.value, ttl_ms)
     });
     fanout
@@ -101,21 +102,23 @@ async fn extend_round(
 
     let drift = quorum::drift(ttl, shared.settings.drift_factor);
     let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
-        Decision::Won => match quorum::validity(ttl, elapsed, drift) {
-            Some(validity) => {
-                held.renew(ttl, start, start + (ttl - drift));
-                span.record("validity_ms", validity.as_millis() as u64);
-                debug!("lock extended");
-                return Ok(validity);
+        Decision::Won => {
+            match quorum::validity(granted_lifetime(shared, &fanout, ttl), elapsed, drift) {
+                Some(validity) => {
+                    held.renew(ttl, start, start + elapsed + validity);
+                    span.record("validity_ms", validity.as_millis() as u64);
+                    debug!("lock extended");
+                    return Ok(validity);
+                }
+                None => Shortfall::ValidityExhausted { elapsed },
             }
-            None => Shortfall::ValidityExhausted { elapsed },
-        },
+        }
         Decision::Lost | Decision::Open => Shortfall::TooFewVotes {
             granted: tally.granted,
             needed: quorum,
         },
     };
-    let causes = fanout.votes(&shared.members);
+    let causes = fanout.votes();
     let refused = causes
         .iter()
         .filter(|cause| matches!(cause.vote, Vote::Refused))

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::Shared;
+use futures_util::future::Shared as SharedFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
@@ -17,6 +17,8 @@ use tracing::{debug, trace};
 
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
+use crate::locker::Shared;
+use crate::monitor;
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
@@ -39,7 +41,7 @@ impl Future for Tagged {
 /// the task that finishes it and the release that must follow it.
 pub(crate) struct Straggler {
     pub(crate) index: usize,
-    pub(crate) reply: Shared<Tagged>,
+    pub(crate) reply: SharedFuture<Tagged>,
 }
 
 /// Counts of the replies so far.
@@ -61,10 +63,9 @@ impl Tally {
 
 /// An operation in flight on every instance.
 pub(crate) struct Fanout {
+    shared: Arc<Shared>,
     pending: FuturesUnordered<Tagged>,
     votes: Vec<Option<Vote>>,
-    /// For the event each vote emits.
-    addresses: Vec<Arc<str>>,
     tally: Tally,
 }
 
@@ -72,25 +73,41 @@ impl Fanout {
     /// Starts `operation` on every member. The futures are created here, and the
     /// commands leave on the first poll: all of them within one poll of `collect`.
     pub(crate) fn start(
-        members: &[Member],
+        shared: &Arc<Shared>,
         operation: impl Fn(&Member) -> BoxFuture<Reply>,
     ) -> Self {
-        let pending = members
-            .iter()
-            .map(|member| Tagged {
-                index: member.index,
-                reply: operation(member),
-            })
-            .collect();
-        Self {
-            pending,
-            votes: vec![None; members.len()],
-            addresses: members
-                .iter()
-                .map(|member| Arc::clone(&member.address))
-                .collect(),
+        Self::start_gated(shared, false, operation)
+    }
+
+    /// As `start`; with `gate`, members the monitor does not trust now (restarted,
+    /// unverified, drifting) are not asked, and count as failed votes.
+    pub(crate) fn start_gated(
+        shared: &Arc<Shared>,
+        gate: bool,
+        operation: impl Fn(&Member) -> BoxFuture<Reply>,
+    ) -> Self {
+        let mut fanout = Self {
+            shared: Arc::clone(shared),
+            pending: FuturesUnordered::new(),
+            votes: vec![None; shared.members.len()],
             tally: Tally::default(),
+        };
+        let policy = &shared.settings.policy;
+        for member in &shared.members {
+            match gate.then(|| member.state.refusal(policy)).flatten() {
+                Some(refusal) => {
+                    debug!(instance = member.index, address = %member.address, vote = %refusal, "instance not asked");
+                    fanout.tally.failed += 1;
+                    fanout.tally.unreachable += 1;
+                    fanout.votes[member.index] = Some(refusal);
+                }
+                None => fanout.pending.push(Tagged {
+                    index: member.index,
+                    reply: operation(member),
+                }),
+            }
         }
+        fanout
     }
 
     pub(crate) fn tally(&self) -> Tally {
@@ -121,10 +138,10 @@ impl Fanout {
                             *vote = Some(Vote::TimedOut(timeout));
                             self.tally.failed += 1;
                             self.tally.unreachable += 1;
-                            let address = self.addresses.get(tagged.index);
+                            let address = self.shared.members.get(tagged.index);
                             debug!(
                                 instance = tagged.index,
-                                address = address.map(|a| &**a),
+                                address = address.map(|member| &*member.address),
                                 ?timeout,
                                 "instance timed out"
                             );
@@ -154,7 +171,8 @@ impl Fanout {
         if slot.is_some() {
             return;
         }
-        let address = self.addresses.get(index).map(|address| &**address);
+        let member = self.shared.members.get(index);
+        let address = member.map(|member| &*member.address);
         match &vote {
             Vote::Granted => {
                 self.tally.granted += 1;
@@ -164,6 +182,9 @@ impl Fanout {
                 self.tally.failed += 1;
                 self.tally.unreachable += 1;
                 debug!(instance = index, address, %err, "instance failed");
+                if let (Some(member), true) = (member, monitor::is_connection_failure(err)) {
+                    member.state.suspect();
+                }
             }
             _ => {
                 self.tally.failed += 1;
@@ -175,8 +196,9 @@ impl Fanout {
 
     /// Every instance's vote, in order; instances not yet heard from are
     /// `Unanswered`.
-    pub(crate) fn votes(&self, members: &[Member]) -> Vec<InstanceVote> {
-        members
+    pub(crate) fn votes(&self) -> Vec<InstanceVote> {
+        self.shared
+            .members
             .iter()
             .map(|member| InstanceVote {
                 index: member.index,

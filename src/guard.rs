@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::extend;
 use crate::lock::Lock;
 use crate::locker::Shared;
-use crate::quorum;
+use crate::request::check_interval;
 use crate::status::{Held, LockStatus};
 
 /// A lock kept alive by a watchdog task that extends it while the guard lives.
@@ -50,15 +50,7 @@ pub struct LockGuard {
 
 impl LockGuard {
     pub(crate) fn start(lock: Lock, every: Duration) -> crate::Result<Self> {
-        let validity = lock.ttl() - quorum::drift(lock.ttl(), lock.shared().settings.drift_factor);
-        if every.is_zero() || every >= validity {
-            return Err(Error::InvalidConfig {
-                setting: "auto_extend_every",
-                reason: format!(
-                    "{every:?} must be above zero and below the lock's validity after an extend ({validity:?})"
-                ),
-            });
-        }
+        check_interval(every, lock.ttl(), lock.shared().settings.drift_factor)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (stop, stopped) = oneshot::channel();
         let watchdog = watch(

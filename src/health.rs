@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::error::{InstanceVote, Vote};
-use crate::instance::Member;
+use crate::locker::Shared;
 use crate::token;
 
 /// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
@@ -39,6 +39,12 @@ pub struct InstanceHealth {
     pub local_time: Option<SystemTime>,
     /// Why it is unreachable: `Failed` or `TimedOut`. `None` when it answered.
     pub error: Option<Vote>,
+    /// How fast its clock runs against this process's monotonic clock (1.0 is
+    /// exact; 2.0 expires keys in half the time), estimated from the probes of the
+    /// last few seconds; `None` until they span long enough.
+    pub clock_rate: Option<f64>,
+    /// How long it stays out of acquisitions after a restart, if it restarted.
+    pub quarantined_for: Option<Duration>,
 }
 
 impl InstanceHealth {
@@ -122,6 +128,12 @@ impl fmt::Display for Health {
                     if let Some(offset) = clock_offset_ms(instance) {
                         write!(f, ", clock {offset:+.1} ms from ours")?;
                     }
+                    if let Some(rate) = instance.clock_rate {
+                        write!(f, ", clock rate {rate:.4}")?;
+                    }
+                    if let Some(left) = instance.quarantined_for {
+                        write!(f, ", quarantined for {left:?} after a restart")?;
+                    }
                     writeln!(f)?;
                 }
             }
@@ -143,13 +155,9 @@ fn clock_offset_ms(instance: &InstanceHealth) -> Option<f64> {
 /// Checks every instance in parallel. With `load_scripts`, loads the Lua scripts
 /// first; without, sends one unmeasured probe first. Either way the connection is open before
 /// the measured probe, so the latency is a round trip, not a connect.
-pub(crate) async fn check(
-    members: &[Member],
-    quorum: usize,
-    timeout: Duration,
-    load_scripts: bool,
-) -> Health {
-    let checks = members.iter().map(|member| async move {
+pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool) -> Health {
+    let policy = shared.settings.policy;
+    let checks = shared.members.iter().map(|member| async move {
         let mut health = InstanceHealth {
             index: member.index,
             address: Arc::clone(&member.address),
@@ -158,6 +166,8 @@ pub(crate) async fn check(
             server_time: None,
             local_time: None,
             error: None,
+            clock_rate: None,
+            quarantined_for: None,
         };
         let probe = async {
             if load_scripts {
@@ -169,11 +179,20 @@ pub(crate) async fn check(
             }
             let sent = Instant::now();
             let probe = member.instance.probe().await?;
-            Ok::<_, redis::RedisError>((probe, sent.elapsed()))
+            Ok::<_, redis::RedisError>((probe, sent))
         };
         match tokio::time::timeout(timeout, probe).await {
-            Ok(Ok((probe, latency))) => {
-                health.latency = Some(latency);
+            Ok(Ok((probe, sent))) => {
+                let received = Instant::now();
+                member.state.observe(
+                    &probe.run_id,
+                    probe.server_time,
+                    sent,
+                    received,
+                    &policy,
+                    &member.address,
+                );
+                health.latency = Some(received - sent);
                 health.run_id = Some(probe.run_id);
                 health.server_time = SystemTime::UNIX_EPOCH.checked_add(probe.server_time);
                 health.local_time = Some(SystemTime::now());
@@ -181,10 +200,12 @@ pub(crate) async fn check(
             Ok(Err(err)) => health.error = Some(Vote::Failed(err)),
             Err(_) => health.error = Some(Vote::TimedOut(timeout)),
         }
+        health.clock_rate = member.state.clock_rate();
+        health.quarantined_for = member.state.quarantine_left();
         health
     });
     Health {
         instances: join_all(checks).await,
-        quorum,
+        quorum: shared.quorum,
     }
 }

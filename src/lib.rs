@@ -104,6 +104,7 @@ mod acquire;
 mod address;
 mod background;
 mod builder;
+mod clock;
 mod error;
 mod extend;
 mod fanout;
@@ -112,6 +113,7 @@ mod health;
 mod instance;
 mod lock;
 mod locker;
+mod monitor;
 mod quorum;
 mod release;
 mod request;
@@ -119,6 +121,7 @@ mod retry;
 mod scripts;
 mod status;
 mod token;
+mod value;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -129,9 +132,10 @@ pub mod testing;
 pub struct ReadmeDoctests;
 
 pub use builder::{
-    Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT, DEFAULT_TTL,
+    Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT,
+    DEFAULT_PROBE_EVERY, DEFAULT_TTL,
 };
-pub use error::{Error, InstanceVote, Result, Shortfall, Vote};
+pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};
 pub use guard::LockGuard;
 pub use health::{Health, InstanceHealth};
 pub use instance::memory::MemoryInstance;
@@ -140,3 +144,4 @@ pub use locker::{QuorumLocker, MAX_TTL};
 pub use request::{LockRequest, MAX_METADATA_LEN, MAX_TOKEN_LEN};
 pub use retry::RetryPolicy;
 pub use status::LockStatus;
+pub use value::LockValue;

@@ -180,9 +180,10 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `every` is zero or not shorter than the
-    /// validity the lock has after an extend (the lock would lapse between
-    /// extends); [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `every` is zero
+    /// or more than half the validity the lock has after an extend (one failed
+    /// extend would let it lapse); [`Error::NoRuntime`](crate::Error::NoRuntime)
+    /// outside a Tokio runtime.
     pub fn auto_extend_every(self, every: Duration) -> crate::Result<LockGuard> {
         LockGuard::start(self, every)
     }

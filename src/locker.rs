@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::acquire::{self, Identity, Outcome};
@@ -13,6 +14,7 @@ use crate::error::Error;
 use crate::health::{self, Health};
 use crate::instance::Member;
 use crate::lock::Lock;
+use crate::monitor::{self, Policy};
 use crate::quorum;
 use crate::request::LockRequest;
 use crate::retry::RetryPolicy;
@@ -49,6 +51,7 @@ pub(crate) struct Settings {
     pub(crate) retry: RetryPolicy,
     pub(crate) acquire_timeout: Duration,
     pub(crate) key_prefix: String,
+    pub(crate) policy: Policy,
 }
 
 /// A key as the caller gave it, and as stored in Redis (with the prefix).
@@ -85,10 +88,12 @@ impl QuorumLocker {
         &self.shared
     }
 
-    pub(crate) fn from_shared(shared: Shared) -> Self {
-        Self {
-            shared: Arc::new(shared),
-        }
+    /// Wraps the shared state and starts the instance monitor, which ends when the
+    /// last clone of the locker (and every lock) is dropped.
+    pub(crate) fn start(shared: Shared, kick: Arc<Notify>) -> Self {
+        let shared = Arc::new(shared);
+        tokio::spawn(monitor::run(Arc::downgrade(&shared), kick));
+        Self { shared }
     }
 
     /// Takes `key` for `ttl`, retrying with randomised delays (the
@@ -191,13 +196,9 @@ impl QuorumLocker {
             attempts = attempts.saturating_add(1);
             let attempt =
                 acquire::attempt(&self.shared, &key, request.ttl, &identity, attempts).await?;
-            let (shortfall, causes, rollback) = match attempt {
+            let (shortfall, causes) = match attempt {
                 Outcome::Won(lock) => return Ok(lock),
-                Outcome::Lost {
-                    shortfall,
-                    causes,
-                    rollback,
-                } => (shortfall, causes, rollback),
+                Outcome::Lost { shortfall, causes } => (shortfall, causes),
             };
             let retry_at = retry
                 .delay(attempts)
@@ -211,18 +212,6 @@ impl QuorumLocker {
                     causes,
                 });
             };
-            // A chosen token is the same in every attempt: the next one must not
-            // start while this one's rollback could still delete what it sets.
-            if let (Some(_), Some(rollback)) = (&identity.token, rollback) {
-                match deadline {
-                    Some(deadline) => {
-                        let _ = tokio::time::timeout_at(deadline, rollback).await;
-                    }
-                    None => {
-                        let _ = rollback.await;
-                    }
-                }
-            }
             tokio::time::sleep_until(retry_at).await;
         }
     }
@@ -297,13 +286,7 @@ impl QuorumLocker {
             .settings
             .instance_timeout
             .max(Duration::from_secs(1));
-        health::check(
-            &self.shared.members,
-            self.shared.quorum,
-            timeout,
-            load_scripts,
-        )
-        .await
+        health::check(&self.shared, timeout, load_scripts).await
     }
 
     /// Waits until the background work this locker started has finished: rollbacks
@@ -354,17 +337,20 @@ impl QuorumLocker {
     }
 }
 
-/// A TTL must be whole milliseconds of at least one, at most [`MAX_TTL`], and
-/// longer than its drift allowance (or no attempt could ever be valid).
+/// A TTL must be at least one millisecond, at most [`MAX_TTL`], and longer than its
+/// drift allowance (or no attempt could ever be valid). `PX` counts whole
+/// milliseconds, so a fraction is dropped before these checks, as the attempt
+/// drops it.
 pub(crate) fn check_ttl(ttl: Duration, drift_factor: f64) -> crate::Result<()> {
     let invalid = |reason| Err(Error::InvalidTtl { ttl, reason });
-    if ttl.as_millis() == 0 {
-        return invalid("shorter than the 1 ms resolution of PX");
-    }
     if ttl > MAX_TTL {
         return invalid("longer than quorumlock::MAX_TTL");
     }
-    if ttl <= quorum::drift(ttl, drift_factor) {
+    let whole = Duration::from_millis(ttl.as_millis() as u64);
+    if whole.is_zero() {
+        return invalid("shorter than the 1 ms resolution of PX");
+    }
+    if whole <= quorum::drift(whole, drift_factor) {
         return invalid("not longer than its clock-drift allowance (ttl × drift factor + 2 ms)");
     }
     Ok(())

@@ -58,10 +58,60 @@ pub(crate) fn validity(ttl: Duration, elapsed: Duration, drift: Duration) -> Opt
         .filter(|left| !left.is_zero())
 }
 
+/// How long, from the start of an attempt, the lock stays exclusive given the
+/// clock rates of the instances that granted it (`None` for an unknown rate, taken
+/// as exact): an instance whose clock runs at rate `r` drops the key after about
+/// `ttl / r` of our time, and another owner can win once no more than `n − quorum`
+/// of the granting instances still hold it. So the lock lasts as long as the
+/// `(n − quorum + 1)`-th longest of those lifetimes — never longer than `ttl`.
+pub(crate) fn granted_lifetime(
+    ttl: Duration,
+    rates: impl IntoIterator<Item = Option<f64>>,
+    n: usize,
+    quorum: usize,
+) -> Duration {
+    let mut lifetimes: Vec<Duration> = rates
+        .into_iter()
+        .map(|rate| match rate {
+            // Slower clocks keep the key longer, which the cap below ignores.
+            Some(rate) if rate > 1.0 => ttl.div_f64(rate),
+            _ => ttl,
+        })
+        .collect();
+    lifetimes.sort_unstable_by(|a, b| b.cmp(a));
+    let needed = n.saturating_sub(quorum) + 1;
+    lifetimes
+        .get(needed - 1)
+        .copied()
+        // Fewer grants than that cannot win; nothing is exclusive then.
+        .unwrap_or(Duration::ZERO)
+        .min(ttl)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_granting_set_decides_how_long_the_lock_lasts() {
+        let ttl = Duration::from_millis(300);
+        // 5 instances, quorum 3: exclusive while 3 of the granting ones hold it.
+        let grants = |rates: &[Option<f64>]| granted_lifetime(ttl, rates.iter().copied(), 5, 3);
+        assert_eq!(grants(&[None, None, None]), ttl);
+        assert_eq!(grants(&[Some(1.0), Some(0.5), Some(0.9)]), ttl);
+        // 2 fast + 1 exact: the fast ones drop it at half the TTL.
+        assert_eq!(grants(&[Some(2.0), Some(2.0), None]), ttl / 2);
+        // 2 fast of 4 granting: two exact ones plus one fast still make 3 holders
+        // until the fast ones expire.
+        assert_eq!(grants(&[Some(2.0), Some(2.0), None, None]), ttl / 2);
+        // 1 fast of 4 granting: three exact ones outlast it.
+        assert_eq!(grants(&[Some(2.0), None, None, None]), ttl);
+        assert_eq!(
+            grants(&[Some(4.0), Some(3.0), Some(2.0), Some(2.0), Some(2.0)]),
+            ttl / 2
+        );
+    }
 
     #[test]
     fn majorities() {

@@ -10,12 +10,17 @@ use tracing::{debug, debug_span, warn, Instrument, Span};
 use crate::error::{Error, Vote};
 use crate::fanout::{Fanout, Straggler};
 use crate::locker::{LockKey, Shared};
+use crate::quorum;
 use crate::status::Held;
 
-/// The first pause between the releases of a dropped lock that reached no verdict.
+/// The first pause between the releases of a dropped lock that met errors.
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 /// The longest pause between them.
 const MAX_RETRY: Duration = Duration::from_secs(1);
+/// Rounds after the first: with the pauses above, about 2.5 s of trying. An
+/// instance down longer than that has most likely lost the key with its process;
+/// one that comes back with it on disk drops it by its TTL.
+const RETRIES: u32 = 8;
 
 /// How a release round ended.
 pub(crate) struct Released {
@@ -52,7 +57,7 @@ async fn release_round(
     let timeout = shared.settings.instance_timeout;
     let start = Instant::now();
     let bound = ttl.max(timeout);
-    let mut fanout = Fanout::start(&shared.members, |member| {
+    let mut fanout = Fanout::start(shared, |member| {
         let delete = member.instance.release(&key.redis, value);
         match stragglers
             .iter()
@@ -78,7 +83,7 @@ async fn release_round(
         .await;
     let tally = fanout.tally();
     let incomplete = (0..n).any(|index| matches!(fanout.vote(index), Some(Vote::Failed(_))));
-    let causes = (tally.granted == 0).then(|| fanout.votes(&shared.members));
+    let causes = (tally.granted == 0).then(|| fanout.votes());
 
     let stragglers = fanout.take_pending();
     if !stragglers.is_empty() {
@@ -116,22 +121,28 @@ async fn release_round(
 }
 
 /// The release of a lock dropped without one: repeated with doubling pauses while
-/// instances answer with errors, until the keys would have expired by their TTL
-/// anyway.
+/// instances answer with errors — at most [`RETRIES`] more times, and never past
+/// the moment the keys expire by their TTL anyway.
 pub(crate) async fn release_until_expired(
     shared: Arc<Shared>,
     held: Arc<Held>,
     stragglers: Arc<[Straggler]>,
 ) {
+    // A key expires `ttl` after the server applied the last set or extend, which is
+    // after the request left: allow for its trip and for a fast server clock.
+    let ttl = held.ttl();
+    let expired = held.expires_at()
+        + shared.settings.instance_timeout
+        + quorum::drift(ttl, shared.settings.drift_factor);
     let mut pause = FIRST_RETRY;
-    loop {
-        let released = release(&shared, &held.key, &held.value, held.ttl(), &stragglers).await;
+    for round in 0..=RETRIES {
+        let released = release(&shared, &held.key, &held.value, ttl, &stragglers).await;
         if !released.incomplete {
             return;
         }
         let next = Instant::now() + pause;
-        if next >= held.expires_at() {
-            debug!(key = %held.key.user, "giving up the release of a dropped lock: its keys expire by their TTL");
+        if round == RETRIES || next >= expired {
+            debug!(key = %held.key.user, "giving up the release of a dropped lock: the instances that failed drop it by its TTL");
             return;
         }
         tokio::time::sleep_until(next).await;

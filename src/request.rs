@@ -75,10 +75,12 @@ impl<'a> LockRequest<'a> {
     /// can take back (or release) the lock it held before: an instance that already
     /// holds this token for the key grants it again and resets its TTL.
     ///
-    /// Anyone who knows the token can extend and release the lock, and two
-    /// processes with the same token are one owner to Redis: use a token unique to
-    /// the process (say, a host name and a job ID), never a shared constant. 1 to
-    /// [`MAX_TOKEN_LEN`] printable ASCII characters, without spaces.
+    /// Anyone who knows the token can take the lock over, and two processes with
+    /// the same token are one owner to Redis: use a token unique to the process
+    /// (say, a host name and a job ID), never a shared constant. Within one
+    /// process too, a second lock taken with the same token takes over: the first
+    /// handle is lost at its next extend (and its release no longer touches the
+    /// key). 1 to [`MAX_TOKEN_LEN`] printable ASCII characters, without spaces.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
@@ -150,17 +152,22 @@ impl<'a> LockRequest<'a> {
         F: FnOnce(LockStatus) -> Fut,
         Fut: Future<Output = T>,
     {
-        let lock = self.acquire().await?;
-        let guard = match self.extend_every {
-            Some(every) => lock.auto_extend_every(every)?,
-            None => lock.auto_extend()?,
-        };
+        let every = self.extend_every.unwrap_or(self.ttl / 3);
+        // Checked before taking the lock: bad input must cost no I/O.
+        check_interval(every, self.ttl, self.locker.shared().settings.drift_factor)?;
+        let guard = self.acquire().await?.auto_extend_every(every)?;
         let status = guard.status();
-        let work = AssertUnwindSafe(work(status.clone())).catch_unwind();
-        let finished: Option<Result<T, Box<dyn Any + Send>>> = tokio::select! {
-            biased;
-            finished = work => Some(finished),
-            () = status.lost() => None,
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));
+        let finished: Option<Result<T, Box<dyn Any + Send>>> = match started {
+            Err(panic) => Some(Err(panic)),
+            Ok(work) => {
+                let work = AssertUnwindSafe(work).catch_unwind();
+                tokio::select! {
+                    biased;
+                    finished = work => Some(finished),
+                    () = status.lost() => None,
+                }
+            }
         };
         let loss = guard.take_loss();
         let released = guard.release().await;
@@ -199,6 +206,25 @@ impl<'a> LockRequest<'a> {
             _ => Ok(()),
         }
     }
+}
+
+/// An auto-extend interval must be above zero and at most half the validity an
+/// extend leaves, so that a failed extend still has time for another try.
+pub(crate) fn check_interval(
+    every: Duration,
+    ttl: Duration,
+    drift_factor: f64,
+) -> crate::Result<()> {
+    let validity = ttl.saturating_sub(crate::quorum::drift(ttl, drift_factor));
+    if every.is_zero() || every > validity / 2 {
+        return Err(Error::InvalidConfig {
+            setting: "auto_extend_every",
+            reason: format!(
+                "{every:?} must be above zero and at most half the lock's validity after an extend ({validity:?})"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A token must be printable ASCII without spaces: the space separates it from

@@ -29,16 +29,16 @@ return 0"#,
 });
 
 /// `SET NX PX`; or, where the key already holds a value with our token (ARGV[3],
-/// alone or followed by a space and metadata), our new value with the new TTL: a
-/// process that chose its own token takes back the lock it held before a restart.
-/// Returns 1 if the key now holds our value, else 0.
+/// followed by a space, the nonce and any metadata), our new value with the new
+/// TTL: a process that chose its own token takes back the lock it held before a
+/// restart. Returns 1 if the key now holds our value, else 0.
 pub(crate) static RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
     return 1
 end
 local held = redis.call("GET", KEYS[1])
-if held == ARGV[3] or string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
+if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
     redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
     return 1
 end

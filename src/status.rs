@@ -11,12 +11,13 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::locker::LockKey;
 use crate::token;
+use crate::value::LockValue;
 
 /// The state of one held lock.
 pub(crate) struct Held {
     pub(crate) key: LockKey,
     pub(crate) token: Arc<str>,
-    /// What the key holds in Redis: the token, then a space and the metadata.
+    /// What the key holds in Redis: token, nonce and metadata (see `value`).
     pub(crate) value: Arc<str>,
     pub(crate) acquired_at: Instant,
     tenure: watch::Sender<Tenure>,
@@ -62,7 +63,7 @@ impl Held {
     }
 
     pub(crate) fn metadata(&self) -> Option<&str> {
-        self.value.split_once(' ').map(|(_, metadata)| metadata)
+        LockValue::parse(&self.value).and_then(|value| value.metadata)
     }
 
     pub(crate) fn ttl(&self) -> Duration {
@@ -73,8 +74,8 @@ impl Held {
         self.tenure.borrow().valid_until
     }
 
-    /// When the keys set by the last acquire or extend expire by their TTL, at the
-    /// latest: past it, nothing of ours is left to release.
+    /// When the keys set by the last acquire or extend expire by their TTL,
+    /// counted from when the request left (the server applied it a little later).
     pub(crate) fn expires_at(&self) -> Instant {
         let tenure = self.tenure.borrow();
         tenure.renewed_at + tenure.ttl

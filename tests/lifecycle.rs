@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{cluster, delete, holders, values};
 use quorumlock::testing::RedisCluster;
-use quorumlock::{Error, QuorumLocker, Shortfall};
+use quorumlock::{Error, LockValue, QuorumLocker, Shortfall};
 use redis::AsyncCommands;
 use tokio::time::Instant;
 
@@ -340,6 +340,22 @@ async fn lost_resolves_when_the_validity_runs_out() {
     assert_eq!(lock.remaining(), Duration::ZERO);
 }
 
+/// The token and metadata in `job`'s value on each instance.
+async fn owners(cluster: &RedisCluster) -> Vec<Option<(String, Option<String>)>> {
+    values(cluster, "job")
+        .await
+        .into_iter()
+        .map(|value| {
+            let value = value?;
+            let parsed = LockValue::parse(&value)?;
+            Some((
+                parsed.token.to_string(),
+                parsed.metadata.map(str::to_string),
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_restarted_process_retakes_its_lock_by_its_own_token() {
     let cluster = cluster(3);
@@ -356,8 +372,8 @@ async fn a_restarted_process_retakes_its_lock_by_its_own_token() {
     assert_eq!(lock.metadata(), Some("pid=100"));
     before_restart.settle().await; // the third set may land after the decision
     assert_eq!(
-        values(&cluster, "job").await,
-        vec![Some("host-a:job-17 pid=100".to_string()); 3],
+        owners(&cluster).await,
+        vec![Some(("host-a:job-17".to_string(), Some("pid=100".to_string()))); 3],
         "metadata is stored beside the token"
     );
     std::mem::forget(lock); // the process dies without releasing
@@ -380,8 +396,8 @@ async fn a_restarted_process_retakes_its_lock_by_its_own_token() {
         .expect("the same token takes it back");
     after_restart.settle().await;
     assert_eq!(
-        values(&cluster, "job").await,
-        vec![Some("host-a:job-17 pid=200".to_string()); 3]
+        owners(&cluster).await,
+        vec![Some(("host-a:job-17".to_string(), Some("pid=200".to_string()))); 3]
     );
     retaken.release().await.unwrap();
     after_restart.settle().await;

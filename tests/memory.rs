@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use quorumlock::{Error, MemoryInstance, QuorumLocker, Shortfall, Vote, DEFAULT_INSTANCE_TIMEOUT};
+use quorumlock::{
+    Error, LockValue, MemoryInstance, QuorumLocker, Shortfall, Vote, DEFAULT_INSTANCE_TIMEOUT,
+};
 use tokio::time::{advance, Instant};
 
 const KEY: &str = "job";
@@ -29,10 +31,23 @@ async fn locker(instances: &[MemoryInstance]) -> QuorumLocker {
 }
 
 /// The instances on which `KEY` holds `value`.
-fn holders(instances: &[MemoryInstance], value: &str) -> Vec<usize> {
+fn holders(instances: &[MemoryInstance], token: &str) -> Vec<usize> {
     (0..instances.len())
-        .filter(|&i| instances[i].get(KEY).as_deref() == Some(value))
+        .filter(|&i| token_on(&instances[i]).as_deref() == Some(token))
         .collect()
+}
+
+/// The token and metadata in `KEY`'s value on `instance`, if any.
+fn owner_on(instance: &MemoryInstance) -> Option<(String, Option<String>)> {
+    let value = instance.get(KEY)?;
+    let value = LockValue::parse(&value)?;
+    Some((value.token.into(), value.metadata.map(Into::into)))
+}
+
+/// The token in `KEY`'s value on `instance`, if any.
+fn token_on(instance: &MemoryInstance) -> Option<String> {
+    let value = instance.get(KEY)?;
+    LockValue::parse(&value).map(|value| value.token.to_string())
 }
 
 /// The instances on which `KEY` holds anything.
@@ -54,7 +69,7 @@ async fn set_nx_px_and_release_through_a_one_instance_locker() {
     let locker = locker(std::slice::from_ref(&instance)).await;
 
     let lock = locker.try_acquire(KEY, ms(2000)).await.unwrap();
-    assert_eq!(instance.get(KEY).as_deref(), Some(lock.token()));
+    assert_eq!(token_on(&instance).as_deref(), Some(lock.token()));
     assert_eq!(instance.pttl(KEY), Some(ms(2000)));
     assert_eq!(instance.keys(), [KEY]);
     assert_eq!(instance.commands(), 1, "one round per attempt");
@@ -63,7 +78,7 @@ async fn set_nx_px_and_release_through_a_one_instance_locker() {
     let err = locker.try_acquire(KEY, ms(5000)).await.unwrap_err();
     assert!(matches!(err, Error::NotAcquired { .. }), "{err}");
     assert_eq!(err.unreachable_instances(), 0);
-    assert_eq!(instance.get(KEY).as_deref(), Some(lock.token()));
+    assert_eq!(token_on(&instance).as_deref(), Some(lock.token()));
     advance(ms(500)).await;
     assert_eq!(instance.pttl(KEY), Some(ms(1500)));
 
@@ -145,7 +160,7 @@ async fn expiry_follows_the_instance_clock() {
         assert_eq!(instance.pttl(KEY), Some(ms(1000)), "rate {rate}");
         advance(lifetime / 2 - ms(1)).await;
         assert_eq!(
-            instance.get(KEY).as_deref(),
+            token_on(&instance).as_deref(),
             Some(lock.token()),
             "rate {rate}"
         );
@@ -155,7 +170,7 @@ async fn expiry_follows_the_instance_clock() {
 
         // Expired means free for the next owner.
         let next = locker.try_acquire(KEY, ms(2000)).await.unwrap();
-        assert_eq!(instance.get(KEY).as_deref(), Some(next.token()));
+        assert_eq!(token_on(&instance).as_deref(), Some(next.token()));
         next.release().await.unwrap();
     }
 }
@@ -228,7 +243,7 @@ async fn a_failing_instance_answers_an_io_error_after_its_latency() {
 
     instance.set_failing(false);
     let lock = locker.try_acquire(KEY, TTL).await.unwrap();
-    assert_eq!(instance.get(KEY).as_deref(), Some(lock.token()));
+    assert_eq!(token_on(&instance).as_deref(), Some(lock.token()));
     lock.release().await.unwrap();
 }
 
@@ -479,19 +494,28 @@ async fn a_chosen_token_retakes_its_own_lock() {
             .ttl(ms(2000))
     };
     let first = request("before-restart").try_acquire().await.unwrap();
-    assert_eq!(instance.get(KEY).as_deref(), Some("host-1 before-restart"));
+    assert_eq!(
+        owner_on(&instance),
+        Some(("host-1".into(), Some("before-restart".into())))
+    );
     advance(ms(1500)).await;
 
     // As after a restart of the holder: the same token takes the key back, with
     // its new metadata and a fresh TTL.
     let second = request("after-restart").try_acquire().await.unwrap();
-    assert_eq!(instance.get(KEY).as_deref(), Some("host-1 after-restart"));
+    assert_eq!(
+        owner_on(&instance),
+        Some(("host-1".into(), Some("after-restart".into())))
+    );
     assert_eq!(instance.pttl(KEY), Some(ms(2000)));
 
     // Another token is refused.
     let other = locker.lock(KEY).token("host-2").ttl(ms(2000));
     assert!(other.try_acquire().await.is_err());
-    assert_eq!(instance.get(KEY).as_deref(), Some("host-1 after-restart"));
+    assert_eq!(
+        owner_on(&instance),
+        Some(("host-1".into(), Some("after-restart".into())))
+    );
 
     second.release().await.unwrap();
     drop(first);

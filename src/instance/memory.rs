@@ -88,7 +88,8 @@ struct State {
     failing: bool,
     paused: bool,
     /// Requests that reached the instance while it was paused, in arrival order.
-    queued: Vec<Queued>,
+    /// Requests waiting in a paused instance, and whether each is a lock command.
+    queued: Vec<(bool, Queued)>,
     commands: u64,
 }
 
@@ -245,9 +246,10 @@ impl Store {
 }
 
 /// Whether `held` is `token` alone or `token`, a space and metadata.
+/// As the `RETAKE` script: the value starts with the token and a space.
 fn holds_token(held: &str, token: &str) -> bool {
     held.strip_prefix(token)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+        .is_some_and(|rest| rest.starts_with(' '))
 }
 
 /// `now + ttl_ms`, or `None` where Redis would refuse it: past `i64::MAX` ms since
@@ -380,8 +382,8 @@ impl MemoryInstance {
         state.paused = false;
         let now = state.clock.now();
         let queued = std::mem::take(&mut state.queued);
-        state.commands += queued.len() as u64;
-        for request in queued {
+        state.commands += queued.iter().filter(|(counted, _)| *counted).count() as u64;
+        for (_, request) in queued {
             request(&mut state.store, now);
         }
     }
@@ -511,9 +513,10 @@ impl MemoryInstance {
         });
     }
 
-    /// How many operations the instance has applied or answered: each acquisition
-    /// attempt, release, rollback, preparation or probe that reached it counts
-    /// one. The inspection and tampering methods do not count.
+    /// How many lock commands the instance has applied or answered: each
+    /// acquisition attempt, extend, release or rollback that reached it counts one.
+    /// The locker's health probes and script loads do not count, nor do the
+    /// inspection and tampering methods.
     pub fn commands(&self) -> u64 {
         self.state().commands
     }
@@ -534,12 +537,21 @@ impl MemoryInstance {
         T: Send + 'static,
         F: FnOnce(&mut Store, Duration) -> Result<T, RedisError> + Send + 'static,
     {
+        self.send(true, apply)
+    }
+
+    /// As `run`, for a request that is not a lock command (`counted` false).
+    fn send<T, F>(&self, counted: bool, apply: F) -> BoxFuture<Result<T, RedisError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store, Duration) -> Result<T, RedisError> + Send + 'static,
+    {
         let inner = Arc::clone(&self.inner);
         let round_trip = inner.state().latency;
         Box::pin(async move {
             let there = round_trip / 2;
             wait(there).await;
-            let answer = match inner.arrive(apply) {
+            let answer = match inner.arrive(counted, apply) {
                 Arrival::Answered(answer) => answer,
                 Arrival::Queued(reply) => reply.await.unwrap_or_else(|_| {
                     Err(io_error(
@@ -559,14 +571,14 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn arrive<T, F>(&self, apply: F) -> Arrival<T>
+    fn arrive<T, F>(&self, counted: bool, apply: F) -> Arrival<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store, Duration) -> Result<T, RedisError> + Send + 'static,
     {
         let mut state = self.state();
         if state.failing {
-            state.commands += 1;
+            state.commands += u64::from(counted);
             return Arrival::Answered(Err(io_error(
                 io::ErrorKind::ConnectionRefused,
                 format!("memory instance {} is failing (simulated)", self.name),
@@ -574,13 +586,16 @@ impl Inner {
         }
         if state.paused {
             let (reply, answer) = oneshot::channel();
-            state.queued.push(Box::new(move |store, now| {
-                // The caller may have stopped waiting; the request applies anyway.
-                let _ = reply.send(apply(store, now));
-            }));
+            state.queued.push((
+                counted,
+                Box::new(move |store, now| {
+                    // The caller may have stopped waiting; the request applies anyway.
+                    let _ = reply.send(apply(store, now));
+                }),
+            ));
             return Arrival::Queued(answer);
         }
-        state.commands += 1;
+        state.commands += u64::from(counted);
         let now = state.clock.now();
         Arrival::Answered(apply(&mut state.store, now))
     }
@@ -625,11 +640,11 @@ impl Instance for MemoryInstance {
     }
 
     fn load_scripts(&self) -> BoxFuture<Reply> {
-        self.run(|_, _| Ok(true))
+        self.send(false, |_, _| Ok(true))
     }
 
     fn probe(&self) -> BoxFuture<Result<Probe, RedisError>> {
-        self.run(|store, now| {
+        self.send(false, |store, now| {
             Ok(Probe {
                 run_id: store.run_id.clone(),
                 server_time: now,
@@ -684,10 +699,13 @@ mod tests {
         assert_eq!(instance.get(KEY).as_deref(), Some("tok second"));
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(1000)));
 
-        // The token alone matches; a longer token that starts with ours does not.
-        instance.set(KEY, "tok", None);
+        // Our token then a space matches; the token alone (no nonce) or a longer
+        // token that starts with ours does not.
+        instance.set(KEY, "tok 1a2b3c4d", None);
         assert!(instance.retake(&key, &token, &first, 1000).await.unwrap());
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(1000)));
+        instance.set(KEY, "tok", None);
+        assert!(!instance.retake(&key, &token, &first, 1000).await.unwrap());
         instance.set(KEY, "token meta", None);
         assert!(!instance.retake(&key, &token, &first, 1000).await.unwrap());
         assert_eq!(instance.get(KEY).as_deref(), Some("token meta"));
@@ -697,7 +715,7 @@ mod tests {
         instance.set(KEY, "tok", None);
         assert!(instance.retake(&key, &token, &first, 0).await.is_err());
         assert_eq!(instance.get(KEY).as_deref(), Some("tok"));
-        assert_eq!(instance.commands(), 5);
+        assert_eq!(instance.commands(), 6);
     }
 
     #[tokio::test(start_paused = true)]

@@ -55,9 +55,11 @@ pub(crate) trait Instance: Send + Sync + 'static {
     fn probe(&self) -> BoxFuture<Result<Probe, ::redis::RedisError>>;
 }
 
-/// An instance in the locker's order, with the name it is shown by.
+/// An instance in the locker's order, with the name it is shown by and what the
+/// locker knows about it.
 pub(crate) struct Member {
     pub(crate) index: usize,
     pub(crate) address: Arc<str>,
     pub(crate) instance: Box<dyn Instance>,
+    pub(crate) state: crate::monitor::InstanceState,
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use quorumlock::testing::RedisCluster;
-use quorumlock::{Builder, QuorumLocker};
+use quorumlock::{Builder, LockValue, QuorumLocker};
 use redis::AsyncCommands;
 
 /// The instance counts every core behaviour is checked at: one Redis, migration
@@ -47,13 +47,18 @@ pub async fn values(cluster: &RedisCluster, key: &str) -> Vec<Option<String>> {
     values
 }
 
-/// The instances on which `key` holds `token`.
+/// The instances on which `key` holds a value with `token`.
 pub async fn holders(cluster: &RedisCluster, key: &str, token: &str) -> Vec<usize> {
     values(cluster, key)
         .await
         .into_iter()
         .enumerate()
-        .filter(|(_, value)| value.as_deref() == Some(token))
+        .filter(|(_, value)| {
+            value
+                .as_deref()
+                .and_then(LockValue::parse)
+                .is_some_and(|value| value.token == token)
+        })
         .map(|(i, _)| i)
         .collect()
 }
