@@ -93,14 +93,24 @@ impl Fanout {
             tally: Tally::default(),
         };
         let policy = &shared.settings.policy;
-        for member in &shared.members {
-            match gate.then(|| member.state.refusal(policy)).flatten() {
+        let refusals: Vec<Option<Vote>> = shared
+            .members
+            .iter()
+            .map(|member| gate.then(|| member.state.refusal(policy)).flatten())
+            .collect();
+        let refused = refusals.iter().filter(|refusal| refusal.is_some()).count();
+        // Too few left to make a quorum: asking them would only set keys to roll
+        // back.
+        let hopeless = refused > shared.members.len().saturating_sub(shared.quorum);
+        for (member, refusal) in shared.members.iter().zip(refusals) {
+            match refusal {
                 Some(refusal) => {
                     debug!(instance = member.index, address = %member.address, vote = %refusal, "instance not asked");
                     fanout.tally.failed += 1;
                     fanout.tally.unreachable += 1;
                     fanout.votes[member.index] = Some(refusal);
                 }
+                None if hopeless => {}
                 None => fanout.pending.push(Tagged {
                     index: member.index,
                     reply: operation(member),
