@@ -29,11 +29,7 @@ fn builder(instances: &[MemoryInstance]) -> Builder {
 /// Equal to within a microsecond: estimated rates carry floating-point noise.
 #[track_caller]
 fn assert_close(got: Duration, expected: Duration) {
-    let apart = if got > expected {
-        got - expected
-    } else {
-        expected - got
-    };
+    let apart = got.abs_diff(expected);
     assert!(apart < Duration::from_micros(1), "{got:?} != {expected:?}");
 }
 
