@@ -164,6 +164,9 @@ async fn run(
 /// How long the lock lasts from the attempt's start, given the estimated clock
 /// rates of the instances that granted it; see [`quorum::granted_lifetime`].
 pub(crate) fn granted_lifetime(shared: &Shared, fanout: &Fanout, ttl: Duration) -> Duration {
+    if !shared.settings.policy.rate_aware_validity {
+        return ttl;
+    }
     let rates = shared
         .members
         .iter()

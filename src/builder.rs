@@ -55,6 +55,7 @@ pub struct Builder {
     key_prefix: String,
     restart_quarantine: Option<Duration>,
     quarantine_fast_clocks: bool,
+    rate_aware_validity: bool,
     probe_every: Duration,
 }
 
@@ -79,6 +80,7 @@ impl Builder {
             key_prefix: String::new(),
             restart_quarantine: None,
             quarantine_fast_clocks: false,
+            rate_aware_validity: true,
             probe_every: DEFAULT_PROBE_EVERY,
         }
     }
@@ -203,6 +205,14 @@ impl Builder {
         self
     }
 
+    /// Whether a lock's validity is shortened to what the estimated clock rates of
+    /// its granting instances allow (see the crate docs, "Clock drift"). Default:
+    /// on. Turning it off gives plain Redlock validity, for comparisons.
+    pub fn rate_aware_validity(mut self, on: bool) -> Self {
+        self.rate_aware_validity = on;
+        self
+    }
+
     /// How often every instance is probed for its `run_id` and clock (one
     /// `INFO server` and one `TIME`). Default: [`DEFAULT_PROBE_EVERY`] (1 s).
     /// Must be non-zero.
@@ -292,6 +302,7 @@ impl Builder {
             max_clock_rate: self
                 .quarantine_fast_clocks
                 .then(|| 1.0 / (1.0 - self.drift_factor)),
+            rate_aware_validity: self.rate_aware_validity,
             probe_every: self.probe_every,
         };
         Ok(QuorumLocker::start(

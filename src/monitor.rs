@@ -44,6 +44,8 @@ pub(crate) struct Policy {
     pub(crate) restart_quarantine: Duration,
     /// Refuse votes from an instance whose clock runs faster than this rate.
     pub(crate) max_clock_rate: Option<f64>,
+    /// Shorten validity to what the granting instances' clock rates allow.
+    pub(crate) rate_aware_validity: bool,
     /// How often each instance is probed.
     pub(crate) probe_every: Duration,
 }

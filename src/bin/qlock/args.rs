@@ -1,0 +1,198 @@
+//! The command line.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{code, eprint_line, EXIT_CODES_HELP};
+
+/// Distributed locks over N Redis instances (Redlock), from the shell.
+///
+/// Instances come from repeated --redis URL or QLOCK_REDIS_URLS (comma
+/// separated). With neither, qlock starts 3 local redis-server processes for the
+/// duration of the command (a demo: they share this machine's fate).
+#[derive(Debug, Parser)]
+#[command(name = "qlock", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub instances: InstanceArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Instances (for every command)")]
+pub struct InstanceArgs {
+    /// A Redis instance (redis://[user[:password]@]host[:port][/db]); repeat, or
+    /// separate with commas.
+    #[arg(
+        long = "redis",
+        value_name = "URL",
+        env = "QLOCK_REDIS_URLS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        global = true
+    )]
+    pub redis: Vec<String>,
+
+    /// Instances that must grant a lock [default: a majority, N/2 + 1].
+    #[arg(long, value_name = "N", global = true)]
+    pub quorum: Option<usize>,
+
+    /// Fraction of the TTL set aside for clock drift [default: 0.01].
+    #[arg(long, value_name = "FACTOR", global = true)]
+    pub drift_factor: Option<f64>,
+
+    /// How long one instance may take to answer, e.g. 50ms [default: 50ms].
+    #[arg(long, value_name = "DURATION", value_parser = duration, global = true)]
+    pub instance_timeout: Option<Duration>,
+
+    /// Prefix put before every key in Redis, e.g. "locks:".
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        env = "QLOCK_KEY_PREFIX",
+        default_value = "",
+        hide_default_value = true,
+        hide_env_values = true,
+        global = true
+    )]
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Run(RunArgs),
+    Status(StatusArgs),
+    Health(HealthArgs),
+    Bench(BenchArgs),
+}
+
+/// Run a command while holding a lock, like flock(1) across Redis servers.
+///
+/// Takes the lock (waiting up to --wait), extends it every third of --ttl while
+/// CMD runs, and releases it when CMD exits; CMD's exit status is qlock's. CMD
+/// runs in its own process group, so that signals qlock sends reach everything
+/// it started; it is for batch work: a CMD that reads the terminal is stopped.
+///
+/// If the lock is lost while CMD runs, CMD's process group gets SIGTERM, then
+/// SIGKILL after --grace, and qlock exits 74. SIGINT, SIGTERM or SIGHUP to qlock
+/// is passed on as SIGTERM (a second one sends SIGKILL at once); qlock waits for
+/// CMD, releases the lock and exits 128 + the signal's number.
+#[derive(Debug, Args)]
+#[command(after_help = EXIT_CODES_HELP)]
+pub struct RunArgs {
+    /// The lock's name.
+    #[arg(long, short)]
+    pub key: String,
+
+    /// The lock's TTL in Redis; the lock is extended every third of it.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "30s")]
+    pub ttl: Duration,
+
+    /// How long to wait for the lock; 0 for one attempt.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s")]
+    pub wait: Duration,
+
+    /// How long CMD has between SIGTERM and SIGKILL when it must stop.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
+    pub grace: Duration,
+
+    /// Stored beside the token for `qlock status` [default: "qlock pid=<pid>
+    /// host=<host> cmd=<CMD>"].
+    #[arg(long, value_name = "TEXT")]
+    pub metadata: Option<String>,
+
+    /// The command and its arguments (after `--`, or after the last option).
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        value_hint = clap::ValueHint::CommandWithArguments
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// Show, instance by instance, who holds a lock and whether a quorum agrees.
+///
+/// Read-only (GET and PTTL on each instance). Exits 0 when a quorum holds the
+/// lock, 3 when none does, 1 when too few instances answered to tell.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The lock's name (without the key prefix).
+    pub key: String,
+}
+
+/// Check every instance: reachable, latency, run_id, clock offset.
+///
+/// Exits 1 when fewer than a quorum are reachable, or when two addresses are
+/// the same server.
+#[derive(Debug, Args)]
+pub struct HealthArgs {}
+
+/// Acquire and release locks for a few seconds and report latencies.
+///
+/// Each task takes and releases its own key (`<KEY>:<pid>:<task>`) in a loop.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub seconds: u64,
+
+    /// Concurrent acquire+release loops.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub tasks: u64,
+
+    /// The TTL of each lock.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s")]
+    pub ttl: Duration,
+
+    /// Base name of the keys.
+    #[arg(long, default_value = "qlock-bench")]
+    pub key: String,
+}
+
+/// A human duration: `50ms`, `1.5s`, `1m 30s`.
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("{err} (examples: 50ms, 1.5s, 2m)"))
+}
+
+/// Parses the command line; on a usage error, reports it on one line and
+/// returns the exit code.
+pub fn parse() -> Result<Cli, u8> {
+    Cli::try_parse().map_err(|err| match err.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            u8::try_from(err.exit_code()).unwrap_or(code::USAGE)
+        }
+        _ => {
+            eprint_line(&format!(
+                "qlock: error: {} (see qlock --help)",
+                clap_message(&err)
+            ));
+            code::USAGE
+        }
+    })
+}
+
+/// Clap's multi-line report as one line: the message and its details, without
+/// the usage block.
+fn clap_message(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let kept: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:"))
+        .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
+        .collect();
+    let message = kept.join(" ");
+    match message.strip_prefix("error: ") {
+        Some(rest) => rest.to_string(),
+        None => message,
+    }
+}

@@ -1,0 +1,222 @@
+//! `qlock run`: a command under a lock that a watchdog keeps alive.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use quorumlock::{Error, LockGuard};
+
+use crate::args::RunArgs;
+use crate::child::{self, Signals};
+use crate::error::{code, notice, one_line, CliError};
+use crate::status::{self, Observation, Seen, Verdict};
+use crate::target::Target;
+
+/// A release is one round; this only guards against a stalled minority
+/// holding up the exit (what it does not finish, the TTL does).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the command's run ended.
+enum Ending {
+    Exited(ExitStatus),
+    Lost,
+    Signal(i32),
+}
+
+pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
+    // Before anything slow, so that Ctrl-C during the wait is ours to handle.
+    let mut signals = Signals::install()?;
+    target.prepare().await?;
+    let metadata = args
+        .metadata
+        .clone()
+        .unwrap_or_else(|| default_metadata(&args.command));
+    let request = target
+        .locker
+        .lock(args.key.as_str())
+        .ttl(args.ttl)
+        .wait(args.wait)
+        .metadata(metadata);
+    let acquired = tokio::select! {
+        acquired = request.acquire() => acquired,
+        signo = signals.recv() => {
+            // The dropped attempt rolls itself back; main settles before exiting.
+            notice!(
+                "{} while waiting for lock {:?}: the command was not run",
+                child::name(signo),
+                args.key
+            );
+            return Ok(child::signal_exit_code(signo));
+        }
+    };
+    let guard = match acquired {
+        // The watchdog needs room between extends; a TTL of a few milliseconds
+        // leaves none. (Found only now: the library does not expose the check.)
+        Ok(lock) => lock.auto_extend().map_err(|err| {
+            CliError::context(
+                &format!(
+                    "--ttl {} is too short to keep the lock",
+                    humantime::format_duration(args.ttl)
+                ),
+                err,
+            )
+        })?,
+        Err(err) => return Err(not_acquired(target, args, err).await),
+    };
+
+    let mut child = match child::spawn(&args.command) {
+        Ok(child) => child,
+        Err(err) => {
+            release(guard).await;
+            return Err(err);
+        }
+    };
+    // Loss first: a command that ends as the lock goes did not finish under it.
+    let ending = tokio::select! {
+        biased;
+        () = guard.lost() => Ending::Lost,
+        signo = signals.recv() => Ending::Signal(signo),
+        status = child.wait() => Ending::Exited(status?),
+    };
+    match ending {
+        Ending::Exited(status) => {
+            release(guard).await;
+            Ok(child::exit_code(status))
+        }
+        Ending::Signal(signo) => {
+            notice!(
+                "got {}: stopping the command ({}), then releasing lock {:?}",
+                child::name(signo),
+                stopping(args.grace),
+                args.key
+            );
+            // The lock stays held (and extended) while the command stops.
+            let stopped = child.terminate(args.grace, &mut signals).await;
+            release(guard).await;
+            stopped?;
+            Ok(child::signal_exit_code(signo))
+        }
+        Ending::Lost => {
+            notice!(
+                "lock {:?} lost: stopping the command ({})",
+                args.key,
+                stopping(args.grace)
+            );
+            let token = guard.token().to_string();
+            let (stopped, now) = tokio::join!(
+                child.terminate(args.grace, &mut signals),
+                status::observe(target, &args.key)
+            );
+            // Clears our token from any instance that still has it; the lock
+            // itself is gone, so the outcome does not matter.
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, guard.release()).await;
+            Err(lost(args, stopped?, &now, &token))
+        }
+    }
+}
+
+/// `qlock pid=4242 host=build-7 cmd=backup.sh`: who holds the lock, for
+/// `qlock status` and `redis-cli GET`.
+fn default_metadata(command: &[OsString]) -> String {
+    let mut metadata = format!("qlock pid={}", std::process::id());
+    if let Some(host) = child::hostname() {
+        metadata.push_str(&format!(" host={host}"));
+    }
+    if let Some(program) = command.first() {
+        let name = Path::new(program)
+            .file_name()
+            .unwrap_or(program.as_os_str());
+        metadata.push_str(&format!(" cmd={}", name.to_string_lossy()));
+    }
+    metadata
+}
+
+fn stopping(grace: Duration) -> String {
+    format!(
+        "SIGTERM, then SIGKILL after {}",
+        humantime::format_duration(grace)
+    )
+}
+
+/// The wait expired (exit 75), or too few instances answered (exit 1).
+async fn not_acquired(target: &Target, args: &RunArgs, err: Error) -> CliError {
+    let locker = &target.locker;
+    let Error::NotAcquired { .. } = err else {
+        return CliError::context("acquiring the lock", err);
+    };
+    if err.unreachable_instances() > locker.instances() - locker.quorum() {
+        return target.unreachable(&err);
+    }
+    let observations = status::observe(target, &args.key).await;
+    let why = match status::verdict(&observations, locker.quorum()) {
+        Verdict::Held { value, ttl, .. } => format!(
+            "held by {}, {}",
+            status::describe_value(&value),
+            status::describe_ttl(ttl)
+        ),
+        Verdict::NotHeld | Verdict::Unknown => err.to_string(),
+    };
+    CliError::new(
+        code::WAIT_EXPIRED,
+        format!(
+            "lock {:?} not acquired within {}: {why}",
+            args.key,
+            humantime::format_duration(args.wait)
+        ),
+    )
+}
+
+/// The lock-lost error: what the instances hold now, and how the command ended.
+fn lost(args: &RunArgs, stopped: ExitStatus, now: &[Observation], token: &str) -> CliError {
+    let (mut ours, mut others, mut free, mut unreachable) = (0, 0, 0, 0);
+    for observation in now {
+        match &observation.seen {
+            Seen::Held { value, .. } => {
+                if status::token_of(value) == Some(token) {
+                    ours += 1;
+                } else {
+                    others += 1;
+                }
+            }
+            Seen::Free => free += 1,
+            Seen::Unreachable(_) => unreachable += 1,
+        }
+    }
+    let counts: Vec<String> = [
+        (others, "held by another owner"),
+        (free, "free"),
+        (unreachable, "unreachable"),
+        (ours, "still ours"),
+    ]
+    .iter()
+    .filter(|(count, _)| *count > 0)
+    .map(|(count, state)| format!("{state} on {count}"))
+    .collect();
+    CliError::new(
+        code::LOCK_LOST,
+        format!(
+            "lock {:?} was lost while the command ran (of {} instance(s), the key is now {}); \
+             the command {}",
+            args.key,
+            now.len(),
+            counts.join(", "),
+            child::describe(stopped)
+        ),
+    )
+}
+
+async fn release(guard: LockGuard) {
+    let key = guard.key().to_string();
+    match tokio::time::timeout(RELEASE_TIMEOUT, guard.release()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => notice!(
+            "warning: lock {key:?} not released: {}",
+            one_line(&err.to_string())
+        ),
+        Err(_) => notice!(
+            "warning: releasing lock {key:?} took over {}; what is left expires by its TTL",
+            humantime::format_duration(RELEASE_TIMEOUT)
+        ),
+    }
+}

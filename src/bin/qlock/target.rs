@@ -1,0 +1,121 @@
+//! The instances a command works on: the URLs given, or local servers started
+//! for the occasion; and the locker over them.
+
+use quorumlock::testing::RedisCluster;
+use quorumlock::{Error, QuorumLocker, Vote};
+
+use crate::args::InstanceArgs;
+use crate::error::{notice, CliError};
+
+/// How many local servers to start when no instance is given.
+const EMBEDDED_INSTANCES: usize = 3;
+
+/// The instances' URLs, and the local servers behind them when qlock started
+/// its own (they stop when this is dropped).
+pub struct Instances {
+    pub urls: Vec<String>,
+    _cluster: Option<RedisCluster>,
+}
+
+impl Instances {
+    /// The URLs given, or else local servers. Blocks while servers start.
+    pub fn resolve(args: &InstanceArgs) -> Result<Self, CliError> {
+        // Tolerate `a,,b` and a trailing comma in QLOCK_REDIS_URLS.
+        let urls: Vec<String> = args
+            .redis
+            .iter()
+            .map(|url| url.trim())
+            .filter(|url| !url.is_empty())
+            .map(String::from)
+            .collect();
+        if !urls.is_empty() {
+            return Ok(Self {
+                urls,
+                _cluster: None,
+            });
+        }
+        let cluster = RedisCluster::start(EMBEDDED_INSTANCES).map_err(|err| {
+            CliError::failure(format!(
+                "no instances given (--redis URL or QLOCK_REDIS_URLS), and the {EMBEDDED_INSTANCES} \
+                 local servers qlock starts instead could not start: {err}"
+            ))
+        })?;
+        let urls = cluster.urls();
+        notice!(
+            "no --redis or QLOCK_REDIS_URLS given: started {EMBEDDED_INSTANCES} local redis-server \
+             processes for this command ({})",
+            urls.join(", ")
+        );
+        Ok(Self {
+            urls,
+            _cluster: Some(cluster),
+        })
+    }
+}
+
+/// A locker over the instances, with what raw reads of a key need.
+pub struct Target {
+    pub locker: QuorumLocker,
+    /// In the locker's order.
+    pub urls: Vec<String>,
+    key_prefix: String,
+}
+
+impl Target {
+    /// Builds the locker; a bad URL, quorum, drift factor or timeout is a usage
+    /// error. Connects to nothing yet.
+    pub async fn build(urls: &[String], args: &InstanceArgs) -> Result<Self, CliError> {
+        let mut builder = QuorumLocker::builder()
+            .urls(urls.iter().cloned())
+            .key_prefix(args.key_prefix.clone());
+        if let Some(quorum) = args.quorum {
+            builder = builder.quorum(quorum);
+        }
+        if let Some(factor) = args.drift_factor {
+            builder = builder.drift_factor(factor);
+        }
+        if let Some(timeout) = args.instance_timeout {
+            builder = builder.instance_timeout(timeout);
+        }
+        Ok(Self {
+            locker: builder.build().await?,
+            urls: urls.to_vec(),
+            key_prefix: args.key_prefix.clone(),
+        })
+    }
+
+    /// The key as stored in Redis. The library applies the prefix the same way
+    /// but does not expose the result.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}{key}", self.key_prefix)
+    }
+
+    /// Connects to every instance and loads the scripts: a quick, clear failure
+    /// when a quorum is out of reach, instead of retrying until --wait is over.
+    pub async fn prepare(&self) -> Result<(), CliError> {
+        match self.locker.prepare().await {
+            Ok(_) => Ok(()),
+            Err(err @ Error::Unavailable { .. }) => Err(self.unreachable(&err)),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// "only 1 of 3 instances reachable, 2 needed: instance 1 (…): failed: …".
+    pub fn unreachable(&self, err: &Error) -> CliError {
+        let failed: Vec<String> = err
+            .causes()
+            .iter()
+            // Whatever is neither an answer nor "not needed": failed, timed out, or
+            // not asked (quarantined).
+            .filter(|cause| !matches!(cause.vote, Vote::Granted | Vote::Refused | Vote::Unanswered))
+            .map(ToString::to_string)
+            .collect();
+        let instances = self.locker.instances();
+        CliError::failure(format!(
+            "only {} of {instances} instance(s) reachable, {} needed: {}",
+            instances - failed.len(),
+            self.locker.quorum(),
+            failed.join("; ")
+        ))
+    }
+}

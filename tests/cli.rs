@@ -1,0 +1,367 @@
+//! The `qlock` binary, run for real against local `redis-server` processes.
+
+use std::process::{Child, Command as StdCommand, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use quorumlock::testing::RedisCluster;
+use quorumlock::QuorumLocker;
+
+const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
+/// No single invocation here should come near it; it only turns a hang into a
+/// failure.
+const INVOCATION_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn cluster() -> RedisCluster {
+    RedisCluster::start(3).expect("start 3 redis-server processes")
+}
+
+/// `qlock` pointed at `urls` and nothing from the caller's environment.
+fn qlock(urls: &[String]) -> Command {
+    let mut command = Command::new(QLOCK);
+    command
+        .env("QLOCK_REDIS_URLS", urls.join(","))
+        .env_remove("QLOCK_KEY_PREFIX")
+        .timeout(INVOCATION_TIMEOUT);
+    command
+}
+
+/// The same, as a background process.
+fn spawn_qlock(urls: &[String], args: &[&str]) -> Child {
+    StdCommand::new(QLOCK)
+        .args(args)
+        .env("QLOCK_REDIS_URLS", urls.join(","))
+        .env_remove("QLOCK_KEY_PREFIX")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qlock")
+}
+
+/// Waits for `child` at most `limit`, killing it if it takes longer.
+fn wait_at_most(mut child: Child, limit: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("wait");
+            panic!(
+                "qlock still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed();
+    (child.wait_with_output().expect("wait"), elapsed)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An error report is one `qlock: error:` line and never a panic.
+fn assert_one_line_error(output: &Output, contains: &str) {
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.starts_with("qlock: error: "), "{stderr}");
+    assert!(stderr.contains(contains), "{contains:?} not in {stderr}");
+}
+
+/// GET on every instance.
+fn values(urls: &[String], key: &str) -> Vec<Option<String>> {
+    urls.iter()
+        .map(|url| {
+            let mut connection = redis::Client::open(url.as_str())
+                .and_then(|client| client.get_connection())
+                .expect("connect");
+            redis::cmd("GET")
+                .arg(key)
+                .query(&mut connection)
+                .expect("GET")
+        })
+        .collect()
+}
+
+/// Polls until a quorum of instances hold `key`.
+fn wait_until_held(urls: &[String], key: &str) {
+    let started = Instant::now();
+    while values(urls, key).iter().filter(|v| v.is_some()).count() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{key} never taken"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn send_signal(child: &Child, signal: &str) {
+    let status = StdCommand::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[test]
+fn exit_status_and_output_pass_through() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    qlock(&urls)
+        .args(["run", "--key", "pass", "--", "sh", "-c", "echo out; exit 7"])
+        .assert()
+        .code(7)
+        .stdout("out\n");
+    qlock(&urls)
+        .args(["run", "--key", "pass", "--", "true"])
+        .assert()
+        .code(0);
+    // Signal death is 128 + the signal, as in a shell (SIGUSR1 is 10).
+    qlock(&urls)
+        .args(["run", "--key", "pass", "--", "sh", "-c", "kill -USR1 $$"])
+        .assert()
+        .code(138);
+    // Without `--`, options up to the command are qlock's, the rest the command's.
+    qlock(&urls)
+        .args(["run", "--key", "pass", "sh", "-c", "echo $0", "--ttl"])
+        .assert()
+        .code(0)
+        .stdout("--ttl\n");
+    let missing = qlock(&urls)
+        .args(["run", "--key", "pass", "--", "/nonexistent/command"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(127));
+    assert_one_line_error(&missing, "cannot run");
+    // Every lock above was released.
+    assert!(values(&urls, "pass").iter().all(Option::is_none));
+}
+
+#[test]
+fn concurrent_runs_never_overlap() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let log = std::env::temp_dir().join(format!("qlock-overlap-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let script =
+        r#"echo "$0 start $(date +%s%N)" >> "$1"; sleep 0.2; echo "$0 end $(date +%s%N)" >> "$1""#;
+    let runs: Vec<Child> = (0..4)
+        .map(|i| {
+            let id = i.to_string();
+            let log = log.to_str().unwrap();
+            spawn_qlock(
+                &urls,
+                &[
+                    "run", "--key", "overlap", "--wait", "20s", "--", "sh", "-c", script, &id, log,
+                ],
+            )
+        })
+        .collect();
+    for run in runs {
+        let (output, _) = wait_at_most(run, INVOCATION_TIMEOUT);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let contents = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let mut intervals: Vec<(u128, u128)> = (0..4)
+        .map(|i| {
+            let at = |event: &str| -> u128 {
+                let prefix = format!("{i} {event} ");
+                let line = contents
+                    .lines()
+                    .find(|line| line.starts_with(&prefix))
+                    .unwrap_or_else(|| panic!("no {prefix:?} in {contents}"));
+                line[prefix.len()..].trim().parse().unwrap()
+            };
+            (at("start"), at("end"))
+        })
+        .collect();
+    intervals.sort_unstable();
+    for pair in intervals.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "runs overlap: {pair:?} in\n{contents}"
+        );
+    }
+}
+
+#[test]
+fn an_expired_wait_exits_75() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let lock = runtime.block_on(async {
+        let locker = QuorumLocker::builder()
+            .urls(urls.clone())
+            .build()
+            .await
+            .unwrap();
+        locker
+            .lock("busy")
+            .ttl(Duration::from_secs(30))
+            .metadata("held-by-the-test")
+            .acquire()
+            .await
+            .unwrap()
+    });
+    let started = Instant::now();
+    let output = qlock(&urls)
+        .args([
+            "run", "--key", "busy", "--wait", "300ms", "--", "echo", "never",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(75), "{}", text(&output.stderr));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(text(&output.stdout), "");
+    // It says who holds the lock.
+    assert_one_line_error(&output, "held-by-the-test");
+    runtime.block_on(lock.release()).unwrap();
+}
+
+#[test]
+fn a_lost_lock_stops_the_command_and_exits_74() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let run = spawn_qlock(
+        &urls,
+        &[
+            "run", "--key", "doomed", "--ttl", "1500ms", "--grace", "2s", "--", "sleep", "30",
+        ],
+    );
+    wait_until_held(&urls, "doomed");
+    // Behind its back: a majority forgets the key.
+    for url in &urls[..2] {
+        let mut connection = redis::Client::open(url.as_str())
+            .and_then(|client| client.get_connection())
+            .unwrap();
+        let _: i64 = redis::cmd("DEL")
+            .arg("doomed")
+            .query(&mut connection)
+            .unwrap();
+    }
+    let (output, elapsed) = wait_at_most(run, Duration::from_secs(15));
+    assert_eq!(output.status.code(), Some(74), "{}", text(&output.stderr));
+    // The next extend is due within a third of the TTL; `sleep` dies at SIGTERM.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("was lost"), "{stderr}");
+    assert!(stderr.contains("killed by SIGTERM"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn status_shows_the_holder_and_sigterm_releases() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let run = spawn_qlock(&urls, &["run", "--key", "shown", "--", "sleep", "30"]);
+    wait_until_held(&urls, "shown");
+    let status = qlock(&urls).args(["status", "shown"]).output().unwrap();
+    let stdout = text(&status.stdout);
+    assert_eq!(status.status.code(), Some(0), "{stdout}");
+    // The default metadata names the qlock process that holds the lock.
+    assert!(
+        stdout.contains(&format!("qlock pid={} ", run.id())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cmd=sleep"), "{stdout}");
+    assert!(stdout.contains("held: 3 of 3"), "{stdout}");
+
+    // SIGTERM to qlock: passed on to the command, the lock released, 143.
+    send_signal(&run, "-TERM");
+    let (output, elapsed) = wait_at_most(run, Duration::from_secs(10));
+    assert_eq!(output.status.code(), Some(143), "{}", text(&output.stderr));
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    let status = qlock(&urls).args(["status", "shown"]).output().unwrap();
+    assert_eq!(status.status.code(), Some(3), "{}", text(&status.stdout));
+    assert!(text(&status.stdout).contains("not held"));
+}
+
+#[test]
+fn health_reports_every_instance() {
+    let mut cluster = cluster();
+    let urls = cluster.urls();
+    let output = qlock(&urls).arg("health").output().unwrap();
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("3 of 3 instance(s) reachable"), "{stdout}");
+    assert_eq!(stdout.matches(" ok ").count(), 3, "{stdout}");
+
+    cluster.kill(1).unwrap();
+    cluster.kill(2).unwrap();
+    let output = qlock(&urls).arg("health").output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stdout).contains("1 of 3 instance(s) reachable"));
+    assert_one_line_error(&output, "only 1 of 3 instance(s) reachable");
+    // `run` refuses at once rather than waiting out --wait.
+    let started = Instant::now();
+    let output = qlock(&urls)
+        .args(["run", "--key", "k", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_one_line_error(&output, "only 1 of 3 instance(s) reachable, 2 needed");
+}
+
+#[test]
+fn bad_input_is_one_line_and_exits_2() {
+    let urls = ["redis://127.0.0.1:1".to_string()];
+    let cases: [(&[&str], &str); 5] = [
+        (&["--redis", "notaurl", "status", "k"], "invalid Redis URL"),
+        (&["run", "--key", "k", "--ttl", "5x", "--", "true"], "--ttl"),
+        (
+            &["--instance-timeout", "soon", "health"],
+            "--instance-timeout",
+        ),
+        (&["--quorum", "3", "health"], "quorum 3 is out of range"),
+        (&["run", "--", "true"], "--key"),
+    ];
+    for (args, message) in cases {
+        let output = qlock(&urls).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert_one_line_error(&output, message);
+    }
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let output = Command::new(QLOCK).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = text(&output.stdout);
+    for code in ["74", "75", "126/127", "128+N"] {
+        assert!(help.contains(code), "{code} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn bench_reports_latencies() {
+    let cluster = cluster();
+    let output = qlock(&cluster.urls())
+        .args(["bench", "--seconds", "1", "--tasks", "2"])
+        .output()
+        .unwrap();
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    for column in ["attempts", "p50", "p99", "acquire+release"] {
+        assert!(stdout.contains(column), "{column} missing from:\n{stdout}");
+    }
+}
+
+/// What the README's `cargo run --features cli --bin qlock -- run --key demo --
+/// echo hi` relies on: with no instances given, qlock starts its own.
+#[test]
+fn without_instances_qlock_starts_local_servers() {
+    let output = Command::new(QLOCK)
+        .env_remove("QLOCK_REDIS_URLS")
+        .env_remove("QLOCK_KEY_PREFIX")
+        .timeout(INVOCATION_TIMEOUT)
+        .args(["run", "--key", "demo", "--", "echo", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "hi\n");
+    assert!(text(&output.stderr).contains("started 3 local redis-server"));
+}
