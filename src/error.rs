@@ -242,7 +242,7 @@ pub enum Quarantine {
     /// restarted.
     Unverified,
     /// Its clock runs faster than the drift factor allows, so it would expire the
-    /// key early. See [`Builder::max_clock_rate`](crate::Builder::max_clock_rate).
+    /// key early. See [`Builder::quarantine_fast_clocks`](crate::Builder::quarantine_fast_clocks).
     ClockDrift {
         /// Its clock's rate against ours (1.0 is exact).
         rate: f64,

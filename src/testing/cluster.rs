@@ -22,11 +22,48 @@ impl RedisCluster {
         Self::start_with(k, &RedisServerBuilder::default())
     }
 
-    /// Starts `k` servers with the same extra arguments and environment.
+    /// Starts `k` servers with the same settings.
+    ///
+    /// With [`RedisServerBuilder::clock_rate`] every server runs the clock shim, so any
+    /// of them can have its clock changed later with
+    /// [`set_clock_rate`](Self::set_clock_rate):
+    ///
+    /// ```
+    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
+    /// use quorumlock::testing::{RedisCluster, RedisServer};
+    ///
+    /// let mut cluster = RedisCluster::start_with(3, &RedisServer::builder().clock_rate(1.0))?;
+    /// cluster.set_clock_rate(2, 2.0)?; // instance 2's keys now expire twice as fast
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn start_with(k: usize, builder: &RedisServerBuilder) -> Result<Self, HarnessError> {
+        Self::start_each(&vec![builder.clone(); k])
+    }
+
+    /// Starts one server per builder, in order: server `i` has `builders[i]`'s settings.
+    ///
+    /// For a cluster where only some instances run the clock shim:
+    ///
+    /// ```
+    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
+    /// use quorumlock::testing::{RedisCluster, RedisServer};
+    ///
+    /// let plain = RedisServer::builder();
+    /// let fast = RedisServer::builder().clock_rate(2.0);
+    /// let cluster = RedisCluster::start_each(&[plain.clone(), plain, fast])?;
+    /// assert_eq!(cluster.server(0).clock_rate(), None);
+    /// assert_eq!(cluster.server(2).clock_rate(), Some(2.0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn start_each(builders: &[RedisServerBuilder]) -> Result<Self, HarnessError> {
         // Starting is mostly waiting for the server to boot, so overlap the waits.
         let results: Vec<_> = thread::scope(|scope| {
-            let starts: Vec<_> = (0..k).map(|_| scope.spawn(|| builder.start())).collect();
+            let starts: Vec<_> = builders
+                .iter()
+                .map(|builder| scope.spawn(|| builder.start()))
+                .collect();
             starts
                 .into_iter()
                 .map(|start| {
@@ -90,6 +127,17 @@ impl RedisCluster {
     /// [`RedisServer::restart_empty`].
     pub fn restart_empty(&mut self, i: usize) -> Result<(), HarnessError> {
         self.servers[i].restart_empty()
+    }
+
+    /// Changes the rate of server `i`'s clocks; see [`RedisServer::set_clock_rate`].
+    pub fn set_clock_rate(&mut self, i: usize, rate: f64) -> Result<(), HarnessError> {
+        self.servers[i].set_clock_rate(rate)
+    }
+
+    /// Changes the shift of server `i`'s wall clocks; see
+    /// [`RedisServer::set_clock_offset_ms`].
+    pub fn set_clock_offset_ms(&mut self, i: usize, offset_ms: i64) -> Result<(), HarnessError> {
+        self.servers[i].set_clock_offset_ms(offset_ms)
     }
 
     /// A new connection to server `i`, for inspecting keys directly. It has redis-rs's

@@ -35,14 +35,19 @@
 //! Servers are killed and reaped when dropped; on Linux they are also killed by the
 //! kernel if the test process dies without unwinding (`PR_SET_PDEATHSIG`).
 
+mod checker;
+mod clock;
 mod cluster;
 #[cfg(feature = "testcontainers")]
 mod container;
+mod proxy;
 mod server;
 
 use std::path::PathBuf;
 
+pub use checker::{Checker, Tenure, Violation};
 pub use cluster::RedisCluster;
+pub use proxy::{Direction, FaultProxy};
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// Why the fixture could not start or control a server.
@@ -98,6 +103,36 @@ pub enum HarnessError {
     /// Docker or testcontainers failed.
     #[error("docker: {0}")]
     Docker(String),
+    /// A clock rate the clock shim cannot run; see [`RedisServerBuilder::clock_rate`].
+    #[error("invalid clock rate {rate}: it must be a finite number from 0.001 to 1000")]
+    InvalidClockRate {
+        /// The rejected rate.
+        rate: f64,
+    },
+    /// A clock offset the clock shim cannot apply; see
+    /// [`RedisServerBuilder::clock_offset_ms`].
+    #[error("invalid clock offset {offset_ms} ms: it must be within ±10^12 ms (about 31 years)")]
+    InvalidClockOffset {
+        /// The rejected offset, in milliseconds.
+        offset_ms: i64,
+    },
+    /// The server runs without the clock shim, so its clock cannot be changed.
+    #[error(
+        "redis server on port {port} runs without the clock shim: start it with \
+         `RedisServer::builder().clock_rate(1.0)` to change its clock later"
+    )]
+    NoClockShim {
+        /// The server's port.
+        port: u16,
+    },
+    /// The clock shim (`src/testing/clock_rate.c`) could not be built.
+    #[error("could not build the clock shim: {step}: {detail}")]
+    ClockShim {
+        /// The step that failed, e.g. `find a C compiler`.
+        step: &'static str,
+        /// What went wrong and what to do about it, e.g. the compiler's errors.
+        detail: String,
+    },
     /// Any other I/O failure (temporary directory, free port lookup, reaping a child).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::clock::{self, ClockSetting};
 use super::HarnessError;
 
 /// Fresh ports tried before giving up. A clash needs another process to bind the port
@@ -28,13 +29,16 @@ const DEFAULT_REDIS_PORT: u16 = 6379;
 const LOG_FILE: &str = "redis.log";
 const LOG_TAIL_LINES: usize = 30;
 
-/// Extra arguments and environment for a [`RedisServer`]; see [`RedisServer::builder`].
+/// Extra arguments, environment and clock for a [`RedisServer`]; see
+/// [`RedisServer::builder`].
 ///
 /// The settings are kept by the server and re-applied by [`RedisServer::restart_empty`].
 #[derive(Debug, Clone, Default)]
 pub struct RedisServerBuilder {
     pub(super) args: Vec<OsString>,
     pub(super) envs: Vec<(OsString, OsString)>,
+    /// `None`: no shim, the server reads the real clocks.
+    pub(super) clock: Option<ClockSetting>,
 }
 
 impl RedisServerBuilder {
@@ -63,10 +67,88 @@ impl RedisServerBuilder {
         self
     }
 
+    /// Runs the server's clocks `rate` times as fast as real time, through an
+    /// `LD_PRELOAD` shim of this crate's: at 2.0 a key set with `PX 2000` expires after
+    /// about one real second, and `TIME` advances two seconds per real second. The rate
+    /// can be changed while the server runs with [`RedisServer::set_clock_rate`].
+    ///
+    /// A server needs the shim from the start to have its clock changed later, so
+    /// `clock_rate(1.0)` is how to start a server at the normal rate that may drift
+    /// later; without it the server reads the real clocks, at no cost.
+    ///
+    /// What the shim changes, and what it does not:
+    ///
+    /// - Wall clocks (`gettimeofday`, `time`, `CLOCK_REALTIME`: key expiry, `TIME`) and
+    ///   monotonic clocks (`CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`: Redis's timers) are
+    ///   scaled, each continuing from its value at the last change, so neither jumps.
+    ///   CPU-time clocks are not.
+    /// - Waiting is real: Redis computes its timer deadlines (the `hz` cron, active
+    ///   expiry, blocking-command timeouts) on the scaled clocks but sleeps in real
+    ///   time, so its background work runs at a somewhat different pace; commands answer
+    ///   as usual.
+    /// - A restart ([`RedisServer::restart_empty`]) keeps the shim and the current rate
+    ///   and offset; the new process's clocks start from the real time (plus the
+    ///   offset).
+    ///
+    /// The shim is compiled from C the first time a process needs it, with `cc` (or
+    /// `gcc`), into `$TMPDIR/quorumlock-clock-shim-<uid>/`, and reused after that. It
+    /// needs Linux and a local `redis-server`: not the Docker fallback.
+    ///
+    /// # Errors
+    ///
+    /// [`start`](Self::start) fails with [`HarnessError::InvalidClockRate`] unless `rate`
+    /// is finite and within `0.001..=1000`, with [`HarnessError::ClockShim`] when the
+    /// shim cannot be built (no C compiler, say), and with [`HarnessError::Unsupported`]
+    /// on the Docker fallback.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
+    /// use quorumlock::testing::RedisServer;
+    ///
+    /// let mut server = RedisServer::builder().clock_rate(2.0).start()?;
+    /// assert_eq!(server.clock_rate(), Some(2.0));
+    /// server.set_clock_rate(0.5)?; // now half as fast, continuing from where it was
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn clock_rate(mut self, rate: f64) -> Self {
+        self.clock.get_or_insert_with(ClockSetting::default).rate = rate;
+        self
+    }
+
+    /// Shifts the server's wall clocks by `offset_ms` milliseconds (negative: behind),
+    /// through the same shim as [`clock_rate`](Self::clock_rate) (at rate 1.0 unless set).
+    /// The monotonic clocks are not shifted.
+    ///
+    /// Changed while running with [`RedisServer::set_clock_offset_ms`], it steps the
+    /// wall clock like an NTP correction: a forward step expires keys early.
+    ///
+    /// # Errors
+    ///
+    /// [`start`](Self::start) fails with [`HarnessError::InvalidClockOffset`] beyond
+    /// ±10^12 ms, and otherwise as for [`clock_rate`](Self::clock_rate).
+    pub fn clock_offset_ms(mut self, offset_ms: i64) -> Self {
+        self.clock
+            .get_or_insert_with(ClockSetting::default)
+            .offset_ms = offset_ms;
+        self
+    }
+
     /// Starts a server with these settings and waits until it answers `PING`.
     pub fn start(&self) -> Result<RedisServer, HarnessError> {
+        if let Some(setting) = self.clock {
+            setting.validate()?;
+        }
         match super::redis_server_bin() {
-            Some(bin) => RedisServer::start_process(bin, self.clone()),
+            Some(bin) => {
+                if self.clock.is_some() {
+                    // Once, here, rather than in every retried launch.
+                    clock::shim()?;
+                }
+                RedisServer::start_process(bin, self.clone())
+            }
             None => RedisServer::start_without_binary(self),
         }
     }
@@ -142,6 +224,12 @@ impl RedisServer {
 
     #[cfg(feature = "testcontainers")]
     fn start_without_binary(config: &RedisServerBuilder) -> Result<Self, HarnessError> {
+        if config.clock.is_some() {
+            // The shim is built for this host's libc, not the image's.
+            return Err(HarnessError::Unsupported(
+                "the clock shim (it needs a local redis-server)",
+            ));
+        }
         let (port, container) = super::container::RedisContainer::start(config)?;
         Ok(Self {
             port,
@@ -248,7 +336,8 @@ impl RedisServer {
     }
 
     /// Kills the server if it runs, then starts a fresh, empty one on the same port with
-    /// the same arguments and environment, and waits until it answers `PING`.
+    /// the same arguments, environment and clock setting, and waits until it answers
+    /// `PING`.
     pub fn restart_empty(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
         let port = self.port;
@@ -282,6 +371,100 @@ impl RedisServer {
         }
     }
 
+    /// The rate of the server's clocks, if it runs with the clock shim; see
+    /// [`RedisServerBuilder::clock_rate`]. A killed server reports the rate it will
+    /// restart with.
+    pub fn clock_rate(&self) -> Option<f64> {
+        self.clock_setting().map(|setting| setting.rate)
+    }
+
+    /// The shift of the server's wall clocks in milliseconds, if it runs with the clock
+    /// shim; see [`RedisServerBuilder::clock_offset_ms`].
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.clock_setting().map(|setting| setting.offset_ms)
+    }
+
+    /// Changes the rate of the server's clocks; see [`RedisServerBuilder::clock_rate`].
+    ///
+    /// The clocks continue from their current values at the new rate, so they never jump
+    /// back. When this returns the server runs at the new rate: the shim looks for
+    /// changes at most every 10 ms, so this waits a little over that and then sends a
+    /// `PING`, which makes the server read its clock. Exceptions: a paused server takes
+    /// the change when resumed, and a killed one restarts at the new rate.
+    ///
+    /// # Errors
+    ///
+    /// [`HarnessError::NoClockShim`] if the server was started without
+    /// [`clock_rate`](RedisServerBuilder::clock_rate) or
+    /// [`clock_offset_ms`](RedisServerBuilder::clock_offset_ms);
+    /// [`HarnessError::InvalidClockRate`] unless `rate` is finite and within
+    /// `0.001..=1000` (the rate is then unchanged); [`HarnessError::Io`] if the control
+    /// file cannot be written.
+    pub fn set_clock_rate(&mut self, rate: f64) -> Result<(), HarnessError> {
+        self.change_clock(|setting| ClockSetting { rate, ..setting })
+    }
+
+    /// Changes the shift of the server's wall clocks: the wall clock steps by the
+    /// difference at once, forwards or backwards; see
+    /// [`RedisServerBuilder::clock_offset_ms`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`set_clock_rate`](Self::set_clock_rate), with
+    /// [`HarnessError::InvalidClockOffset`] beyond ±10^12 ms.
+    pub fn set_clock_offset_ms(&mut self, offset_ms: i64) -> Result<(), HarnessError> {
+        self.change_clock(|setting| ClockSetting {
+            offset_ms,
+            ..setting
+        })
+    }
+
+    fn clock_setting(&self) -> Option<ClockSetting> {
+        match &self.backend {
+            Backend::Process { config, .. } => config.clock,
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(_) => None,
+        }
+    }
+
+    fn change_clock(
+        &mut self,
+        change: impl FnOnce(ClockSetting) -> ClockSetting,
+    ) -> Result<(), HarnessError> {
+        let port = self.port;
+        let (config, run) = match &mut self.backend {
+            Backend::Process { config, run, .. } => (config, run),
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(_) => return Err(HarnessError::NoClockShim { port }),
+        };
+        let Some(current) = config.clock else {
+            return Err(HarnessError::NoClockShim { port });
+        };
+        let new = change(current).validate()?;
+        let control = run.as_ref().and_then(|run| run.clock_control.as_deref());
+        if let Some(control) = control {
+            clock::write_control(control, new)?;
+        }
+        config.clock = Some(new);
+        if control.is_some() && !self.paused {
+            // Any poll by the shim after the write sees it, and one is due by now.
+            thread::sleep(clock::ADOPT_AFTER);
+            // Best effort: a server that does not answer takes it at its next command.
+            answers_ping(port);
+        }
+        Ok(())
+    }
+
+    /// The running server's clock control file, for tests that write it themselves.
+    #[cfg(test)]
+    pub(super) fn clock_control_path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Process { run, .. } => run.as_ref()?.clock_control.as_deref(),
+            #[cfg(feature = "testcontainers")]
+            Backend::Container(_) => None,
+        }
+    }
+
     fn running<'a>(&self, run: &'a Option<Process>) -> Result<&'a Process, HarnessError> {
         run.as_ref()
             .ok_or(HarnessError::NotRunning { port: self.port })
@@ -294,6 +477,7 @@ impl fmt::Debug for RedisServer {
             .field("url", &self.url())
             .field("pid", &self.pid())
             .field("paused", &self.paused)
+            .field("clock_rate", &self.clock_rate())
             .finish()
     }
 }
@@ -302,6 +486,8 @@ impl fmt::Debug for RedisServer {
 struct Process {
     child: Child,
     log: PathBuf,
+    /// The clock shim's control file, when the server runs with it.
+    clock_control: Option<PathBuf>,
     /// Removed after the child is dead (fields drop after `Drop::drop`).
     _dir: TempDir,
 }
@@ -324,6 +510,13 @@ impl Process {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        let (clock_control, clock_env) = match config.clock {
+            Some(setting) => {
+                let (control, env) = clock::launch_env(dir.path(), setting, &config.envs)?;
+                (Some(control), env)
+            }
+            None => (None, Vec::new()),
+        };
         let mut command = Command::new(bin);
         command
             .arg("--port")
@@ -336,6 +529,8 @@ impl Process {
             .arg(&log_path)
             .args(&config.args)
             .envs(config.envs.iter().map(|(key, value)| (key, value)))
+            // After the caller's: the shim's LD_PRELOAD already includes theirs.
+            .envs(clock_env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -347,6 +542,7 @@ impl Process {
         let mut run = Process {
             child,
             log: log_path,
+            clock_control,
             _dir: dir,
         };
 
