@@ -41,6 +41,7 @@ mod cluster;
 #[cfg(feature = "testcontainers")]
 mod container;
 mod proxy;
+mod scenario;
 mod server;
 
 use std::path::PathBuf;
@@ -48,6 +49,7 @@ use std::path::PathBuf;
 pub use checker::{Checker, Tenure, Violation};
 pub use cluster::RedisCluster;
 pub use proxy::{Direction, FaultProxy};
+pub use scenario::{Fault, Report, Scenario, Summary};
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// Why the fixture could not start or control a server.
