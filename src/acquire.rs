@@ -13,6 +13,7 @@ use tracing::{debug, debug_span, warn, Instrument, Span};
 
 use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
+use crate::fencing;
 use crate::lock::Lock;
 use crate::locker::{LockKey, Shared};
 use crate::quorum::{self, Decision};
@@ -33,6 +34,8 @@ pub(crate) enum Outcome {
 pub(crate) struct Identity {
     pub(crate) token: Option<Arc<str>>,
     pub(crate) metadata: Option<Arc<str>>,
+    /// Whether the lock gets a fencing token (see `fencing`).
+    pub(crate) fenced: bool,
 }
 
 /// An attempt in flight. Dropping it before it is won — because it was lost, or
@@ -91,16 +94,26 @@ async fn run(
     let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
     let ttl = Duration::from_millis(ttl_ms);
     let retake = identity.token.is_some();
+    let fence = identity.fenced.then(|| fencing::fence_key(&key.redis));
+    let counters = fencing::Counters::new(n);
 
     let start = Instant::now();
     let mut attempt = Attempt {
         shared: Arc::clone(shared),
         key: Arc::clone(&key.redis),
         fanout: Fanout::start_gated(shared, true, |member| {
-            if retake {
-                member.instance.retake(&key.redis, &token, &value, ttl_ms)
-            } else {
-                member.instance.set_nx_px(&key.redis, &value, ttl_ms)
+            let instance = &member.instance;
+            match (&fence, retake) {
+                (None, false) => instance.set_nx_px(&key.redis, &value, ttl_ms),
+                (None, true) => instance.retake(&key.redis, &token, &value, ttl_ms),
+                (Some(fence), false) => counters.record(
+                    member.index,
+                    instance.fenced_set(&key.redis, fence, &value, ttl_ms),
+                ),
+                (Some(fence), true) => counters.record(
+                    member.index,
+                    instance.fenced_retake(&key.redis, fence, &token, &value, ttl_ms),
+                ),
             }
         }),
         value,
@@ -119,30 +132,59 @@ async fn run(
     span.record("granted", tally.granted);
     span.record("failed", tally.failed);
 
+    let mut causes = None;
     let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
         Decision::Won => {
             let drift = quorum::drift(ttl, shared.settings.drift_factor);
             let lifetime = granted_lifetime(shared, &attempt.fanout, ttl);
             match quorum::validity(lifetime, elapsed, drift) {
-                Some(validity) => {
-                    attempt.settled = true;
-                    span.record("validity_ms", validity.as_millis() as u64);
-                    debug!(?elapsed, "lock acquired");
-                    let stragglers =
-                        finish_in_background(shared, attempt.fanout.take_pending(), ttl);
-                    let held = Held::new(
-                        key.clone(),
-                        token,
-                        Arc::clone(&attempt.value),
-                        ttl,
-                        start,
-                        start + (lifetime - drift),
-                    );
-                    return Ok(Outcome::Won(Lock::new(
-                        Arc::clone(shared),
-                        held,
-                        stragglers,
-                    )));
+                Some(_) => {
+                    // A fenced attempt has a second round; its validity still
+                    // counts from the first round's start.
+                    let fencing_token = match &fence {
+                        None => Ok(None),
+                        Some(fence) => {
+                            let granted: Vec<usize> = (0..n)
+                                .filter(|&index| fencing::granted(&attempt.fanout, index))
+                                .collect();
+                            // Every grant counted at least 1, so a quorum's
+                            // candidate is never 0.
+                            let candidate = counters.candidate(granted.iter().copied());
+                            let (written, round) = fencing::write_back(
+                                shared,
+                                &key.redis,
+                                fence,
+                                &attempt.value,
+                                candidate,
+                                &granted,
+                            )
+                            .await;
+                            let valid = quorum::validity(lifetime, start.elapsed(), drift);
+                            if written && valid.is_some() && candidate > 0 {
+                                Ok(Some(candidate))
+                            } else {
+                                causes = Some(round.votes());
+                                Err(Shortfall::FenceNotWritten {
+                                    acknowledged: round.tally().granted,
+                                    needed: quorum,
+                                })
+                            }
+                        }
+                    };
+                    match fencing_token {
+                        Ok(fencing_token) => {
+                            return Ok(won(
+                                shared,
+                                &mut attempt,
+                                key,
+                                token,
+                                start,
+                                lifetime - drift,
+                                fencing_token,
+                            ))
+                        }
+                        Err(shortfall) => shortfall,
+                    }
                 }
                 None => Shortfall::ValidityExhausted { elapsed },
             }
@@ -155,10 +197,37 @@ async fn run(
         },
     };
     span.record("validity_ms", 0u64);
-    let causes = attempt.fanout.votes();
+    let causes = causes.unwrap_or_else(|| attempt.fanout.votes());
     debug!(%shortfall, "attempt lost");
     attempt.roll_back();
     Ok(Outcome::Lost { shortfall, causes })
+}
+
+/// Settles a won attempt into a lock valid for `lifetime` from `start`.
+fn won(
+    shared: &Arc<Shared>,
+    attempt: &mut Attempt,
+    key: &LockKey,
+    token: Arc<str>,
+    start: Instant,
+    lifetime: Duration,
+    fencing_token: Option<u64>,
+) -> Outcome {
+    attempt.settled = true;
+    let span = Span::current();
+    let validity = (start + lifetime).saturating_duration_since(Instant::now());
+    span.record("validity_ms", validity.as_millis() as u64);
+    debug!(elapsed = ?start.elapsed(), fencing_token, "lock acquired");
+    let stragglers = finish_in_background(shared, attempt.fanout.take_pending(), attempt.ttl);
+    let held = Held::new(
+        key.clone(),
+        token,
+        Arc::clone(&attempt.value),
+        attempt.ttl,
+        start,
+        start + lifetime,
+    );
+    Outcome::Won(Lock::new(Arc::clone(shared), held, stragglers).fenced(fencing_token))
 }
 
 /// How long the lock lasts from the attempt's start, given the estimated clock

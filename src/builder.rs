@@ -338,6 +338,7 @@ fn connect_lazily(
         reason: err.to_string(),
     };
     let client = redis::Client::open(info).map_err(invalid)?;
+    let pubsub = client.clone();
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(None)
@@ -346,5 +347,5 @@ fn connect_lazily(
         // a retry schedule; the next operation tries again.
         .set_number_of_retries(0);
     let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?;
-    Ok(Box::new(RedisInstance::new(manager)))
+    Ok(Box::new(RedisInstance::with_client(manager, pubsub)))
 }

@@ -170,6 +170,16 @@ pub enum Shortfall {
         /// How long the attempt took.
         elapsed: Duration,
     },
+    /// A fenced attempt won its first round, but fewer than `needed` of the
+    /// granting instances acknowledged the fencing token's write-back (or no
+    /// validity was left after it), so no token was handed out and the attempt was
+    /// rolled back. The causes are the write-back's answers.
+    FenceNotWritten {
+        /// Instances that acknowledged the write-back.
+        acknowledged: usize,
+        /// The quorum.
+        needed: usize,
+    },
 }
 
 impl fmt::Display for Shortfall {
@@ -184,6 +194,13 @@ impl fmt::Display for Shortfall {
                     "a quorum granted but the attempt took {elapsed:?}, leaving no validity"
                 )
             }
+            Self::FenceNotWritten {
+                acknowledged,
+                needed,
+            } => write!(
+                f,
+                "a quorum granted but {acknowledged} instance(s) acknowledged the fencing token, {needed} needed, with validity left"
+            ),
         }
     }
 }

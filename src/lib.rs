@@ -84,6 +84,91 @@
 //!
 //! Network delay costs only validity: it is counted from before the requests left.
 //!
+//! # Fencing tokens
+//!
+//! A lock alone cannot stop a holder that paused past its validity (a GC pause,
+//! a stopped VM) from writing after the lock passed on. A fencing token can, if
+//! the storage you protect helps: request the lock with
+//! [`fenced()`](LockRequest::fenced), send [`Lock::fencing_token`] with every
+//! write, and have the storage refuse a write whose token is lower than the
+//! highest it has accepted.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! # let (a, b, c) = (quorumlock::MemoryInstance::new("a"), quorumlock::MemoryInstance::new("b"), quorumlock::MemoryInstance::new("c"));
+//! # let locker = quorumlock::QuorumLocker::builder().memory(&a).memory(&b).memory(&c).build().await?;
+//! # let mut highest_seen = 0;
+//! let lock = locker.lock("ledger").fenced().acquire().await?;
+//! let token = lock.fencing_token().expect("requested with fenced()");
+//! // The storage, atomically: refuse a token below the highest accepted one.
+//! if token >= highest_seen {
+//!     highest_seen = token; // ... and apply the write
+//! }
+//! lock.release().await?;
+//! # Ok::<_, quorumlock::Error>(())
+//! # }).unwrap();
+//! ```
+//!
+//! **How a token is made** (a quorum register over the N instances):
+//!
+//! 1. The attempt's one script per instance runs `SET key value NX PX ttl` and,
+//!    only where it set the key, `INCR` the key's counter `key:fence`
+//!    ([`FENCE_SUFFIX`]; the counter has no TTL: it is the one key quorumlock
+//!    deliberately leaves behind, one per fenced lock key).
+//! 2. If a quorum granted, the candidate token `t` is the largest counter the
+//!    granting instances returned.
+//! 3. A second round writes `t` back: on every granting instance, only while
+//!    the lock key still holds this attempt's value, `counter = max(counter, t)`.
+//!    The token is handed out only once a quorum acknowledged it, and the lock's
+//!    validity still counts from the first round's start, so it includes the
+//!    second round. Otherwise the attempt is lost and rolled back; the counters
+//!    it advanced stay advanced, which is harmless: tokens must increase, not be
+//!    dense.
+//!
+//! Taking the largest counter alone is not enough: an instance outside the
+//! next quorum may hold the high count, and the next quorum could then return
+//! only lower ones. The write-back puts `t` on a quorum, and every later quorum
+//! meets that one.
+//!
+//! **The guarantee.** Let holder A be handed token `a` and a later holder B
+//! token `b`. If some instance `j` that kept its counter acknowledged A's
+//! write-back before it granted B's first round, then `b > a`: after the
+//! write-back `j`'s counter is at least `a`; counters never decrease (`INCR`,
+//! `max`); B's `INCR` at `j` comes later, so returns more than `a`, and `b` is
+//! at least that. Such a `j` exists whenever A's tenure ended before B's
+//! began and the timing assumptions above held: A's write-back quorum and B's
+//! granting quorum share an instance (two quorums always do), and there A's
+//! key stayed from its grant through its acknowledged write-back (the write-back
+//! is refused where the key is gone), so `j` could grant B only after A's key
+//! left it — after the write-back. (Granting B *before* A would mean B's key
+//! there vanished before A's grant, while B's own validity — counted from before
+//! that grant — was still running: the clock assumption rules it out.) So the
+//! tokens of successive holders strictly increase.
+//!
+//! **What breaks it.**
+//!
+//! - *An instance that loses its counter*: a restart without persistence
+//!   forgets `key:fence` with the lock keys. If the only instance shared by the
+//!   last write-back quorum and the next granting quorum is one that restarted
+//!   empty, the next token can be smaller. The restart quarantine
+//!   ([`Builder::restart_quarantine`]) keeps a restarted instance from voting
+//!   for a while, which covers every case where a lock is taken during that
+//!   time, but not a key left untouched until the quarantine ends. With
+//!   persistence (`appendonly yes`, `appendfsync always`) counters survive and
+//!   the guarantee holds.
+//! - *A holder that paused past its validity* is not prevented from *trying* to
+//!   write: that is exactly the case fencing is for. Its token is lower than its
+//!   successor's, so the storage must refuse it once the successor has written.
+//!   A storage that does not compare tokens gains nothing.
+//! - *Broken timing assumptions* (a fast server clock) can let two holders
+//!   overlap; their tokens still differ and the later-granted one is larger
+//!   wherever they met on an instance after its write-back, so the storage still
+//!   orders their writes, but "successive" loses its meaning.
+//!
+//! A re-take with a caller-chosen token ([`LockRequest::token`]) plus
+//! `fenced()` is a new tenure: it gets a new, larger token, and the earlier
+//! handle's writes are refused once the new token has been used.
+//!
 //! # Cancel safety
 //!
 //! Dropping an `acquire` or `try_acquire` future at any await point — under
@@ -108,6 +193,7 @@ mod clock;
 mod error;
 mod extend;
 mod fanout;
+mod fencing;
 mod guard;
 mod health;
 mod instance;
@@ -135,6 +221,7 @@ pub use builder::{
     Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT,
     DEFAULT_PROBE_EVERY, DEFAULT_TTL,
 };
+pub use fencing::FENCE_SUFFIX;
 pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};
 pub use guard::LockGuard;
 pub use health::{Health, InstanceHealth};

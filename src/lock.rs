@@ -36,6 +36,8 @@ pub struct Lock {
     stragglers: Arc<[Straggler]>,
     /// Cleared once a release has run to an answer, so `Drop` has nothing to do.
     release_on_drop: bool,
+    /// The fencing token, for a lock requested with `fenced()`.
+    fencing_token: Option<u64>,
 }
 
 impl Lock {
@@ -45,7 +47,13 @@ impl Lock {
             held: Arc::new(held),
             stragglers: stragglers.into(),
             release_on_drop: true,
+            fencing_token: None,
         }
+    }
+
+    pub(crate) fn fenced(mut self, fencing_token: Option<u64>) -> Self {
+        self.fencing_token = fencing_token;
+        self
     }
 
     /// The key as given to `acquire` (without the locker's key prefix).
@@ -57,6 +65,19 @@ impl Lock {
     /// the token chosen with [`LockRequest::token`](crate::LockRequest::token).
     pub fn token(&self) -> &str {
         &self.held.token
+    }
+
+    /// The fencing token of a lock requested with
+    /// [`LockRequest::fenced`](crate::LockRequest::fenced); `None` otherwise.
+    ///
+    /// Tokens of successive holders of a key strictly increase (under the
+    /// conditions in the crate docs, "Fencing tokens"). Send it with every write
+    /// to the storage this lock protects, and have the storage refuse a write
+    /// whose token is lower than the highest it has seen: a holder that paused
+    /// past its validity is then refused once its successor has written. An
+    /// extend keeps the token.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.fencing_token
     }
 
     /// The metadata stored beside the token (see
@@ -258,6 +279,7 @@ impl fmt::Debug for Lock {
                 "token",
                 &format_args!("{}…", token::abbreviate(self.token())),
             )
+            .field("fencing_token", &self.fencing_token)
             .field("ttl", &self.ttl())
             .field("remaining", &self.remaining())
             .finish()

@@ -189,6 +189,7 @@ impl QuorumLocker {
         let identity = Identity {
             token: request.token.as_deref().map(Arc::from),
             metadata: request.metadata.as_deref().map(Arc::from),
+            fenced: request.fenced,
         };
         let deadline = Instant::now().checked_add(wait);
         let mut attempts = 0u32;

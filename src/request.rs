@@ -46,6 +46,7 @@ pub struct LockRequest<'a> {
     pub(crate) ttl: Duration,
     pub(crate) token: Option<String>,
     pub(crate) metadata: Option<String>,
+    pub(crate) fenced: bool,
     wait: Option<Duration>,
     retry: Option<RetryPolicy>,
     extend_every: Option<Duration>,
@@ -59,6 +60,7 @@ impl<'a> LockRequest<'a> {
             ttl: locker.default_ttl(),
             token: None,
             metadata: None,
+            fenced: false,
             wait: None,
             retry: None,
             extend_every: None,
@@ -92,6 +94,42 @@ impl<'a> LockRequest<'a> {
     /// [`token`](Self::token) replaces it.
     pub fn metadata(mut self, metadata: impl Into<String>) -> Self {
         self.metadata = Some(metadata.into());
+        self
+    }
+
+    /// Gives the lock a fencing token ([`Lock::fencing_token`]): a number that
+    /// grows with every holder of this key, for the storage you protect to reject
+    /// writes from a holder whose lock has passed on. Costs a second round trip
+    /// per won attempt, and leaves one counter key per lock key on each instance
+    /// (the lock key followed by [`FENCE_SUFFIX`](crate::FENCE_SUFFIX), without a
+    /// TTL). See the crate docs, "Fencing tokens", for what it guarantees.
+    ///
+    /// With [`token`](Self::token), a re-take is a new tenure: it gets a new,
+    /// larger fencing token, and the storage then rejects the earlier handle's
+    /// writes once the new token has been used.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let (a, b, c) = (MemoryInstance::new("a"), MemoryInstance::new("b"), MemoryInstance::new("c"));
+    /// let locker = QuorumLocker::builder().memory(&a).memory(&b).memory(&c).build().await?;
+    ///
+    /// let first = locker.lock("ledger").ttl(Duration::from_secs(5)).fenced().acquire().await?;
+    /// let t1 = first.fencing_token().expect("fenced");
+    /// // Write to the storage along with `t1`; it keeps the highest token it saw
+    /// // and refuses writes that carry a lower one.
+    /// first.release().await?;
+    ///
+    /// let second = locker.lock("ledger").ttl(Duration::from_secs(5)).fenced().acquire().await?;
+    /// assert!(second.fencing_token().unwrap() > t1);
+    /// assert_eq!(a.get("ledger:fence").as_deref(), Some("2")); // the counter stays
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn fenced(mut self) -> Self {
+        self.fenced = true;
         self
     }
 

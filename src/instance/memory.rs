@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
-use super::{BoxFuture, Instance, Probe, Reply};
+use super::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
 use crate::error::Error;
 
 /// An in-process lock instance: a key-value store with millisecond expiry that
@@ -79,7 +79,15 @@ pub struct MemoryInstance {
 struct Inner {
     name: Arc<str>,
     state: Mutex<State>,
+    /// `(channel, message)` of every `PUBLISH` a release made: the in-process
+    /// equivalent of pub/sub, for lockers that wake waiters.
+    #[allow(dead_code)] // until the hand-off lands
+    published: broadcast::Sender<(Arc<str>, Arc<str>)>,
 }
+
+/// Published messages kept for slow subscribers; older ones are dropped (the
+/// waiter then falls back to its timed retry, as with a lost message).
+const PUBLISHED_BACKLOG: usize = 1024;
 
 struct State {
     store: Store,
@@ -233,6 +241,66 @@ impl Store {
         Ok(true)
     }
 
+    /// `INCR key`: the counter after incrementing; keeps any TTL.
+    fn incr(&mut self, key: &Arc<str>, now: Duration) -> Result<u64, RedisError> {
+        let next = match self.live(key, now) {
+            Some(entry) => {
+                let current: u64 = entry.value.parse().map_err(|_| not_an_integer())?;
+                let next = current.checked_add(1).ok_or_else(not_an_integer)?;
+                entry.value = next.to_string().into();
+                return Ok(next);
+            }
+            None => 1,
+        };
+        self.insert(
+            Arc::clone(key),
+            Entry {
+                value: next.to_string().into(),
+                expires_at: None,
+            },
+            now,
+        );
+        Ok(next)
+    }
+
+    /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`.
+    fn fenced(&mut self, granted: Reply, fence: &Arc<str>, now: Duration) -> Counter {
+        if granted? {
+            self.incr(fence, now)
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// The `FENCE_WRITE_BACK` script.
+    fn fence_write_back(
+        &mut self,
+        key: &str,
+        fence: &Arc<str>,
+        value: &str,
+        token: u64,
+        now: Duration,
+    ) -> Reply {
+        match self.live(key, now) {
+            Some(entry) if *entry.value == *value => {}
+            _ => return Ok(false),
+        }
+        let current = self
+            .live(fence, now)
+            .and_then(|entry| entry.value.parse::<u64>().ok());
+        if current.is_none_or(|current| current < token) {
+            self.insert(
+                Arc::clone(fence),
+                Entry {
+                    value: token.to_string().into(),
+                    expires_at: None,
+                },
+                now,
+            );
+        }
+        Ok(true)
+    }
+
     /// The `RELEASE` script.
     fn release(&mut self, key: &str, value: &str, now: Duration) -> Reply {
         match self.live(key, now) {
@@ -267,6 +335,13 @@ fn set_deadline(now: Duration, ttl_ms: u64) -> Result<Duration, RedisError> {
     deadline(now, ttl_ms)
         .filter(|_| ttl_ms > 0)
         .ok_or_else(|| invalid_expire("set"))
+}
+
+fn not_an_integer() -> RedisError {
+    RedisError::from((
+        ErrorKind::Server(ServerErrorKind::ResponseError),
+        "value is not an integer or out of range",
+    ))
 }
 
 fn invalid_expire(command: &str) -> RedisError {
@@ -323,6 +398,7 @@ impl MemoryInstance {
                     queued: Vec::new(),
                     commands: 0,
                 }),
+                published: broadcast::channel(PUBLISHED_BACKLOG).0,
             }),
         }
     }
@@ -513,6 +589,12 @@ impl MemoryInstance {
         });
     }
 
+    /// Every release message published from now on, as `(channel, message)`.
+    #[allow(dead_code)] // until the hand-off lands
+    pub(crate) fn published(&self) -> broadcast::Receiver<(Arc<str>, Arc<str>)> {
+        self.inner.published.subscribe()
+    }
+
     /// How many lock commands the instance has applied or answered: each
     /// acquisition attempt, extend, release or rollback that reached it counts one.
     /// The locker's health probes and script loads do not count, nor do the
@@ -637,6 +719,71 @@ impl Instance for MemoryInstance {
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
         let (key, value) = (Arc::clone(key), Arc::clone(value));
         self.run(move |store, now| store.release(&key, &value, now))
+    }
+
+    fn fenced_set(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Counter> {
+        let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
+        self.run(move |store, now| {
+            let granted = store.set_nx_px(&key, &value, ttl_ms, now);
+            store.fenced(granted, &fence, now)
+        })
+    }
+
+    fn fenced_retake(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        token: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Counter> {
+        let (key, fence) = (Arc::clone(key), Arc::clone(fence));
+        let (token, value) = (Arc::clone(token), Arc::clone(value));
+        self.run(move |store, now| {
+            let granted = store.retake(&key, &token, &value, ttl_ms, now);
+            store.fenced(granted, &fence, now)
+        })
+    }
+
+    fn fence_write_back(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        value: &Arc<str>,
+        token: u64,
+    ) -> BoxFuture<Reply> {
+        let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
+        self.run(move |store, now| store.fence_write_back(&key, &fence, &value, token, now))
+    }
+
+    fn release_publish(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        channel: &Arc<str>,
+        message: &Arc<str>,
+    ) -> BoxFuture<Reply> {
+        let (key, value) = (Arc::clone(key), Arc::clone(value));
+        let published = (Arc::clone(channel), Arc::clone(message));
+        let sender = self.inner.published.clone();
+        self.run(move |store, now| {
+            let released = store.release(&key, &value, now)?;
+            if released {
+                // No subscriber is not an error, as PUBLISH answers 0.
+                let _ = sender.send(published);
+            }
+            Ok(released)
+        })
+    }
+
+    fn pubsub(&self) -> Option<PubSubSource> {
+        Some(PubSubSource::Memory(self.clone()))
     }
 
     fn load_scripts(&self) -> BoxFuture<Reply> {

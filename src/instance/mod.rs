@@ -16,6 +16,20 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// `Ok(true)`: the instance did it; `Ok(false)`: it refused; `Err`: no answer.
 pub(crate) type Reply = Result<bool, ::redis::RedisError>;
 
+/// A fenced first round's answer: the key's fencing counter after the `INCR` where
+/// the instance set the key, `0` where it refused.
+pub(crate) type Counter = Result<u64, ::redis::RedisError>;
+
+/// Where an instance's release messages can be heard, if anywhere.
+#[allow(dead_code)] // until the hand-off lands
+#[derive(Clone)]
+pub(crate) enum PubSubSource {
+    /// A server reached by URL: a dedicated subscription connection opens from it.
+    Redis(Box<::redis::Client>),
+    /// An in-process instance: its releases are broadcast in-process.
+    Memory(memory::MemoryInstance),
+}
+
 /// What an instance says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Probe {
@@ -47,6 +61,53 @@ pub(crate) trait Instance: Send + Sync + 'static {
 
     /// Compare-and-delete: true if the key held `value` and was deleted.
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply>;
+
+    /// The first round of a fenced attempt: `SET key value NX PX ttl_ms` and, only
+    /// where it set the key, `INCR fence`.
+    fn fenced_set(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Counter>;
+
+    /// As `retake`, and `INCR fence` where it granted.
+    fn fenced_retake(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        token: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Counter>;
+
+    /// The second round of a fenced attempt: where `key` still holds `value`,
+    /// `fence = max(fence, token)`; true if the key held `value`.
+    fn fence_write_back(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        value: &Arc<str>,
+        token: u64,
+    ) -> BoxFuture<Reply>;
+
+    /// As `release`, and where it deleted, `PUBLISH channel message`.
+    #[allow(dead_code)] // until the hand-off lands
+    fn release_publish(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        channel: &Arc<str>,
+        message: &Arc<str>,
+    ) -> BoxFuture<Reply>;
+
+    /// Where release messages can be heard: `None` for a connection the user
+    /// made (we cannot open another one like it).
+    #[allow(dead_code)] // until the hand-off lands
+    fn pubsub(&self) -> Option<PubSubSource> {
+        None
+    }
 
     /// Loads every script, so later calls need no `NOSCRIPT` round trip.
     fn load_scripts(&self) -> BoxFuture<Reply>;

@@ -7,18 +7,32 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisError, Script, Value};
 
-use super::{BoxFuture, Instance, Probe, Reply};
+use super::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
 use crate::scripts;
 
 /// A Redis instance over connection `C`; every operation clones `C`, which for
 /// multiplexed connections shares one socket.
 pub(crate) struct RedisInstance<C> {
     connection: C,
+    /// For URL instances: the client that opens subscription connections.
+    #[allow(dead_code)] // until the hand-off lands
+    client: Option<redis::Client>,
 }
 
 impl<C> RedisInstance<C> {
     pub(crate) fn new(connection: C) -> Self {
-        Self { connection }
+        Self {
+            connection,
+            client: None,
+        }
+    }
+
+    /// An instance that can also open a subscription connection from `client`.
+    pub(crate) fn with_client(connection: C, client: redis::Client) -> Self {
+        Self {
+            connection,
+            client: Some(client),
+        }
     }
 }
 
@@ -28,15 +42,28 @@ where
 {
     /// Runs a script that answers 1 (done) or 0 (refused).
     fn run(&self, script: &'static Script, key: &str, args: &[&str]) -> BoxFuture<Reply> {
+        let counter = self.run_counter(script, &[key], args);
+        Box::pin(async move { Ok(counter.await? == 1) })
+    }
+
+    /// Runs a script over `keys` that answers a non-negative integer.
+    fn run_counter(
+        &self,
+        script: &'static Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> BoxFuture<Counter> {
         let mut connection = self.connection.clone();
         let mut invocation = script.prepare_invoke();
-        invocation.key(key);
+        for key in keys {
+            invocation.key(*key);
+        }
         for arg in args {
             invocation.arg(*arg);
         }
         Box::pin(async move {
-            let done: i64 = invocation.invoke_async(&mut connection).await?;
-            Ok(done == 1)
+            let answer: i64 = invocation.invoke_async(&mut connection).await?;
+            u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
         })
     }
 }
@@ -81,6 +108,61 @@ where
 
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
         self.run(&scripts::RELEASE, key, &[&**value])
+    }
+
+    fn fenced_set(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Counter> {
+        let ttl_ms = ttl_ms.to_string();
+        self.run_counter(&scripts::FENCED_SET, &[key, fence], &[value, &ttl_ms])
+    }
+
+    fn fenced_retake(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        token: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+    ) -> BoxFuture<Counter> {
+        let ttl_ms = ttl_ms.to_string();
+        self.run_counter(
+            &scripts::FENCED_RETAKE,
+            &[key, fence],
+            &[value, &ttl_ms, token],
+        )
+    }
+
+    fn fence_write_back(
+        &self,
+        key: &Arc<str>,
+        fence: &Arc<str>,
+        value: &Arc<str>,
+        token: u64,
+    ) -> BoxFuture<Reply> {
+        let token = token.to_string();
+        let written = self.run_counter(&scripts::FENCE_WRITE_BACK, &[key, fence], &[value, &token]);
+        Box::pin(async move { Ok(written.await? == 1) })
+    }
+
+    fn release_publish(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        channel: &Arc<str>,
+        message: &Arc<str>,
+    ) -> BoxFuture<Reply> {
+        self.run(&scripts::RELEASE_PUBLISH, key, &[value, channel, message])
+    }
+
+    fn pubsub(&self) -> Option<PubSubSource> {
+        self.client
+            .clone()
+            .map(|client| PubSubSource::Redis(Box::new(client)))
     }
 
     fn load_scripts(&self) -> BoxFuture<Reply> {
