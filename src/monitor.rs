@@ -144,19 +144,22 @@ impl InstanceState {
 /// Probes every instance now and then (sooner after a failure), until the locker
 /// is dropped.
 pub(crate) async fn run(shared: Weak<Shared>, kick: Arc<Notify>) {
+    // Rounds in a row that left some instance suspect: an instance that stays down
+    // is probed less and less often, down to the usual pace.
+    let mut suspect_rounds = 0u32;
     loop {
         let Some(locker) = shared.upgrade() else {
             return;
         };
         let policy = locker.settings.policy;
         probe_all(&locker).await;
-        let wait = if locker
-            .members
-            .iter()
-            .any(|member| member.state.is_suspect())
-        {
-            SUSPECT_PROBE.min(policy.probe_every)
+        let wait = if locker.members.iter().any(|member| member.state.is_suspect()) {
+            suspect_rounds = suspect_rounds.saturating_add(1);
+            SUSPECT_PROBE
+                .saturating_mul(1 << suspect_rounds.min(10))
+                .min(policy.probe_every)
         } else {
+            suspect_rounds = 0;
             policy.probe_every
         };
         // Not held while waiting, so dropping the last locker ends this task.
