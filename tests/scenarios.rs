@@ -22,8 +22,8 @@ fn scenario(name: &str, fault: Fault) -> Scenario {
     if soak() {
         scenario.acquisitions = 10_000;
         scenario.duration = Duration::from_secs(600);
-        scenario.keys = 8;
-        scenario.tasks = 4;
+        scenario.keys = 16;
+        scenario.tasks = 6;
         scenario.hold_to_validity = 0.1;
     } else {
         scenario.duration = Duration::from_secs(2);
