@@ -1,4 +1,4 @@
-//! Acquire, contention and release over several Redis instances.
+//! Acquire, contention, release, and `with_lock`, over several Redis instances.
 //!
 //! ```text
 //! cargo run --example quickstart
@@ -6,52 +6,34 @@
 //! ```
 //!
 //! Without `REDIS_URLS` it starts three local redis-server processes of its own
-//! (on free ports, stopped when it exits).
+//! (on free ports, stopped when it exits); where redis-server is not installed,
+//! Docker containers (with `--features testcontainers`), and failing that
+//! in-memory instances. It prints which. See `examples/common/mod.rs`.
+
+mod common;
 
 use std::time::Duration;
 
-use quorumlock::testing::RedisCluster;
+use common::Instances;
 use quorumlock::{Error, QuorumLocker};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::exit(run().await)
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    // Keep the local servers alive until the end of `run`.
-    let from_env = std::env::var("REDIS_URLS")
-        .ok()
-        .filter(|urls| !urls.trim().is_empty());
-    let (urls, _local) = match from_env {
-        Some(urls) => {
-            let urls: Vec<String> = urls.split(',').map(|url| url.trim().to_string()).collect();
-            println!("using the instance(s) in REDIS_URLS:");
-            (urls, None)
-        }
-        None => {
-            let cluster = RedisCluster::start(3)?;
-            println!("REDIS_URLS is not set: started 3 local redis-server processes");
-            (cluster.urls(), Some(cluster))
-        }
-    };
-    for url in &urls {
-        println!("  {url}");
-    }
+    // Keep the instances (and any local servers) alive until the end of `run`.
+    let instances = Instances::choose(3);
 
     // Two lockers with separate connections, as two processes would have.
-    let service_a = QuorumLocker::builder().urls(&urls).build().await?;
-    let service_b = QuorumLocker::builder()
-        .urls(&urls)
+    let service_a = instances.builder().build().await?;
+    let service_b = instances
+        .builder()
         .acquire_timeout(Duration::from_millis(500))
         .build()
         .await?;
+    // Fails now, with each instance's answer, rather than at the first lock.
     service_a.prepare().await?;
     println!(
         "\n{} instances, quorum {}",
@@ -84,8 +66,41 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let lock = service_b.acquire("quickstart:refill-cache", ttl).await?;
     println!("B now holds {:?}", lock.key());
     lock.release().await?;
+
+    with_lock(&service_a, &service_b).await?;
+
+    // Releases finish in the background once a quorum answered: wait for them,
+    // as a service would before it exits.
     service_a.settle().await;
     service_b.settle().await;
-    println!("done: no lock left behind");
+    println!("\ndone: no lock left behind");
+    Ok(())
+}
+
+/// Work under a lock that a watchdog keeps alive and that is released however
+/// the work ends (see examples/with_lock.rs for a job longer than its TTL).
+async fn with_lock(
+    service_a: &QuorumLocker,
+    service_b: &QuorumLocker,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let ttl = Duration::from_secs(2);
+    let rows = service_a
+        .with_lock("quickstart:report", ttl, |status| async move {
+            // While A works, B's single attempt is refused.
+            let refused = service_b
+                .try_acquire("quickstart:report", ttl)
+                .await
+                .is_err();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            println!(
+                "\nA runs the report under with_lock ({:?} of validity left); B refused: {refused}",
+                status.remaining()
+            );
+            42
+        })
+        .await?;
+    println!("with_lock returned {rows} rows and released the lock");
+    let lock = service_b.try_acquire("quickstart:report", ttl).await?;
+    lock.release().await?;
     Ok(())
 }
