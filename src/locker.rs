@@ -11,6 +11,7 @@ use crate::acquire::{self, Identity, Outcome};
 use crate::background::Background;
 use crate::builder::Builder;
 use crate::error::Error;
+use crate::handoff::{self, Handoff};
 use crate::health::{self, Health};
 use crate::instance::Member;
 use crate::lock::Lock;
@@ -40,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) quorum: usize,
     pub(crate) settings: Settings,
     pub(crate) background: Background,
+    /// Wakes waits at releases, with `Builder::wake_waiters`.
+    pub(crate) handoff: Option<Handoff>,
 }
 
 /// The builder's settings, validated.
@@ -192,15 +195,40 @@ impl QuorumLocker {
             fenced: request.fenced,
         };
         let deadline = Instant::now().checked_add(wait);
+        let handoff = self.shared.handoff.as_ref();
+        let mut pacing = handoff::Pacing::new();
+        let mut woken = false;
+        let mut watch: Option<handoff::Watch> = None;
         let mut attempts = 0u32;
         loop {
             attempts = attempts.saturating_add(1);
+            // A new acquire of a key we just released: let woken waiters
+            // (elsewhere) try first.
+            let courtesy = handoff
+                .filter(|_| attempts == 1)
+                .and_then(|handoff| handoff.courtesy_until(&key.redis));
+            if let Some(until) = courtesy {
+                tokio::time::sleep_until(until).await;
+            }
+            let seen = match (&mut watch, handoff) {
+                (Some(watch), _) => {
+                    watch.mark();
+                    None
+                }
+                (None, Some(handoff)) if retry.delay(attempts).is_some() => {
+                    handoff.peek(&key.redis)
+                }
+                _ => None,
+            };
             let attempt =
                 acquire::attempt(&self.shared, &key, request.ttl, &identity, attempts).await?;
             let (shortfall, causes) = match attempt {
                 Outcome::Won(lock) => return Ok(lock),
                 Outcome::Lost { shortfall, causes } => (shortfall, causes),
             };
+            if std::mem::take(&mut woken) {
+                pacing.lost();
+            }
             let retry_at = retry
                 .delay(attempts)
                 .and_then(|delay| Instant::now().checked_add(delay))
@@ -213,7 +241,25 @@ impl QuorumLocker {
                     causes,
                 });
             };
-            tokio::time::sleep_until(retry_at).await;
+            if watch.is_none() {
+                watch = handoff.map(|handoff| handoff.watch(&key.redis, seen));
+            }
+            let Some(watch) = &mut watch else {
+                tokio::time::sleep_until(retry_at).await;
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(retry_at) => {}
+                () = watch.woken() => {
+                    // A random pause, shorter the longer we have waited: long
+                    // waits go first, and a woken crowd does not split the votes.
+                    woken = true;
+                    let pause = pacing.pause();
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
         }
     }
 

@@ -9,9 +9,11 @@ use tracing::{debug, debug_span, warn, Instrument, Span};
 
 use crate::error::{Error, Vote};
 use crate::fanout::{Fanout, Straggler};
+use crate::handoff;
 use crate::locker::{LockKey, Shared};
 use crate::quorum;
 use crate::status::Held;
+use crate::value::LockValue;
 
 /// The first pause between the releases of a dropped lock that met errors.
 const FIRST_RETRY: Duration = Duration::from_millis(10);
@@ -57,8 +59,19 @@ async fn release_round(
     let timeout = shared.settings.instance_timeout;
     let start = Instant::now();
     let bound = ttl.max(timeout);
+    // With hand-off, the release also tells waiters; the message is the nonce,
+    // never the token (which may be a caller's reusable secret).
+    let publish = shared.handoff.as_ref().map(|_| {
+        let nonce = LockValue::parse(value).map_or("", |value| value.nonce);
+        (handoff::channel(&key.redis), Arc::<str>::from(nonce))
+    });
     let mut fanout = Fanout::start(shared, |member| {
-        let delete = member.instance.release(&key.redis, value);
+        let delete = match &publish {
+            None => member.instance.release(&key.redis, value),
+            Some((channel, message)) => member
+                .instance
+                .release_publish(&key.redis, value, channel, message),
+        };
         match stragglers
             .iter()
             .find(|straggler| straggler.index == member.index)
@@ -82,6 +95,9 @@ async fn release_round(
         })
         .await;
     let tally = fanout.tally();
+    if let (Some(handoff), true) = (&shared.handoff, tally.granted > 0) {
+        handoff.released(&key.redis);
+    }
     let incomplete = (0..n).any(|index| matches!(fanout.vote(index), Some(Vote::Failed(_))));
     let causes = (tally.granted == 0).then(|| fanout.votes());
 

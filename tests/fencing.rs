@@ -217,10 +217,16 @@ fn assert_increasing(tenures: &[Tenure]) {
 }
 
 async fn lockers(cluster: &RedisCluster) -> Vec<QuorumLocker> {
+    lockers_for(cluster.urls()).await
+}
+
+async fn lockers_for(urls: Vec<String>) -> Vec<QuorumLocker> {
     let mut lockers = Vec::new();
     for _ in 0..2 {
         lockers.push(
-            common::builder(cluster)
+            QuorumLocker::builder()
+                .urls(urls.clone())
+                .acquire_timeout(Duration::from_secs(5))
                 .instance_timeout(ms(500))
                 .retry(quorumlock::RetryPolicy::fixed(ms(10)).with_jitter(0.5))
                 .build()
@@ -247,7 +253,8 @@ async fn tokens_of_successive_holders_increase_under_contention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_increase_with_a_minority_killed_and_restarted() {
     let cluster = Arc::new(Mutex::new(cluster(5)));
-    let lockers = lockers(&cluster.lock().unwrap()).await;
+    let urls = cluster.lock().unwrap().urls();
+    let lockers = lockers_for(urls).await;
     let faults = Arc::clone(&cluster);
     let tenures = contend(&lockers, 6, ms(3000), move || {
         let mut cluster = faults.lock().unwrap();

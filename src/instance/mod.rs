@@ -21,7 +21,6 @@ pub(crate) type Reply = Result<bool, ::redis::RedisError>;
 pub(crate) type Counter = Result<u64, ::redis::RedisError>;
 
 /// Where an instance's release messages can be heard, if anywhere.
-#[allow(dead_code)] // until the hand-off lands
 #[derive(Clone)]
 pub(crate) enum PubSubSource {
     /// A server reached by URL: a dedicated subscription connection opens from it.
@@ -93,7 +92,6 @@ pub(crate) trait Instance: Send + Sync + 'static {
     ) -> BoxFuture<Reply>;
 
     /// As `release`, and where it deleted, `PUBLISH channel message`.
-    #[allow(dead_code)] // until the hand-off lands
     fn release_publish(
         &self,
         key: &Arc<str>,
@@ -104,7 +102,6 @@ pub(crate) trait Instance: Send + Sync + 'static {
 
     /// Where release messages can be heard: `None` for a connection the user
     /// made (we cannot open another one like it).
-    #[allow(dead_code)] // until the hand-off lands
     fn pubsub(&self) -> Option<PubSubSource> {
         None
     }

@@ -15,7 +15,6 @@ use crate::scripts;
 pub(crate) struct RedisInstance<C> {
     connection: C,
     /// For URL instances: the client that opens subscription connections.
-    #[allow(dead_code)] // until the hand-off lands
     client: Option<redis::Client>,
 }
 
