@@ -72,17 +72,48 @@
 //! A lock is for **efficiency, not correctness**: it keeps processes from doing
 //! the same expensive work twice, and is exclusive only while these hold:
 //!
-//! - every server's clock runs at most `1 / (1 − drift_factor)` times as fast as
-//!   this process's (a fast server expires the key early and lets a second owner
-//!   in);
+//! - no server's clock runs faster than this process's by more than the locker
+//!   can see: plain Redlock needs every clock within `1 / (1 − drift_factor)`;
+//!   quorumlock measures each server's clock rate and shortens the validity to
+//!   match (see *Clock drift* below), which leaves only a change of rate faster
+//!   than its probes can follow;
 //! - the holder does not pause past [`Lock::valid_until`] (garbage collection, swap
 //!   or a stopped VM would let it work on after the lock passed on);
-//! - an instance that restarts keeps its keys, or stays down for the longest TTL
-//!   (a restart without persistence forgets the key);
+//! - an instance that restarts keeps its keys, or does not vote until the
+//!   longest TTL has passed: the restart quarantine does that for restarts the
+//!   locker sees (see *Restarts* below);
 //! - the instances are distinct servers (the builder refuses a repeated address,
 //!   [`QuorumLocker::prepare`] a repeated `run_id`).
 //!
 //! Network delay costs only validity: it is counted from before the requests left.
+//! docs/SAFETY.md in the repository has the fault suite's measured results.
+//!
+//! # Clock drift
+//!
+//! A server whose clock runs fast drops its keys early. If a grant came partly
+//! from such servers, a second owner can collect a quorum once they drop the key,
+//! while the first still believes its lock valid — plain Redlock overlaps there
+//! even with a minority of fast servers. Each locker probes every instance's
+//! `TIME` against its own monotonic clock (every
+//! [`probe_every`](Builder::probe_every)) and estimates its rate; a lock's validity
+//! then ends when no more than `N − quorum` of the instances that granted it can
+//! still hold the key: the `(N − quorum + 1)`-th longest of `ttl / rate` over the
+//! granting instances, minus the elapsed time and the drift allowance, never more
+//! than the plain formula. [`Builder::quarantine_fast_clocks`] goes further and
+//! refuses votes from fast clocks. Rates are unknown for about the first
+//! half-second after a locker starts; until then the plain formula applies.
+//!
+//! # Restarts
+//!
+//! A Redis server restarted without persistence has forgotten the locks it held,
+//! so its next vote could hand a lock to a second owner. A locker notices a
+//! restart when the server's `run_id` changes (its probes, and a probe right after
+//! any connection failure, check it) and keeps the instance out of acquisitions
+//! for [`Builder::restart_quarantine`] (default: the default TTL), by which time
+//! every lock it could have held has expired. An instance whose connection failed
+//! does not vote until a probe has reached it again. A locker that starts after
+//! the restart cannot tell, so give instances without persistence a start-up
+//! delay of the longest TTL as well.
 //!
 //! # Fencing tokens
 //!

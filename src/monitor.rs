@@ -153,7 +153,11 @@ pub(crate) async fn run(shared: Weak<Shared>, kick: Arc<Notify>) {
         };
         let policy = locker.settings.policy;
         probe_all(&locker).await;
-        let wait = if locker.members.iter().any(|member| member.state.is_suspect()) {
+        let wait = if locker
+            .members
+            .iter()
+            .any(|member| member.state.is_suspect())
+        {
             suspect_rounds = suspect_rounds.saturating_add(1);
             SUSPECT_PROBE
                 .saturating_mul(1 << suspect_rounds.min(10))
