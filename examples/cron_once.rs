@@ -97,10 +97,8 @@ async fn scheduler(
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await; // the job
                 ran.push((slot, process));
-                // Keep the handle until the slot is over: dropping a lock
-                // releases it.
-                sleep_until_wall(slot_start(slot + 1)).await;
-                drop(lock);
+                // Dropping a lock releases it; this one must outlive the job.
+                lock.leave_to_expire();
             }
             // Too few instances answered: perhaps nobody can run it this time,
             // which an operator should hear about.

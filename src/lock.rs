@@ -209,6 +209,13 @@ impl Lock {
         LockGuard::start(self, every)
     }
 
+    /// Lets the lock go without releasing it: the keys stay until their TTL
+    /// expires. For "at most once per interval" jobs, where the lock must outlive
+    /// the work: take it with a TTL of the interval and leave it to expire.
+    pub fn leave_to_expire(mut self) {
+        self.release_on_drop = false;
+    }
+
     /// Deletes the key on every instance where it still holds this lock's token,
     /// and returns how many instances released it.
     ///
