@@ -135,7 +135,10 @@ async fn prepare_loads_scripts_and_release_survives_a_script_flush() {
     }
     // Every script on every instance (the same number, and no fewer than the
     // release, extend and re-take scripts).
-    assert!(loaded.iter().all(|&count| count == loaded[0] && count >= 3), "{loaded:?}");
+    assert!(
+        loaded.iter().all(|&count| count == loaded[0] && count >= 3),
+        "{loaded:?}"
+    );
     for i in 0..3 {
         let mut connection = cluster.connection(i).await.unwrap();
         // As after a restart: the next release meets NOSCRIPT and reloads.
