@@ -80,6 +80,11 @@ impl LockGuard {
         self.lock.metadata()
     }
 
+    /// The fencing token of a fenced lock; see [`Lock::fencing_token`].
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.lock.fencing_token()
+    }
+
     /// The end of the current validity; each extend moves it.
     pub fn valid_until(&self) -> Instant {
         self.lock.valid_until()

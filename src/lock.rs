@@ -36,8 +36,6 @@ pub struct Lock {
     stragglers: Arc<[Straggler]>,
     /// Cleared once a release has run to an answer, so `Drop` has nothing to do.
     release_on_drop: bool,
-    /// The fencing token, for a lock requested with `fenced()`.
-    fencing_token: Option<u64>,
 }
 
 impl Lock {
@@ -47,12 +45,13 @@ impl Lock {
             held: Arc::new(held),
             stragglers: stragglers.into(),
             release_on_drop: true,
-            fencing_token: None,
         }
     }
 
-    pub(crate) fn fenced(mut self, fencing_token: Option<u64>) -> Self {
-        self.fencing_token = fencing_token;
+    pub(crate) fn fenced(self, fencing_token: Option<u64>) -> Self {
+        if let Some(token) = fencing_token {
+            self.held.set_fencing_token(token);
+        }
         self
     }
 
@@ -77,7 +76,7 @@ impl Lock {
     /// past its validity is then refused once its successor has written. An
     /// extend keeps the token.
     pub fn fencing_token(&self) -> Option<u64> {
-        self.fencing_token
+        self.held.fencing_token()
     }
 
     /// The metadata stored beside the token (see
@@ -286,7 +285,7 @@ impl fmt::Debug for Lock {
                 "token",
                 &format_args!("{}…", token::abbreviate(self.token())),
             )
-            .field("fencing_token", &self.fencing_token)
+            .field("fencing_token", &self.fencing_token())
             .field("ttl", &self.ttl())
             .field("remaining", &self.remaining())
             .finish()

@@ -2,7 +2,7 @@
 //! the token, and the validity, which extends move forward and a loss ends.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -23,6 +23,8 @@ pub(crate) struct Held {
     tenure: watch::Sender<Tenure>,
     /// Why the lock was lost, when a failed extend is the reason.
     loss: Mutex<Option<Error>>,
+    /// The fencing token of a fenced lock, set once when it is handed out.
+    fencing_token: OnceLock<u64>,
 }
 
 /// The part of a lock's state that changes.
@@ -59,7 +61,16 @@ impl Held {
                 lost: false,
             }),
             loss: Mutex::new(None),
+            fencing_token: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn set_fencing_token(&self, token: u64) {
+        let _ = self.fencing_token.set(token);
+    }
+
+    pub(crate) fn fencing_token(&self) -> Option<u64> {
+        self.fencing_token.get().copied()
     }
 
     pub(crate) fn metadata(&self) -> Option<&str> {
@@ -189,6 +200,11 @@ impl LockStatus {
     /// The metadata stored beside the token, if any.
     pub fn metadata(&self) -> Option<&str> {
         self.held.metadata()
+    }
+
+    /// The fencing token of a fenced lock; see [`Lock::fencing_token`](crate::Lock::fencing_token).
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.held.fencing_token()
     }
 
     /// The end of the validity on this process's monotonic clock; extends move it.

@@ -21,6 +21,8 @@ pub struct Tenure {
     /// When the holder stopped believing it held the lock: its release, or the
     /// end of its validity if that came first.
     pub end: Instant,
+    /// The lock's fencing token, for fenced locks.
+    pub token: Option<u64>,
 }
 
 /// Two tenures of one key that overlapped: a mutual-exclusion violation.
@@ -85,6 +87,18 @@ impl Checker {
 
     /// Records that `holder` believed it held `key` from `start` to `end`.
     pub fn record(&self, key: &str, holder: usize, start: Instant, end: Instant) {
+        self.record_fenced(key, holder, start, end, None);
+    }
+
+    /// As [`record`](Self::record), with the lock's fencing token.
+    pub fn record_fenced(
+        &self,
+        key: &str,
+        holder: usize,
+        start: Instant,
+        end: Instant,
+        token: Option<u64>,
+    ) {
         self.tenures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -93,7 +107,35 @@ impl Checker {
                 holder,
                 start,
                 end: end.max(start),
+                token,
             });
+    }
+
+    /// Fenced tenures of one key, in the order they began, whose token is not
+    /// greater than an earlier one's: each pair is (earlier, later). Empty when
+    /// every holder's token exceeded every earlier holder's.
+    pub fn stale_tokens(&self) -> Vec<(Tenure, Tenure)> {
+        let mut by_key: HashMap<String, Vec<Tenure>> = HashMap::new();
+        for tenure in self.tenures() {
+            if tenure.token.is_some() {
+                by_key.entry(tenure.key.clone()).or_default().push(tenure);
+            }
+        }
+        let mut stale = Vec::new();
+        for tenures in by_key.values_mut() {
+            tenures.sort_by_key(|tenure| tenure.start);
+            let mut highest: Option<&Tenure> = None;
+            for tenure in tenures.iter() {
+                if let Some(earlier) = highest {
+                    if tenure.token <= earlier.token {
+                        stale.push((earlier.clone(), tenure.clone()));
+                        continue;
+                    }
+                }
+                highest = Some(tenure);
+            }
+        }
+        stale
     }
 
     /// How many tenures were recorded.
@@ -167,5 +209,23 @@ mod tests {
         pairs.sort_unstable();
         assert_eq!(pairs, [(1, 2), (1, 3), (2, 3)]);
         assert_eq!(checker.len(), 5);
+    }
+
+    #[test]
+    fn finds_tokens_that_did_not_increase() {
+        let checker = Checker::new();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        checker.record_fenced("a", 1, t0, t0 + ms(10), Some(1));
+        checker.record_fenced("a", 2, t0 + ms(10), t0 + ms(20), Some(3));
+        checker.record_fenced("a", 3, t0 + ms(20), t0 + ms(30), Some(2)); // stale
+        checker.record_fenced("a", 4, t0 + ms(30), t0 + ms(40), Some(4));
+        checker.record_fenced("b", 5, t0, t0 + ms(10), Some(1)); // another key
+        let stale: Vec<(usize, usize)> = checker
+            .stale_tokens()
+            .iter()
+            .map(|(earlier, later)| (earlier.holder, later.holder))
+            .collect();
+        assert_eq!(stale, [(2, 3)]);
     }
 }
