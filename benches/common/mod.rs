@@ -1,13 +1,19 @@
 //! Shared setup for the benches: one 5-server local cluster, and for each
-//! instance count N (its first N servers) the raw floor and our locker.
+//! instance count N (its first N servers) the raw floor, our locker and rslock.
 //!
 //! The raw floor is what any Redlock implementation must do per cycle: N
 //! parallel `SET key token NX PX ttl`, then N parallel compare-and-delete by
 //! `EVALSHA` of a preloaded script, each time waiting for every reply, over one
 //! `MultiplexedConnection` per server.
+//!
+//! rslock (0.10, the registry's Redlock crate) runs with its defaults: one
+//! multiplexed connection per server with redis-rs's 500 ms response timeout,
+//! 3 attempts per `lock` call.
+#![allow(dead_code)] // each bench uses part of it
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use quorumlock::testing::RedisCluster;
@@ -159,7 +165,54 @@ pub async fn ours_cycle(locker: &QuorumLocker, key: &str) {
     lock.release().await.expect("release");
 }
 
-/// The raw floor and our locker over the same first N servers.
+/// rslock over `urls`, its defaults, connected (it connects on first use).
+pub async fn rslock(urls: &[String]) -> rslock::LockManager {
+    let manager = rslock::LockManager::new(urls.to_vec());
+    // The first lock opens the connections.
+    let lock = manager
+        .lock("bench:warm", TTL)
+        .await
+        .expect("rslock: first lock");
+    manager.unlock(&lock).await;
+    manager
+}
+
+/// One cycle of rslock on `key`: `lock`, then `unlock`.
+pub async fn rslock_cycle(manager: &rslock::LockManager, key: &str) {
+    let lock = manager.lock(key, TTL).await.expect("rslock lock");
+    manager.unlock(&lock).await;
+}
+
+/// Who runs a cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The raw floor.
+    Raw,
+    /// quorumlock.
+    Ours,
+    /// rslock.
+    Rslock,
+}
+
+impl Side {
+    /// All three, in report order.
+    pub const ALL: [Side; 3] = [Side::Raw, Side::Ours, Side::Rslock];
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Raw => "raw_floor",
+            Side::Ours => "quorumlock",
+            Side::Rslock => "rslock",
+        }
+    }
+}
+
+static RAW_KEYS: Keys = Keys::new("rawf");
+static OURS_KEYS: Keys = Keys::new("ours");
+static RSLOCK_KEYS: Keys = Keys::new("rslk");
+
+/// The raw floor, our locker and rslock over the same first N servers.
 pub struct Pair {
     /// How many servers.
     pub n: usize,
@@ -167,6 +220,71 @@ pub struct Pair {
     pub raw: RawFloor,
     /// Our locker over them.
     pub ours: QuorumLocker,
+    /// rslock over them.
+    pub rslock: rslock::LockManager,
+}
+
+impl Pair {
+    /// One cycle of `side` on a fresh key (made before the cycle starts).
+    pub async fn cycle(&self, side: Side) {
+        match side {
+            Side::Raw => {
+                let key = RAW_KEYS.next();
+                self.raw.cycle(&key).await;
+            }
+            Side::Ours => {
+                let key = OURS_KEYS.next();
+                ours_cycle(&self.ours, &key).await;
+            }
+            Side::Rslock => {
+                let key = RSLOCK_KEYS.next();
+                rslock_cycle(&self.rslock, &key).await;
+            }
+        }
+    }
+
+    /// One cycle of `side`, timed (the key is made outside the timed span).
+    pub async fn timed_cycle(&self, side: Side) -> Duration {
+        let key = match side {
+            Side::Raw => RAW_KEYS.next(),
+            Side::Ours => OURS_KEYS.next(),
+            Side::Rslock => RSLOCK_KEYS.next(),
+        };
+        let started = Instant::now();
+        match side {
+            Side::Raw => self.raw.cycle(&key).await,
+            Side::Ours => ours_cycle(&self.ours, &key).await,
+            Side::Rslock => rslock_cycle(&self.rslock, &key).await,
+        }
+        started.elapsed()
+    }
+}
+
+/// Runs `side` from `tasks` concurrent tasks, each cycling on distinct keys,
+/// until `total` cycles are done; returns how long that took. Needs a
+/// multi-thread runtime to use both cores.
+pub async fn concurrent(pair: &Arc<Pair>, side: Side, tasks: usize, total: u64) -> Duration {
+    let left = Arc::new(AtomicU64::new(total));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let pair = Arc::clone(pair);
+            let left = Arc::clone(&left);
+            tokio::spawn(async move {
+                // Claim a cycle, then run it, until none are left.
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    pair.cycle(side).await;
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("a throughput task panicked");
+    }
+    started.elapsed()
 }
 
 /// One [`Pair`] per size in [`SIZES`], all over `cluster`'s servers.
@@ -179,7 +297,22 @@ pub async fn pairs(cluster: &RedisCluster) -> Vec<Pair> {
             n,
             raw: RawFloor::connect(urls).await,
             ours: locker(urls).await,
+            rslock: rslock(urls).await,
         });
     }
     pairs
+}
+
+/// Nearest-rank percentile `percent` of sorted `samples`, in µs.
+pub fn percentile(sorted: &[Duration], percent: usize) -> f64 {
+    assert!(!sorted.is_empty(), "no samples");
+    let rank = (percent * sorted.len()).div_ceil(100);
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e6
+}
+
+/// The median of some values.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    assert!(!values.is_empty(), "no values");
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }

@@ -49,7 +49,7 @@ use std::path::PathBuf;
 pub use checker::{Checker, Tenure, Violation};
 pub use cluster::RedisCluster;
 pub use proxy::{Direction, FaultProxy};
-pub use scenario::{Fault, Report, Scenario, Summary};
+pub use scenario::{Failure, Fault, Report, Scenario, ScenarioClient, Summary};
 pub use server::{RedisServer, RedisServerBuilder};
 
 /// Why the fixture could not start or control a server.

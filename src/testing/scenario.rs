@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -126,6 +127,10 @@ impl Scenario {
         }
     }
 
+    /// The prefix of every key a scenario stores: a [`ScenarioClient`] puts it in
+    /// front of the keys it is given, so that the final sweep finds leftovers.
+    pub const KEY_PREFIX: &'static str = PREFIX;
+
     /// Runs the scenario on fresh servers and reports what the checker saw. Needs a
     /// multi-threaded Tokio runtime (server control blocks a thread).
     ///
@@ -133,6 +138,16 @@ impl Scenario {
     ///
     /// When the servers, proxies or clock shim cannot be started.
     pub async fn run(&self) -> Result<Report, HarnessError> {
+        self.run_with::<QuorumLocker>().await
+    }
+
+    /// [`run`](Self::run) with another lock client in place of [`QuorumLocker`]: the
+    /// same servers, fault, workload and checker, for comparing implementations.
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Self::run).
+    pub async fn run_with<C: ScenarioClient>(&self) -> Result<Report, HarnessError> {
         let scenario = self.clone();
         let clock = matches!(self.fault, Fault::ClockRate { .. });
         let n = self.instances;
@@ -166,7 +181,12 @@ impl Scenario {
         }
 
         self.apply_static_fault(&cluster, &proxies).await?;
-        let lockers = self.lockers(&client_urls).await;
+        let mut lockers: Vec<C> = Vec::new();
+        for _ in 0..self.clients {
+            if let Some(client) = C::connect(self, &client_urls).await {
+                lockers.push(client);
+            }
+        }
         // Let the monitors estimate clock rates and learn run_ids first, as a
         // long-running service's locker would have.
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -209,7 +229,12 @@ impl Scenario {
             let _ =
                 tokio::time::timeout(self.ttl * 4 + Duration::from_secs(3), locker.settle()).await;
         }
-        let keys_left = sweep(&urls, &lock(&cluster)).await;
+        let live: Vec<bool> = {
+            let cluster = lock(&cluster);
+            let live = |i: usize| cluster.server(i).is_running() && !cluster.server(i).is_paused();
+            (0..urls.len()).map(live).collect()
+        };
+        let keys_left = sweep(&urls, &live).await;
         drop(lockers);
         drop(proxies);
         let cluster = Arc::try_unwrap(cluster).ok();
@@ -231,30 +256,6 @@ impl Scenario {
             validity: Summary::of(stats.acquired.iter().map(|a| a.validity).collect()),
             elapsed,
         })
-    }
-
-    async fn lockers(&self, urls: &[String]) -> Vec<QuorumLocker> {
-        let mut lockers = Vec::new();
-        for _ in 0..self.clients {
-            let mut builder: Builder = QuorumLocker::builder()
-                .urls(urls.iter().cloned())
-                .default_ttl(self.ttl)
-                .instance_timeout(self.instance_timeout)
-                .retry(RetryPolicy::fixed(Duration::from_millis(10)).with_jitter(0.5))
-                .probe_every(Duration::from_millis(100))
-                .key_prefix(PREFIX);
-            if !self.defences {
-                builder = builder
-                    .rate_aware_validity(false)
-                    .restart_quarantine(Duration::ZERO);
-            }
-            // Settings are this module's own and valid.
-            if let Ok(locker) = builder.build().await {
-                let _ = locker.prepare().await;
-                lockers.push(locker);
-            }
-        }
-        lockers
     }
 
     async fn apply_static_fault(
@@ -336,6 +337,95 @@ impl Scenario {
     }
 }
 
+/// A lock client that a [`Scenario`] drives in place of [`QuorumLocker`]
+/// ([`Scenario::run_with`]), so that another Redlock implementation runs the same
+/// workload under the same faults and the same [`Checker`].
+pub trait ScenarioClient: Sized + Clone + Send + Sync + 'static {
+    /// A held lock.
+    type Held: Send + 'static;
+
+    /// One of the scenario's clients, over `urls` (through the fault proxies where
+    /// the fault has them); `None` if it cannot be built.
+    fn connect(scenario: &Scenario, urls: &[String]) -> impl Future<Output = Option<Self>> + Send;
+
+    /// Takes `key` (stored as [`Scenario::KEY_PREFIX`] then `key`) for `ttl`,
+    /// retrying until `wait` has passed. Returns the lock and the end of its
+    /// validity on this process's clock.
+    fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> impl Future<Output = Result<(Self::Held, Instant), Failure>> + Send;
+
+    /// Releases a lock (best effort).
+    fn release(&self, held: Self::Held) -> impl Future<Output = ()> + Send;
+
+    /// Waits until the client's background work has finished.
+    fn settle(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Why a [`ScenarioClient::acquire`] call returned without a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Not acquired: contention, or too few instances granted.
+    NotAcquired,
+    /// Any other error.
+    Other,
+}
+
+/// The scenarios' own locker: 10 ms ± 50% retries, probes every 100 ms, and
+/// without [`Scenario::defences`] plain Redlock validity and no quarantine.
+impl ScenarioClient for QuorumLocker {
+    type Held = crate::Lock;
+
+    async fn connect(scenario: &Scenario, urls: &[String]) -> Option<Self> {
+        let mut builder: Builder = QuorumLocker::builder()
+            .urls(urls.iter().cloned())
+            .default_ttl(scenario.ttl)
+            .instance_timeout(scenario.instance_timeout)
+            .retry(RetryPolicy::fixed(Duration::from_millis(10)).with_jitter(0.5))
+            .probe_every(Duration::from_millis(100))
+            .key_prefix(PREFIX);
+        if !scenario.defences {
+            builder = builder
+                .rate_aware_validity(false)
+                .restart_quarantine(Duration::ZERO);
+        }
+        // Settings are this module's own and valid.
+        let locker = builder.build().await.ok()?;
+        let _ = locker.prepare().await;
+        Some(locker)
+    }
+
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<(Self::Held, Instant), Failure> {
+        match self.lock(key).ttl(ttl).wait(wait).acquire().await {
+            Ok(held) => {
+                let until = held.valid_until();
+                Ok((held, until))
+            }
+            Err(Error::NotAcquired { .. }) => Err(Failure::NotAcquired),
+            Err(_) => Err(Failure::Other),
+        }
+    }
+
+    async fn release(&self, held: Self::Held) {
+        let _ = held.release().await;
+    }
+
+    async fn settle(&self) {
+        QuorumLocker::settle(self).await;
+    }
+}
+
 /// Runs blocking server control on a blocking thread.
 async fn control(
     cluster: &Arc<Mutex<RedisCluster>>,
@@ -377,9 +467,9 @@ struct Stats {
 
 /// One task: take a key, hold it for a while (often to the end of its validity,
 /// where overlaps show), release it; record the tenure.
-async fn work(
+async fn work<C: ScenarioClient>(
     scenario: Scenario,
-    locker: QuorumLocker,
+    locker: C,
     holder: usize,
     checker: Checker,
     stats: Arc<Mutex<Stats>>,
@@ -390,56 +480,57 @@ async fn work(
     while Instant::now() < deadline && lock(&stats).acquired.len() < scenario.acquisitions {
         let key = format!("k{}", random.below(scenario.keys.max(1) as u64));
         let called = Instant::now();
-        let result = locker.lock(key.as_str()).wait(wait).acquire().await;
+        let result = locker.acquire(&key, scenario.ttl, wait).await;
         let latency = called.elapsed();
         let lock_result = {
             let mut stats = lock(&stats);
             stats.calls += 1;
             stats.longest_call = stats.longest_call.max(latency);
             match result {
-                Ok(held) => {
+                Ok((held, valid_until)) => {
                     stats.acquired.push(Acquired {
                         latency,
-                        validity: held.remaining(),
+                        validity: valid_until.saturating_duration_since(Instant::now()),
                     });
-                    Some(held)
+                    Some((held, valid_until))
                 }
-                Err(Error::NotAcquired { .. }) => {
+                Err(Failure::NotAcquired) => {
                     stats.not_acquired += 1;
                     None
                 }
-                Err(_) => {
+                Err(Failure::Other) => {
                     stats.errors += 1;
                     None
                 }
             }
         };
-        let Some(held) = lock_result else {
+        let Some((held, valid_until)) = lock_result else {
             continue;
         };
+        let remaining = || valid_until.saturating_duration_since(Instant::now());
         let start = Instant::now();
         // Tenures that run to the end of the validity show an early expiry on the
         // servers as an overlap; short ones keep the lock changing hands.
         let hold = if (random.below(1000) as f64) < scenario.hold_to_validity * 1000.0 {
-            held.remaining()
+            remaining()
         } else {
-            held.remaining().mul_f64(random.below(100) as f64 / 400.0)
+            remaining().mul_f64(random.below(100) as f64 / 400.0)
         };
         tokio::time::sleep(hold).await;
-        let end = Instant::now().min(held.valid_until());
+        let end = Instant::now().min(valid_until);
         checker.record(&key, holder, start, end);
         let called = Instant::now();
-        let _ = held.release().await;
+        locker.release(held).await;
         let mut stats = lock(&stats);
         stats.longest_call = stats.longest_call.max(called.elapsed());
     }
 }
 
-/// Every key of ours still on a running server.
-async fn sweep(urls: &[String], cluster: &RedisCluster) -> usize {
+/// Every key of ours still on a running server (`live[i]`).
+async fn sweep(urls: &[String], live: &[bool]) -> usize {
     let mut left = 0;
     for (i, url) in urls.iter().enumerate() {
-        if !cluster.server(i).is_running() || cluster.server(i).is_paused() {
+        if !live[i] {
             continue;
         }
         let Ok(client) = redis::Client::open(url.as_str()) else {
