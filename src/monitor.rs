@@ -35,6 +35,9 @@ struct Standing {
     /// Votes do not count until then: the server restarted and forgot its keys.
     quarantined_until: Option<Instant>,
     clock: RateEstimator,
+    /// The clock's rate, refitted at each probe: attempts read it, and a fit per
+    /// attempt would cost more than the rest of the attempt's bookkeeping.
+    rate: Option<f64>,
 }
 
 /// How strictly the locker treats instances; from the builder.
@@ -76,8 +79,8 @@ impl InstanceState {
         if standing.suspect && standing.run_id.is_some() && !policy.restart_quarantine.is_zero() {
             return Some(Vote::Quarantined(Quarantine::Unverified));
         }
-        if let (Some(max), Some(rate)) = (policy.max_clock_rate, standing.clock.rate()) {
-            if rate > max {
+        if let Some(max) = policy.max_clock_rate {
+            if let Some(rate) = standing.rate.filter(|rate| *rate > max) {
                 return Some(Vote::Quarantined(Quarantine::ClockDrift { rate }));
             }
         }
@@ -100,7 +103,7 @@ impl InstanceState {
 
     /// The estimated rate of the instance's clock against ours.
     pub(crate) fn clock_rate(&self) -> Option<f64> {
-        self.standing().clock.rate()
+        self.standing().rate
     }
 
     /// How long the instance stays quarantined after a restart.
@@ -125,6 +128,7 @@ impl InstanceState {
         match &standing.run_id {
             Some(known) if known != run_id => {
                 standing.clock.reset();
+                standing.rate = None;
                 if !policy.restart_quarantine.is_zero() {
                     // The restart came before we saw it: counting from now errs
                     // on the safe side.
@@ -138,6 +142,7 @@ impl InstanceState {
             standing.run_id = Some(run_id.to_string());
         }
         standing.clock.record(sent, received, server_time);
+        standing.rate = standing.clock.rate();
     }
 }
 

@@ -5,7 +5,6 @@
 //! (caller-chosen) token set; the metadata says, to whoever inspects the key, who
 //! the owner is. Tokens and nonces contain no spaces, so the format parses one way.
 
-use std::fmt::Write;
 use std::sync::Arc;
 
 use crate::error::Error;
@@ -55,12 +54,7 @@ impl<'a> LockValue<'a> {
 pub(crate) fn nonce() -> Result<String, Error> {
     let mut bytes = [0u8; NONCE_BYTES];
     getrandom::fill(&mut bytes).map_err(|err| Error::Entropy(err.to_string()))?;
-    let mut hex = String::with_capacity(NONCE_BYTES * 2);
-    for byte in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(hex, "{byte:02x}");
-    }
-    Ok(hex)
+    Ok(crate::token::hex(&bytes))
 }
 
 /// The value for `token`, a fresh nonce, and `metadata`.

@@ -41,8 +41,9 @@ where
 {
     /// Runs a script that answers 1 (done) or 0 (refused).
     fn run(&self, script: &'static Script, key: &str, args: &[&str]) -> BoxFuture<Reply> {
-        let counter = self.run_counter(script, &[key], args);
-        Box::pin(async move { Ok(counter.await? == 1) })
+        let mut connection = self.connection.clone();
+        let evalsha = evalsha(script, &[key], args);
+        Box::pin(async move { Ok(call(script, &evalsha, &mut connection).await? == 1) })
     }
 
     /// Runs a script over `keys` that answers a non-negative integer.
@@ -53,18 +54,41 @@ where
         args: &[&str],
     ) -> BoxFuture<Counter> {
         let mut connection = self.connection.clone();
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(*key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        Box::pin(async move {
-            let answer: i64 = invocation.invoke_async(&mut connection).await?;
-            u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
-        })
+        let evalsha = evalsha(script, keys, args);
+        Box::pin(async move { call(script, &evalsha, &mut connection).await })
     }
+}
+
+/// `EVALSHA` for `script`, built directly: the hot path of every release, extend
+/// and re-take, where redis-rs's script invocation would copy every argument
+/// once more.
+fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
+/// Runs `evalsha`; after a restart or `SCRIPT FLUSH` the server answers
+/// `NOSCRIPT`, and the script is loaded and the call repeated once.
+async fn call<C: ConnectionLike>(
+    script: &'static Script,
+    evalsha: &redis::Cmd,
+    connection: &mut C,
+) -> Result<u64, RedisError> {
+    let answer: i64 = match evalsha.query_async(connection).await {
+        Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(connection).await?;
+            evalsha.query_async(connection).await?
+        }
+        other => other?,
+    };
+    u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
 }
 
 impl<C> Instance for RedisInstance<C>
