@@ -63,8 +63,11 @@ where
 /// and re-take, where redis-rs's script invocation would copy every argument
 /// once more.
 fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(keys.len());
+    // Sized up front: growing the argument buffers was a tenth of a cycle's work.
+    let count = 3 + keys.len() + args.len();
+    let bytes = 64 + keys.iter().chain(args).map(|part| part.len()).sum::<usize>();
+    let mut cmd = redis::Cmd::with_capacity(count, bytes);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
     for key in keys {
         cmd.arg(*key);
     }
@@ -97,8 +100,9 @@ where
 {
     fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
-        let mut set = redis::cmd("SET");
-        set.arg(&**key)
+        let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
+        set.arg("SET")
+            .arg(&**key)
             .arg(&**value)
             .arg("NX")
             .arg("PX")
