@@ -65,7 +65,12 @@ where
 fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> redis::Cmd {
     // Sized up front: growing the argument buffers was a tenth of a cycle's work.
     let count = 3 + keys.len() + args.len();
-    let bytes = 64 + keys.iter().chain(args).map(|part| part.len()).sum::<usize>();
+    let bytes = 64
+        + keys
+            .iter()
+            .chain(args)
+            .map(|part| part.len())
+            .sum::<usize>();
     let mut cmd = redis::Cmd::with_capacity(count, bytes);
     cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
     for key in keys {
