@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::instance::redis::RedisInstance;
 use crate::instance::{Instance, Member};
-use crate::locker::{check_ttl, QuorumLocker, Settings, Shared};
+use crate::locker::{check_ttl, QuorumLocker, Settings, Shared, MAX_TTL};
 use crate::monitor::{InstanceState, Policy};
 use crate::quorum;
 use crate::retry::RetryPolicy;
@@ -306,6 +306,24 @@ impl Builder {
                     self.drift_factor
                 ),
             });
+        }
+        // Beyond MAX_TTL a duration means "forever" and only risks overflowing
+        // the instant arithmetic it feeds.
+        for (setting, duration) in [
+            ("instance_timeout", self.instance_timeout),
+            ("acquire_timeout", self.acquire_timeout),
+            ("probe_every", self.probe_every),
+            (
+                "restart_quarantine",
+                self.restart_quarantine.unwrap_or_default(),
+            ),
+        ] {
+            if duration > MAX_TTL {
+                return Err(Error::InvalidConfig {
+                    setting,
+                    reason: format!("{duration:?} is longer than quorumlock::MAX_TTL"),
+                });
+            }
         }
         if self.probe_every.is_zero() {
             return Err(Error::InvalidConfig {

@@ -166,6 +166,69 @@ async fn bad_settings_are_refused_at_build() {
     ));
     let result = builder(&cluster).default_ttl(Duration::ZERO).build().await;
     assert!(matches!(result, Err(Error::InvalidTtl { .. })));
+    let result = builder(&cluster).probe_every(Duration::ZERO).build().await;
+    assert!(matches!(
+        result,
+        Err(Error::InvalidConfig {
+            setting: "probe_every",
+            ..
+        })
+    ));
+    // Absurdly long settings are refused rather than left to overflow later.
+    let absurd = Duration::MAX;
+    let settings: [(
+        &str,
+        fn(quorumlock::Builder, Duration) -> quorumlock::Builder,
+    ); 4] = [
+        ("instance_timeout", |b, d| b.instance_timeout(d)),
+        ("acquire_timeout", |b, d| b.acquire_timeout(d)),
+        ("probe_every", |b, d| b.probe_every(d)),
+        ("restart_quarantine", |b, d| b.restart_quarantine(d)),
+    ];
+    for (name, set) in settings {
+        match set(builder(&cluster), absurd).build().await {
+            Err(Error::InvalidConfig { setting, .. }) => assert_eq!(setting, name),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // The longest accepted ones work without overflow.
+    let locker = builder(&cluster)
+        .acquire_timeout(MAX_TTL)
+        .restart_quarantine(MAX_TTL)
+        .instance_timeout(MAX_TTL)
+        .build()
+        .await
+        .unwrap();
+    let lock = locker
+        .try_acquire("job", Duration::from_secs(1))
+        .await
+        .unwrap();
+    lock.extend(Duration::from_secs(1)).await.unwrap();
+    lock.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_non_owner_and_an_expired_owner_change_nothing() {
+    let cluster = cluster(3);
+    let locker = locker(&cluster).await;
+    let rival = locker.clone();
+    let short = locker
+        .try_acquire("job", Duration::from_millis(50))
+        .await
+        .unwrap();
+    short.lost().await;
+    let theirs = rival.acquire("job", Duration::from_secs(10)).await.unwrap();
+    locker.settle().await;
+    let before = common::values(&cluster, "job").await;
+    // The expired owner can neither extend nor release the new owner's lock.
+    assert!(matches!(
+        short.extend(Duration::from_secs(10)).await,
+        Err(Error::LockLost { .. })
+    ));
+    assert!(matches!(short.release().await, Err(Error::NotHeld { .. })));
+    locker.settle().await;
+    assert_eq!(common::values(&cluster, "job").await, before);
+    theirs.release().await.unwrap();
 }
 
 #[test]
