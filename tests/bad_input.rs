@@ -137,6 +137,9 @@ async fn bad_urls_are_typed_and_redacted() {
     }
 }
 
+/// A builder method that takes a duration.
+type SetDuration = fn(quorumlock::Builder, Duration) -> quorumlock::Builder;
+
 #[tokio::test]
 async fn bad_settings_are_refused_at_build() {
     let cluster = cluster(1);
@@ -176,10 +179,7 @@ async fn bad_settings_are_refused_at_build() {
     ));
     // Absurdly long settings are refused rather than left to overflow later.
     let absurd = Duration::MAX;
-    let settings: [(
-        &str,
-        fn(quorumlock::Builder, Duration) -> quorumlock::Builder,
-    ); 4] = [
+    let settings: [(&str, SetDuration); 4] = [
         ("instance_timeout", |b, d| b.instance_timeout(d)),
         ("acquire_timeout", |b, d| b.acquire_timeout(d)),
         ("probe_every", |b, d| b.probe_every(d)),
