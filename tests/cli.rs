@@ -350,6 +350,35 @@ fn bench_reports_latencies() {
     }
 }
 
+#[test]
+fn bench_with_latency_runs_a_tolerance_phase() {
+    let cluster = cluster();
+    let output = qlock(&cluster.urls())
+        .args([
+            "bench",
+            "--seconds",
+            "1",
+            "--tasks",
+            "2",
+            "--latency",
+            "30ms",
+            "--slow",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(stdout.contains("instances as they are"), "{stdout}");
+    assert!(
+        stdout.contains("with 30ms added to every round trip to 1 of 3 instance(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("slowed / healthy"), "{stdout}");
+    // A slow minority is not waited for: every attempt still succeeds.
+    assert!(stdout.contains("success 100.0%"), "{stdout}");
+}
+
 /// What the README's `cargo run --features cli --bin qlock -- run --key demo --
 /// echo hi` relies on: with no instances given, qlock starts its own.
 #[test]

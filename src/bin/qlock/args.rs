@@ -22,7 +22,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Instances (for every command)")]
 pub struct InstanceArgs {
     /// A Redis instance (redis://[user[:password]@]host[:port][/db]); repeat, or
@@ -153,6 +153,15 @@ pub struct BenchArgs {
     /// Base name of the keys.
     #[arg(long, default_value = "qlock-bench")]
     pub key: String,
+
+    /// Then run again with this much latency added to every round trip to the
+    /// last --slow instances (through in-process proxies): a tolerance run.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub latency: Option<Duration>,
+
+    /// How many instances --latency slows down.
+    #[arg(long, default_value_t = 1, requires = "latency")]
+    pub slow: usize,
 }
 
 /// A human duration: `50ms`, `1.5s`, `1m 30s`.

@@ -58,6 +58,79 @@ struct Progress {
 
 pub async fn bench(target: &Target, args: &BenchArgs) -> Result<u8, CliError> {
     target.prepare().await?;
+    let healthy = phase(target, &target.locker, args, "as they are").await?;
+    print(&healthy.report)?;
+    let Some(latency) = args.latency else {
+        return healthy.verdict();
+    };
+    let slow = args.slow.min(target.urls.len());
+    let (locker, _proxies) = target.behind_proxies(slow, latency).await?;
+    let title = format!(
+        "with {} added to every round trip to {slow} of {} instance(s)",
+        humantime::format_duration(latency),
+        target.urls.len()
+    );
+    let slowed = phase(target, &locker, args, &title).await?;
+    print(&format!("\n{}", slowed.report))?;
+    let ratio = |of: &Stats, to: &Stats| {
+        let (a, b) = (median(&of.cycle), median(&to.cycle));
+        match (a, b) {
+            (Some(a), Some(b)) if !b.is_zero() => {
+                format!("{:.2}×", a.as_secs_f64() / b.as_secs_f64())
+            }
+            _ => "-".to_string(),
+        }
+    };
+    print(&format!(
+        "\nslowed / healthy: acquire+release p50 {}, success {:.1}% vs {:.1}%\n",
+        ratio(&slowed.total, &healthy.total),
+        slowed.success() * 100.0,
+        healthy.success() * 100.0
+    ))?;
+    healthy.verdict()?;
+    Ok(code::OK)
+}
+
+/// One timed run's totals and its printed report.
+struct Phase {
+    total: Stats,
+    report: String,
+}
+
+impl Phase {
+    fn success(&self) -> f64 {
+        if self.total.attempts == 0 {
+            return 0.0;
+        }
+        self.total.acquired as f64 / self.total.attempts as f64
+    }
+
+    fn verdict(&self) -> Result<u8, CliError> {
+        if self.total.acquired == 0 {
+            return Err(CliError::failure(format!(
+                "no lock was acquired{}",
+                self.total
+                    .first_error
+                    .as_ref()
+                    .map(|err| format!(": {err}"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(code::OK)
+    }
+}
+
+fn median(sorted: &[Duration]) -> Option<Duration> {
+    percentile(sorted, 0.5)
+}
+
+/// Runs the cycles for `--seconds` against `locker`, with a progress bar.
+async fn phase(
+    target: &Target,
+    locker: &QuorumLocker,
+    args: &BenchArgs,
+    title: &str,
+) -> Result<Phase, CliError> {
     let length = Duration::from_secs(args.seconds);
     let started = Instant::now();
     let deadline = started + length;
@@ -66,7 +139,7 @@ pub async fn bench(target: &Target, args: &BenchArgs) -> Result<u8, CliError> {
         .map(|task| {
             let key = format!("{}:{}:{task}", args.key, std::process::id());
             tokio::spawn(cycles(
-                target.locker.clone(),
+                locker.clone(),
                 key,
                 args.ttl,
                 deadline,
@@ -105,17 +178,11 @@ pub async fn bench(target: &Target, args: &BenchArgs) -> Result<u8, CliError> {
     let elapsed = started.elapsed();
     bar.finish_and_clear();
 
-    print(&report(target, args, &mut total, elapsed))?;
-    if total.acquired == 0 {
-        return Err(CliError::failure(format!(
-            "no lock was acquired{}",
-            total
-                .first_error
-                .map(|err| format!(": {err}"))
-                .unwrap_or_default()
-        )));
-    }
-    Ok(code::OK)
+    let report = format!(
+        "instances {title}: {}",
+        report(target, args, &mut total, elapsed)
+    );
+    Ok(Phase { total, report })
 }
 
 /// One task: take and release its own key until the deadline.

@@ -1,8 +1,11 @@
 //! The instances a command works on: the URLs given, or local servers started
 //! for the occasion; and the locker over them.
 
-use quorumlock::testing::RedisCluster;
+use std::time::Duration;
+
+use quorumlock::testing::{Direction, FaultProxy, RedisCluster};
 use quorumlock::{Error, QuorumLocker, Vote};
+use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use crate::args::InstanceArgs;
 use crate::error::{notice, CliError};
@@ -59,6 +62,8 @@ pub struct Target {
     /// In the locker's order.
     pub urls: Vec<String>,
     key_prefix: String,
+    /// The settings given, for lockers built later over the same instances.
+    settings: InstanceArgs,
 }
 
 impl Target {
@@ -81,7 +86,67 @@ impl Target {
             locker: builder.build().await?,
             urls: urls.to_vec(),
             key_prefix: args.key_prefix.clone(),
+            settings: args.clone(),
         })
+    }
+
+    /// A locker over the same instances and settings, with the last `slow` of
+    /// them reached through proxies that add `latency` to each round trip: a
+    /// tolerance run against the user's own servers. The proxies live as long
+    /// as the returned vector.
+    pub async fn behind_proxies(
+        &self,
+        slow: usize,
+        latency: Duration,
+    ) -> Result<(QuorumLocker, Vec<FaultProxy>), CliError> {
+        let n = self.urls.len();
+        let mut builder = QuorumLocker::builder().key_prefix(self.key_prefix.clone());
+        if let Some(quorum) = self.settings.quorum {
+            builder = builder.quorum(quorum);
+        }
+        if let Some(factor) = self.settings.drift_factor {
+            builder = builder.drift_factor(factor);
+        }
+        if let Some(timeout) = self.settings.instance_timeout {
+            builder = builder.instance_timeout(timeout);
+        }
+        let mut proxies = Vec::new();
+        for (index, url) in self.urls.iter().enumerate() {
+            if index + slow < n {
+                builder = builder.url(url.clone());
+                continue;
+            }
+            let info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(|err| CliError::usage(format!("instance {index}: {err}")))?;
+            let ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+                return Err(CliError::usage(format!(
+                    "instance {index}: only plain TCP instances can be slowed down"
+                )));
+            };
+            let upstream = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    CliError::failure(format!("instance {index}: cannot resolve {host}"))
+                })?;
+            let proxy = FaultProxy::start(upstream)
+                .await
+                .map_err(|err| CliError::failure(format!("starting a proxy: {err}")))?;
+            // The delay is split between the two directions, as on a real link.
+            proxy.set_latency(Direction::Both, latency / 2);
+            let info = info.set_addr(ConnectionAddr::Tcp("127.0.0.1".into(), proxy.port()));
+            let client = redis::Client::open(info)
+                .map_err(|err| CliError::failure(format!("instance {index}: {err}")))?;
+            let connection = redis::aio::ConnectionManager::new(client)
+                .await
+                .map_err(|err| CliError::failure(format!("instance {index} via proxy: {err}")))?;
+            builder = builder.connection(format!("instance {index} +{latency:?}"), connection);
+            proxies.push(proxy);
+        }
+        Ok((builder.build().await?, proxies))
     }
 
     /// The key as stored in Redis. The library applies the prefix the same way
