@@ -58,6 +58,7 @@ pub(crate) async fn attempt(
     identity: &Identity,
     number: u32,
 ) -> crate::Result<Outcome> {
+    shared.monitor.ensure_running(shared);
     let token = match &identity.token {
         Some(token) => Arc::clone(token),
         None => token::generate()?,

@@ -14,7 +14,7 @@ use crate::handoff::Handoff;
 use crate::instance::redis::RedisInstance;
 use crate::instance::{Instance, Member};
 use crate::locker::{check_ttl, QuorumLocker, Settings, Shared, MAX_TTL};
-use crate::monitor::{InstanceState, Policy};
+use crate::monitor::{InstanceState, Monitor, Policy};
 use crate::quorum;
 use crate::retry::RetryPolicy;
 
@@ -384,24 +384,22 @@ impl Builder {
             probe_every: self.probe_every,
         };
         let handoff = self.wake_waiters.then(|| Handoff::start(&members));
-        Ok(QuorumLocker::start(
-            Shared {
-                handoff,
-                members,
-                quorum,
-                settings: Settings {
-                    default_ttl: self.default_ttl,
-                    drift_factor: self.drift_factor,
-                    instance_timeout: self.instance_timeout,
-                    retry: self.retry,
-                    acquire_timeout: self.acquire_timeout,
-                    key_prefix: self.key_prefix,
-                    policy,
-                },
-                background: Background::new(),
+        Ok(QuorumLocker::start(Shared {
+            handoff,
+            members,
+            quorum,
+            settings: Settings {
+                default_ttl: self.default_ttl,
+                drift_factor: self.drift_factor,
+                instance_timeout: self.instance_timeout,
+                retry: self.retry,
+                acquire_timeout: self.acquire_timeout,
+                key_prefix: self.key_prefix,
+                policy,
             },
-            kick,
-        ))
+            background: Background::new(),
+            monitor: Monitor::new(kick),
+        }))
     }
 }
 

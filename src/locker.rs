@@ -4,7 +4,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::acquire::{self, Identity, Outcome};
@@ -15,7 +14,7 @@ use crate::handoff::{self, Handoff};
 use crate::health::{self, Health};
 use crate::instance::Member;
 use crate::lock::Lock;
-use crate::monitor::{self, Policy};
+use crate::monitor::{Monitor, Policy};
 use crate::quorum;
 use crate::request::LockRequest;
 use crate::retry::RetryPolicy;
@@ -43,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) background: Background,
     /// Wakes waits at releases, with `Builder::wake_waiters`.
     pub(crate) handoff: Option<Handoff>,
+    /// The task that probes the instances.
+    pub(crate) monitor: Monitor,
 }
 
 /// The builder's settings, validated.
@@ -93,9 +94,9 @@ impl QuorumLocker {
 
     /// Wraps the shared state and starts the instance monitor, which ends when the
     /// last clone of the locker (and every lock) is dropped.
-    pub(crate) fn start(shared: Shared, kick: Arc<Notify>) -> Self {
+    pub(crate) fn start(shared: Shared) -> Self {
         let shared = Arc::new(shared);
-        tokio::spawn(monitor::run(Arc::downgrade(&shared), kick));
+        shared.monitor.ensure_running(&shared);
         Self { shared }
     }
 

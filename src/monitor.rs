@@ -3,6 +3,7 @@
 //! that keeps it current. Acquisitions consult it to keep a restarted or drifting
 //! instance from voting.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -146,9 +147,55 @@ impl InstanceState {
     }
 }
 
+/// The probing task's handle: how to wake it, and whether it still runs. It runs
+/// on the runtime that built the locker; a locker used on after that runtime shut
+/// down (a static shared by tests, each with its own runtime) starts it again on
+/// the current one, or instances whose connection failed would never be
+/// verified again.
+pub(crate) struct Monitor {
+    kick: Arc<Notify>,
+    running: Arc<AtomicBool>,
+}
+
+/// Clears the running flag when the task ends or its runtime drops it.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Monitor {
+    pub(crate) fn new(kick: Arc<Notify>) -> Self {
+        Self {
+            kick,
+            running: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Starts the task unless it runs; one atomic load when it does.
+    pub(crate) fn ensure_running(&self, shared: &Arc<Shared>) {
+        if self.running.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self
+            .running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let running = Running(Arc::clone(&self.running));
+            runtime.spawn(run(Arc::downgrade(shared), Arc::clone(&self.kick), running));
+        }
+    }
+}
+
 /// Probes every instance now and then (sooner after a failure), until the locker
 /// is dropped.
-pub(crate) async fn run(shared: Weak<Shared>, kick: Arc<Notify>) {
+async fn run(shared: Weak<Shared>, kick: Arc<Notify>, _running: Running) {
     // Rounds in a row that left some instance suspect: an instance that stays down
     // is probed less and less often, down to the usual pace.
     let mut suspect_rounds = 0u32;

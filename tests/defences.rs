@@ -200,3 +200,41 @@ async fn fast_clocks_can_be_refused_outright() {
     let lock = locker.try_acquire("job", TTL).await.unwrap();
     lock.release().await.unwrap();
 }
+
+/// A locker kept past the runtime that built it (a static shared by tests with
+/// a runtime each) must not leave a once-failed instance unverified forever.
+#[test]
+fn the_monitor_restarts_on_a_later_runtime() {
+    let instance = MemoryInstance::new("m");
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let locker = first.block_on(async {
+        let locker = builder(std::slice::from_ref(&instance))
+            .build()
+            .await
+            .unwrap();
+        // Let the monitor learn the run_id, then make a vote fail.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        instance.set_failing(true);
+        assert!(locker.try_acquire("job", TTL).await.is_err());
+        locker
+    });
+    drop(first); // the monitor's runtime is gone
+    instance.set_failing(false);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let lock = locker
+            .lock("job")
+            .ttl(TTL)
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+            .expect("verified again by a monitor on this runtime");
+        lock.release().await.unwrap();
+    });
+}
