@@ -16,6 +16,7 @@ use crate::fanout::{Fanout, Straggler, Tagged};
 use crate::fencing;
 use crate::lock::Lock;
 use crate::locker::{LockKey, Shared};
+use crate::monitor;
 use crate::quorum::{self, Decision};
 use crate::status::Held;
 use crate::token;
@@ -337,6 +338,9 @@ async fn roll_back(
             match tokio::time::timeout(bound, member.instance.release(&key, &value)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
+                    if monitor::is_connection_failure(&err) {
+                        member.state.suspect();
+                    }
                     warn!(%key, instance = index, address = %member.address, %err, "rollback failed")
                 }
                 Err(_) => {

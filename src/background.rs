@@ -6,10 +6,12 @@
 //! a spawn per cycle was a tenth of a cycle's CPU.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -50,9 +52,11 @@ impl Background {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         self.running.send_modify(|running| *running += 1);
         let running = Running(Arc::clone(&self.running));
+        // Caught here: a panic in one task (a user's connection, a tracing layer)
+        // must not take the reaper, and every other rollback, down with it.
         let mut task: Task = Box::pin(async move {
             let _running = running;
-            task.await;
+            let _ = AssertUnwindSafe(task).catch_unwind().await;
         });
         let mut reaper = self.reaper.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(queue) = reaper.as_ref() {
@@ -82,8 +86,19 @@ impl Background {
 async fn reap(mut queue: mpsc::UnboundedReceiver<Task>) {
     let mut tasks = FuturesUnordered::new();
     loop {
+        // Take whatever is queued, then poll: a busy queue must not keep the
+        // tasks themselves from running.
+        loop {
+            match queue.try_recv() {
+                Ok(task) => tasks.push(task),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    while tasks.next().await.is_some() {}
+                    return;
+                }
+            }
+        }
         tokio::select! {
-            biased;
             task = queue.recv() => match task {
                 Some(task) => tasks.push(task),
                 None => break,

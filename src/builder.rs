@@ -371,7 +371,7 @@ impl Builder {
                 index,
                 address: address.into(),
                 instance,
-                state: InstanceState::new(Arc::clone(&kick)),
+                state: Arc::new(InstanceState::new(Arc::clone(&kick))),
             });
         }
 

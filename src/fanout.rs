@@ -18,22 +18,29 @@ use tracing::{debug, trace};
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
 use crate::locker::Shared;
-use crate::monitor;
+use crate::monitor::{self, InstanceState};
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
     pub(crate) index: usize,
     reply: BoxFuture<Reply>,
+    /// Told of a failed connection, wherever the reply ends up being read (in
+    /// the attempt, or finished in the background): the server behind it may have
+    /// restarted, and must not vote until a probe has seen which server it is.
+    state: Arc<InstanceState>,
 }
 
 impl Future for Tagged {
     type Output = (usize, Reply);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.reply
-            .as_mut()
-            .poll(cx)
-            .map(|reply| (self.index, reply))
+        let reply = std::task::ready!(self.reply.as_mut().poll(cx));
+        if let Err(err) = &reply {
+            if monitor::is_connection_failure(err) {
+                self.state.suspect();
+            }
+        }
+        Poll::Ready((self.index, reply))
     }
 }
 
@@ -114,6 +121,7 @@ impl Fanout {
                 None => fanout.pending.push(Tagged {
                     index: member.index,
                     reply: operation(member),
+                    state: Arc::clone(&member.state),
                 }),
             }
         }
@@ -192,9 +200,6 @@ impl Fanout {
                 self.tally.failed += 1;
                 self.tally.unreachable += 1;
                 debug!(instance = index, address, %err, "instance failed");
-                if let (Some(member), true) = (member, monitor::is_connection_failure(err)) {
-                    member.state.suspect();
-                }
             }
             _ => {
                 self.tally.failed += 1;

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::error::{InstanceVote, Vote};
 use crate::locker::Shared;
+use crate::monitor;
 use crate::token;
 
 /// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
@@ -197,7 +198,12 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
                 health.server_time = SystemTime::UNIX_EPOCH.checked_add(probe.server_time);
                 health.local_time = Some(SystemTime::now());
             }
-            Ok(Err(err)) => health.error = Some(Vote::Failed(err)),
+            Ok(Err(err)) => {
+                if monitor::is_connection_failure(&err) {
+                    member.state.suspect();
+                }
+                health.error = Some(Vote::Failed(err));
+            }
             Err(_) => health.error = Some(Vote::TimedOut(timeout)),
         }
         health.clock_rate = member.state.clock_rate();

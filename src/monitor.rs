@@ -251,7 +251,14 @@ async fn probe(member: &Member, timeout: Duration, policy: &Policy) {
             policy,
             &member.address,
         ),
-        Ok(Err(err)) => debug!(address = %member.address, %err, "probe failed"),
+        Ok(Err(err)) => {
+            debug!(address = %member.address, %err, "probe failed");
+            // The connection reconnects by itself, perhaps to a restarted server:
+            // no vote from it until a probe has seen which.
+            if is_connection_failure(&err) {
+                member.state.suspect();
+            }
+        }
         Err(_) => debug!(address = %member.address, "probe timed out"),
     }
 }

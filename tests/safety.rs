@@ -87,3 +87,27 @@ async fn quarantine_is_on_by_default_for_the_default_ttl() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An idle locker's first request to a restarted server is often its own probe:
+/// the failed probe must keep the server from voting until a probe sees its new
+/// run_id, or its empty keyspace grants a held lock.
+#[tokio::test]
+async fn an_idle_locker_notices_a_restart_through_its_probe() {
+    let mut cluster = RedisCluster::start(3).unwrap();
+    let a = common::builder(&cluster).build().await.unwrap();
+    let b = common::builder(&cluster)
+        .restart_quarantine(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    b.prepare().await.unwrap(); // B knows every run_id
+    let held = a.acquire("job", Duration::from_secs(30)).await.unwrap();
+    a.settle().await;
+    common::delete(&cluster, 2, "job").await; // A holds on 0 and 1 only
+    cluster.restart_empty(0).unwrap();
+    // B stays idle past a probe interval: its probe meets the broken connection.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let stolen = b.try_acquire("job", Duration::from_secs(30)).await;
+    assert!(stolen.is_err(), "a second owner got in: {stolen:?}");
+    std::mem::forget(held);
+}

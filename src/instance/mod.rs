@@ -119,5 +119,5 @@ pub(crate) struct Member {
     pub(crate) index: usize,
     pub(crate) address: Arc<str>,
     pub(crate) instance: Box<dyn Instance>,
-    pub(crate) state: crate::monitor::InstanceState,
+    pub(crate) state: Arc<crate::monitor::InstanceState>,
 }

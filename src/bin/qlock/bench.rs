@@ -63,6 +63,8 @@ pub async fn bench(target: &Target, args: &BenchArgs) -> Result<u8, CliError> {
     let Some(latency) = args.latency else {
         return healthy.verdict();
     };
+    // The first phase's last releases may still be finishing on its keys.
+    target.locker.settle().await;
     let slow = args.slow.min(target.urls.len());
     let (locker, _proxies) = target.behind_proxies(slow, latency).await?;
     let title = format!(
