@@ -16,7 +16,6 @@ use crate::fanout::{Fanout, Straggler, Tagged};
 use crate::fencing;
 use crate::lock::Lock;
 use crate::locker::{LockKey, Shared};
-use crate::monitor;
 use crate::quorum::{self, Decision};
 use crate::status::Held;
 use crate::token;
@@ -338,9 +337,7 @@ async fn roll_back(
             match tokio::time::timeout(bound, member.instance.release(&key, &value)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
-                    if monitor::is_connection_failure(&err) {
-                        member.state.suspect();
-                    }
+                    member.state.failed(&err);
                     warn!(%key, instance = index, address = %member.address, %err, "rollback failed")
                 }
                 Err(_) => {

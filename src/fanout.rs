@@ -18,7 +18,7 @@ use tracing::{debug, trace};
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
 use crate::locker::Shared;
-use crate::monitor::{self, InstanceState};
+use crate::monitor::InstanceState;
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
@@ -36,9 +36,7 @@ impl Future for Tagged {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let reply = std::task::ready!(self.reply.as_mut().poll(cx));
         if let Err(err) = &reply {
-            if monitor::is_connection_failure(err) {
-                self.state.suspect();
-            }
+            self.state.failed(err);
         }
         Poll::Ready((self.index, reply))
     }

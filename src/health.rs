@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
-use tokio::time::Instant;
 
 use crate::error::{InstanceVote, Vote};
 use crate::locker::Shared;
@@ -172,38 +171,25 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
         };
         let probe = async {
             if load_scripts {
-                member.instance.load_scripts().await?;
+                if let Err(err) = member.instance.load_scripts().await {
+                    member.state.failed(&err);
+                    return Err(err);
+                }
             } else {
                 // A connection broken by a server restart fails once and then
                 // reconnects: only the measured probe decides.
                 let _ = member.instance.probe().await;
             }
-            let sent = Instant::now();
-            let probe = member.instance.probe().await?;
-            Ok::<_, redis::RedisError>((probe, sent))
+            monitor::probe_once(member, &policy).await
         };
         match tokio::time::timeout(timeout, probe).await {
-            Ok(Ok((probe, sent))) => {
-                let received = Instant::now();
-                member.state.observe(
-                    &probe.run_id,
-                    probe.server_time,
-                    sent,
-                    received,
-                    &policy,
-                    &member.address,
-                );
-                health.latency = Some(received - sent);
+            Ok(Ok((probe, latency))) => {
+                health.latency = Some(latency);
                 health.run_id = Some(probe.run_id);
                 health.server_time = SystemTime::UNIX_EPOCH.checked_add(probe.server_time);
                 health.local_time = Some(SystemTime::now());
             }
-            Ok(Err(err)) => {
-                if monitor::is_connection_failure(&err) {
-                    member.state.suspect();
-                }
-                health.error = Some(Vote::Failed(err));
-            }
+            Ok(Err(err)) => health.error = Some(Vote::Failed(err)),
             Err(_) => health.error = Some(Vote::TimedOut(timeout)),
         }
         health.clock_rate = member.state.clock_rate();

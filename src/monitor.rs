@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use crate::clock::RateEstimator;
 use crate::error::{Quarantine, Vote};
-use crate::instance::Member;
+use crate::instance::{Member, Probe};
 use crate::locker::Shared;
 
 /// How soon an instance that failed is probed again, at first.
@@ -88,8 +88,17 @@ impl InstanceState {
         None
     }
 
+    /// An operation on the instance failed. If the connection went, it
+    /// reconnects by itself, perhaps to a restarted server: no vote from it until
+    /// a probe has seen which server it is.
+    pub(crate) fn failed(&self, err: &RedisError) {
+        if is_connection_failure(err) {
+            self.suspect();
+        }
+    }
+
     /// A request failed on the connection: probe the instance soon.
-    pub(crate) fn suspect(&self) {
+    fn suspect(&self) {
         let mut standing = self.standing();
         if !standing.suspect {
             standing.suspect = true;
@@ -241,29 +250,41 @@ pub(crate) async fn probe_all(shared: &Shared) {
 }
 
 async fn probe(member: &Member, timeout: Duration, policy: &Policy) {
-    let sent = Instant::now();
-    match tokio::time::timeout(timeout, member.instance.probe()).await {
-        Ok(Ok(probe)) => member.state.observe(
-            &probe.run_id,
-            probe.server_time,
-            sent,
-            Instant::now(),
-            policy,
-            &member.address,
-        ),
-        Ok(Err(err)) => {
-            debug!(address = %member.address, %err, "probe failed");
-            // The connection reconnects by itself, perhaps to a restarted server:
-            // no vote from it until a probe has seen which.
-            if is_connection_failure(&err) {
-                member.state.suspect();
-            }
-        }
+    match tokio::time::timeout(timeout, probe_once(member, policy)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => debug!(address = %member.address, %err, "probe failed"),
         Err(_) => debug!(address = %member.address, "probe timed out"),
     }
 }
 
+/// One probe of `member`, recorded in its standing either way; the answer and
+/// its round trip.
+pub(crate) async fn probe_once(
+    member: &Member,
+    policy: &Policy,
+) -> Result<(Probe, Duration), RedisError> {
+    let sent = Instant::now();
+    match member.instance.probe().await {
+        Ok(probe) => {
+            let received = Instant::now();
+            member.state.observe(
+                &probe.run_id,
+                probe.server_time,
+                sent,
+                received,
+                policy,
+                &member.address,
+            );
+            Ok((probe, received - sent))
+        }
+        Err(err) => {
+            member.state.failed(&err);
+            Err(err)
+        }
+    }
+}
+
 /// Whether an error means the connection (and so perhaps the server) went away.
-pub(crate) fn is_connection_failure(err: &RedisError) -> bool {
+fn is_connection_failure(err: &RedisError) -> bool {
     err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
 }
