@@ -98,7 +98,7 @@ async fn extend_round(
     let span = Span::current();
     span.record("granted", tally.granted);
     span.record("failed", tally.failed);
-    finish_in_background(shared, &mut fanout, timeout.max(ttl));
+    fanout.finish_in_background(&held.key.redis, timeout.max(ttl), "extend");
 
     let drift = quorum::drift(ttl, shared.settings.drift_factor);
     let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
@@ -133,19 +133,4 @@ async fn extend_round(
         },
         certain: refused > n - quorum,
     })
-}
-
-/// Lets the extends still in flight land: harmless either way, but a connection
-/// still opening would otherwise never send them.
-fn finish_in_background(shared: &Shared, fanout: &mut Fanout, bound: Duration) {
-    let pending = fanout.take_pending();
-    if pending.is_empty() {
-        return;
-    }
-    shared.background.spawn(async move {
-        let finish = pending
-            .into_iter()
-            .map(|tagged| tokio::time::timeout(bound, tagged));
-        futures_util::future::join_all(finish).await;
-    });
 }

@@ -13,7 +13,7 @@ use futures_util::future::Shared as SharedFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::time::Instant;
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
@@ -219,6 +219,36 @@ impl Fanout {
                 vote: self.vote(member.index).cloned().unwrap_or(Vote::Unanswered),
             })
             .collect()
+    }
+
+    /// Lets the replies still in flight land in the background, each bounded by
+    /// `bound`, logging those that fail: a connection still opening would
+    /// otherwise never send them, and a failure still tells the monitor.
+    pub(crate) fn finish_in_background(
+        &mut self,
+        key: &Arc<str>,
+        bound: Duration,
+        what: &'static str,
+    ) {
+        let pending = self.take_pending();
+        if pending.is_empty() {
+            return;
+        }
+        let key = Arc::clone(key);
+        self.shared.background.spawn(async move {
+            let finish = pending.into_iter().map(|tagged| {
+                let key = Arc::clone(&key);
+                async move {
+                    let index = tagged.index;
+                    match tokio::time::timeout(bound, tagged).await {
+                        Ok((_, Ok(_))) => {}
+                        Ok((_, Err(err))) => warn!(%key, instance = index, %err, "{what} failed"),
+                        Err(_) => warn!(%key, instance = index, "{what} timed out"),
+                    }
+                }
+            });
+            futures_util::future::join_all(finish).await;
+        });
     }
 
     /// The replies still in flight, to be finished elsewhere.

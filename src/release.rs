@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::field::Empty;
-use tracing::{debug, debug_span, warn, Instrument, Span};
+use tracing::{debug, debug_span, Instrument, Span};
 
 use crate::error::{Error, Vote};
 use crate::fanout::{Fanout, Straggler};
@@ -101,24 +101,7 @@ async fn release_round(
     let incomplete = (0..n).any(|index| matches!(fanout.vote(index), Some(Vote::Failed(_))));
     let causes = (tally.granted == 0).then(|| fanout.votes());
 
-    let stragglers = fanout.take_pending();
-    if !stragglers.is_empty() {
-        let key = Arc::clone(&key.redis);
-        shared.background.spawn(async move {
-            let finish = stragglers.into_iter().map(|tagged| {
-                let key = Arc::clone(&key);
-                async move {
-                    let index = tagged.index;
-                    match tokio::time::timeout(bound, tagged).await {
-                        Ok((_, Ok(_))) => {}
-                        Ok((_, Err(err))) => warn!(%key, instance = index, %err, "release failed"),
-                        Err(_) => warn!(%key, instance = index, "release timed out"),
-                    }
-                }
-            });
-            futures_util::future::join_all(finish).await;
-        });
-    }
+    fanout.finish_in_background(&key.redis, bound, "release");
 
     Span::current().record("released", tally.granted);
     debug!(answered = tally.answered(), "released");
