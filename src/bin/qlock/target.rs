@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use quorumlock::testing::{Direction, FaultProxy, RedisCluster};
-use quorumlock::{Error, QuorumLocker, Vote};
+use quorumlock::{Builder, Error, QuorumLocker, Vote};
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 use crate::args::InstanceArgs;
@@ -61,31 +61,32 @@ pub struct Target {
     pub locker: QuorumLocker,
     /// In the locker's order.
     pub urls: Vec<String>,
-    key_prefix: String,
     /// The settings given, for lockers built later over the same instances.
     settings: InstanceArgs,
+}
+
+/// A builder with the settings every command shares (no instances yet).
+fn builder(args: &InstanceArgs) -> Builder {
+    let mut builder = QuorumLocker::builder().key_prefix(args.key_prefix.clone());
+    if let Some(quorum) = args.quorum {
+        builder = builder.quorum(quorum);
+    }
+    if let Some(factor) = args.drift_factor {
+        builder = builder.drift_factor(factor);
+    }
+    if let Some(timeout) = args.instance_timeout {
+        builder = builder.instance_timeout(timeout);
+    }
+    builder
 }
 
 impl Target {
     /// Builds the locker; a bad URL, quorum, drift factor or timeout is a usage
     /// error. Connects to nothing yet.
     pub async fn build(urls: &[String], args: &InstanceArgs) -> Result<Self, CliError> {
-        let mut builder = QuorumLocker::builder()
-            .urls(urls.iter().cloned())
-            .key_prefix(args.key_prefix.clone());
-        if let Some(quorum) = args.quorum {
-            builder = builder.quorum(quorum);
-        }
-        if let Some(factor) = args.drift_factor {
-            builder = builder.drift_factor(factor);
-        }
-        if let Some(timeout) = args.instance_timeout {
-            builder = builder.instance_timeout(timeout);
-        }
         Ok(Self {
-            locker: builder.build().await?,
+            locker: builder(args).urls(urls.iter().cloned()).build().await?,
             urls: urls.to_vec(),
-            key_prefix: args.key_prefix.clone(),
             settings: args.clone(),
         })
     }
@@ -100,16 +101,7 @@ impl Target {
         latency: Duration,
     ) -> Result<(QuorumLocker, Vec<FaultProxy>), CliError> {
         let n = self.urls.len();
-        let mut builder = QuorumLocker::builder().key_prefix(self.key_prefix.clone());
-        if let Some(quorum) = self.settings.quorum {
-            builder = builder.quorum(quorum);
-        }
-        if let Some(factor) = self.settings.drift_factor {
-            builder = builder.drift_factor(factor);
-        }
-        if let Some(timeout) = self.settings.instance_timeout {
-            builder = builder.instance_timeout(timeout);
-        }
+        let mut builder = builder(&self.settings);
         let mut proxies = Vec::new();
         for (index, url) in self.urls.iter().enumerate() {
             if index + slow < n {
@@ -152,7 +144,7 @@ impl Target {
     /// The key as stored in Redis. The library applies the prefix the same way
     /// but does not expose the result.
     pub fn redis_key(&self, key: &str) -> String {
-        format!("{}{key}", self.key_prefix)
+        format!("{}{key}", self.settings.key_prefix)
     }
 
     /// Connects to every instance and loads the scripts: a quick, clear failure
