@@ -3,6 +3,8 @@
 //! the quarantine of fast clocks. (The fault suite shows the same against real
 //! servers.)
 
+mod common;
+
 use std::time::Duration;
 
 use quorumlock::{Builder, Error, MemoryInstance, Quarantine, QuorumLocker, Vote};
@@ -12,18 +14,11 @@ const TTL: Duration = Duration::from_secs(10);
 const PROBE: Duration = Duration::from_secs(1);
 
 fn instances(n: usize) -> Vec<MemoryInstance> {
-    (0..n)
-        .map(|i| MemoryInstance::new(format!("m{i}")))
-        .collect()
+    common::memory_instances(n)
 }
 
 fn builder(instances: &[MemoryInstance]) -> Builder {
-    instances
-        .iter()
-        .fold(QuorumLocker::builder(), |builder, instance| {
-            builder.memory(instance)
-        })
-        .probe_every(PROBE)
+    common::memory_builder(instances).probe_every(PROBE)
 }
 
 /// Equal to within a microsecond: estimated rates carry floating-point noise.

@@ -2,6 +2,8 @@
 //! quorum logic driven through failing, paused, slow, restarted and drifting
 //! instances. Time is Tokio's paused clock throughout: every run is the same.
 
+mod common;
+
 use std::time::Duration;
 
 use quorumlock::{
@@ -14,17 +16,11 @@ const TTL: Duration = Duration::from_secs(10);
 
 /// `n` healthy instances named `m0`, `m1`, ….
 fn instances(n: usize) -> Vec<MemoryInstance> {
-    (0..n)
-        .map(|i| MemoryInstance::new(format!("m{i}")))
-        .collect()
+    common::memory_instances(n)
 }
 
 async fn locker(instances: &[MemoryInstance]) -> QuorumLocker {
-    instances
-        .iter()
-        .fold(QuorumLocker::builder(), |builder, instance| {
-            builder.memory(instance)
-        })
+    common::memory_builder(instances)
         .build()
         .await
         .expect("build locker")

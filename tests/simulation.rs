@@ -2,6 +2,8 @@
 //! clock: the watchdog's schedule, loss detection, fast server clocks and the
 //! validity arithmetic, to the exact millisecond.
 
+mod common;
+
 use std::time::Duration;
 
 use quorumlock::{Error, MemoryInstance, QuorumLocker};
@@ -10,20 +12,11 @@ use tokio::time::Instant;
 const TTL: Duration = Duration::from_millis(3000);
 
 fn instances(n: usize) -> Vec<MemoryInstance> {
-    (0..n)
-        .map(|i| MemoryInstance::new(format!("m{i}")))
-        .collect()
+    common::memory_instances(n)
 }
 
 async fn locker(instances: &[MemoryInstance]) -> QuorumLocker {
-    instances
-        .iter()
-        .fold(QuorumLocker::builder(), |builder, instance| {
-            builder.memory(instance)
-        })
-        .build()
-        .await
-        .unwrap()
+    common::memory_builder(instances).build().await.unwrap()
 }
 
 fn commands(instances: &[MemoryInstance]) -> u64 {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use quorumlock::testing::RedisCluster;
-use quorumlock::{Builder, LockValue, QuorumLocker};
+use quorumlock::{Builder, LockValue, MemoryInstance, QuorumLocker};
 use redis::AsyncCommands;
 
 /// The instance counts every core behaviour is checked at: one Redis, migration
@@ -87,4 +87,20 @@ pub async fn total_keys(cluster: &RedisCluster) -> usize {
         total += size;
     }
     total
+}
+
+/// `n` healthy in-memory instances named `m0`, `m1`, ….
+pub fn memory_instances(n: usize) -> Vec<MemoryInstance> {
+    (0..n)
+        .map(|i| MemoryInstance::new(format!("m{i}")))
+        .collect()
+}
+
+/// A builder over `instances`, in order.
+pub fn memory_builder(instances: &[MemoryInstance]) -> Builder {
+    instances
+        .iter()
+        .fold(QuorumLocker::builder(), |builder, instance| {
+            builder.memory(instance)
+        })
 }
