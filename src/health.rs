@@ -52,6 +52,17 @@ impl InstanceHealth {
     pub fn is_reachable(&self) -> bool {
         self.error.is_none()
     }
+
+    /// Its clock minus ours when it answered, in milliseconds (with up to half a
+    /// round trip of noise); `None` when it did not answer.
+    pub fn clock_offset_ms(&self) -> Option<f64> {
+        let server = self.server_time?;
+        let local = self.local_time?;
+        Some(match server.duration_since(local) {
+            Ok(ahead) => ahead.as_secs_f64() * 1e3,
+            Err(behind) => -behind.duration().as_secs_f64() * 1e3,
+        })
+    }
 }
 
 impl Health {
@@ -125,7 +136,7 @@ impl fmt::Display for Health {
                     if let Some(run_id) = &instance.run_id {
                         write!(f, ", run_id {}…", token::abbreviate(run_id))?;
                     }
-                    if let Some(offset) = clock_offset_ms(instance) {
+                    if let Some(offset) = instance.clock_offset_ms() {
                         write!(f, ", clock {offset:+.1} ms from ours")?;
                     }
                     if let Some(rate) = instance.clock_rate {
@@ -140,16 +151,6 @@ impl fmt::Display for Health {
         }
         Ok(())
     }
-}
-
-/// Server clock minus local clock, in milliseconds.
-fn clock_offset_ms(instance: &InstanceHealth) -> Option<f64> {
-    let server = instance.server_time?;
-    let local = instance.local_time?;
-    Some(match server.duration_since(local) {
-        Ok(ahead) => ahead.as_secs_f64() * 1e3,
-        Err(behind) => -behind.duration().as_secs_f64() * 1e3,
-    })
 }
 
 /// Checks every instance in parallel. With `load_scripts`, loads the Lua scripts

@@ -38,7 +38,9 @@ pub async fn health(target: &Target) -> Result<u8, CliError> {
         row.extend([
             instance.latency.map_or_else(dash, table::millis),
             instance.run_id.as_deref().map_or_else(dash, abbreviate),
-            clock_offset(instance).map_or_else(dash, |ms| format!("{ms:+.1} ms")),
+            instance
+                .clock_offset_ms()
+                .map_or_else(dash, |ms| format!("{ms:+.1} ms")),
         ]);
         if with_rate {
             row.push(clock_rate(instance).unwrap_or_else(dash));
@@ -69,17 +71,6 @@ pub async fn health(target: &Target) -> Result<u8, CliError> {
         )));
     }
     Ok(code::OK)
-}
-
-/// The server's clock minus ours, in milliseconds (with half a round trip of
-/// noise).
-fn clock_offset(instance: &InstanceHealth) -> Option<f64> {
-    let server = instance.server_time?;
-    let local = instance.local_time?;
-    Some(match server.duration_since(local) {
-        Ok(ahead) => ahead.as_secs_f64() * 1e3,
-        Err(behind) => -behind.duration().as_secs_f64() * 1e3,
-    })
 }
 
 /// The estimated clock rate against ours, as parts per million off (a server
