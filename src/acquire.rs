@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, debug_span, warn, Instrument, Span};
 
+use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
 use crate::fencing;
@@ -59,6 +60,9 @@ pub(crate) async fn attempt(
     number: u32,
 ) -> crate::Result<Outcome> {
     shared.monitor.ensure_running(shared);
+    // A new locker trusts no instance until it has seen which server it is and
+    // measured its clock: the first attempt waits for that (about 100 ms).
+    shared.monitor.warmed_up().await;
     let token = match &identity.token {
         Some(token) => Arc::clone(token),
         None => token::generate()?,
@@ -98,22 +102,30 @@ async fn run(
     let fence = identity.fenced.then(|| fencing::fence_key(&key.redis));
     let counters = fencing::Counters::new(n);
 
+    shared.note_ttl(ttl);
+    let epoch_key = &shared.settings.epoch_key;
+
     let start = Instant::now();
     let mut attempt = Attempt {
         shared: Arc::clone(shared),
         key: Arc::clone(&key.redis),
-        fanout: Fanout::start_gated(shared, true, |member| {
+        fanout: Fanout::start_gated(shared, |member, admission| {
             let instance = &member.instance;
+            let epoch = admission.as_ref().map(|value| Epoch {
+                key: Arc::clone(epoch_key),
+                value: Arc::clone(value),
+            });
+            let epoch = epoch.as_ref();
             match (&fence, retake) {
-                (None, false) => instance.set_nx_px(&key.redis, &value, ttl_ms),
-                (None, true) => instance.retake(&key.redis, &token, &value, ttl_ms),
+                (None, false) => instance.set_nx_px(&key.redis, &value, ttl_ms, epoch),
+                (None, true) => instance.retake(&key.redis, &token, &value, ttl_ms, epoch),
                 (Some(fence), false) => counters.record(
                     member.index,
-                    instance.fenced_set(&key.redis, fence, &value, ttl_ms),
+                    instance.fenced_set(&key.redis, fence, &value, ttl_ms, epoch),
                 ),
                 (Some(fence), true) => counters.record(
                     member.index,
-                    instance.fenced_retake(&key.redis, fence, &token, &value, ttl_ms),
+                    instance.fenced_retake(&key.redis, fence, &token, &value, ttl_ms, epoch),
                 ),
             }
         }),
@@ -121,12 +133,22 @@ async fn run(
         ttl,
         settled: false,
     };
+    let deadline = start + timeout;
     attempt
         .fanout
-        .collect(start + timeout, timeout, |tally| {
+        .collect(deadline, timeout, |tally| {
             quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
         })
         .await;
+    if quorum::decide(
+        n,
+        quorum,
+        attempt.fanout.tally().granted,
+        attempt.fanout.tally().failed,
+    ) == Decision::Won
+    {
+        await_longer_lifetime(shared, &mut attempt.fanout, ttl, deadline).await;
+    }
     let elapsed = start.elapsed();
     let tally = attempt.fanout.tally();
     let span = Span::current();
@@ -227,22 +249,71 @@ fn won(
         attempt.ttl,
         start,
         start + lifetime,
+        attempt.fanout.asked(),
     );
     Outcome::Won(Lock::new(Arc::clone(shared), held, stragglers).fenced(fencing_token))
 }
 
-/// How long the lock lasts from the attempt's start, given the estimated clock
-/// rates of the instances that granted it; see [`quorum::granted_lifetime`].
+/// How long the lock lasts from the attempt's start, given the bounds on the
+/// clock rates of the instances that granted it; see
+/// [`quorum::granted_lifetime`].
 pub(crate) fn granted_lifetime(shared: &Shared, fanout: &Fanout, ttl: Duration) -> Duration {
+    lifetime_among(shared, ttl, |index| {
+        matches!(fanout.vote(index), Some(Vote::Granted))
+    })
+}
+
+/// As [`granted_lifetime`] if every instance still out granted too.
+fn potential_lifetime(shared: &Shared, fanout: &Fanout, ttl: Duration) -> Duration {
+    lifetime_among(shared, ttl, |index| {
+        fanout.is_pending(index) || matches!(fanout.vote(index), Some(Vote::Granted))
+    })
+}
+
+fn lifetime_among(shared: &Shared, ttl: Duration, counts: impl Fn(usize) -> bool) -> Duration {
     if !shared.settings.policy.rate_aware_validity {
         return ttl;
     }
     let rates = shared
         .members
         .iter()
-        .filter(|member| matches!(fanout.vote(member.index), Some(Vote::Granted)))
-        .map(|member| member.state.clock_rate());
+        .filter(|member| counts(member.index))
+        // An instance measured again since it was asked (a restart, a clock
+        // stepped back) could drop the key at any time.
+        .map(|member| Some(member.state.clock_rate_bound().unwrap_or(f64::INFINITY)));
     quorum::granted_lifetime(ttl, rates, shared.members.len(), shared.quorum)
+}
+
+/// A won attempt whose first grants include fast clocks holds for less than the
+/// instances still out could make it hold: waits for their replies while the
+/// lifetime they may add exceeds the time waited, and while the gain is worth
+/// more than the drift allowance (so clocks that run true never wait). With 2
+/// of 5 clocks fast, the first three grants often include one and halve the
+/// lifetime; the two true clocks' grants, a moment later, restore it.
+async fn await_longer_lifetime(
+    shared: &Shared,
+    fanout: &mut Fanout,
+    ttl: Duration,
+    deadline: Instant,
+) {
+    let worth = quorum::drift(ttl, shared.settings.drift_factor);
+    let timeout = shared.settings.instance_timeout;
+    loop {
+        let current = granted_lifetime(shared, fanout, ttl);
+        let potential = potential_lifetime(shared, fanout, ttl);
+        let gain = potential.saturating_sub(current);
+        if gain <= worth {
+            return;
+        }
+        let until = (Instant::now() + gain).min(deadline);
+        let granted = fanout.tally().granted;
+        fanout
+            .collect(until, timeout, |tally| tally.granted > granted)
+            .await;
+        if fanout.tally().granted == granted || Instant::now() >= until {
+            return;
+        }
+    }
 }
 
 impl Attempt {

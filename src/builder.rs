@@ -1,5 +1,6 @@
 //! Builds a [`QuorumLocker`] from instances in order and validated settings.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 use crate::address;
 use crate::background::Background;
+use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::instance::redis::RedisInstance;
@@ -394,11 +396,13 @@ impl Builder {
                 instance_timeout: self.instance_timeout,
                 retry: self.retry,
                 acquire_timeout: self.acquire_timeout,
+                epoch_key: format!("{}{EPOCH_KEY}", self.key_prefix).into(),
                 key_prefix: self.key_prefix,
                 policy,
             },
             background: Background::new(),
             monitor: Monitor::new(kick),
+            longest_ttl_ms: AtomicU64::new(0),
         }))
     }
 }

@@ -1,33 +1,56 @@
-//! Estimates how fast an instance's clock runs against ours, from `TIME` samples
+//! Bounds how fast an instance's clock runs against ours, from `TIME` samples
 //! taken against this process's monotonic clock. A server whose clock runs fast
-//! expires keys early; knowing its rate lets the lock's validity end before its
-//! keys do.
+//! expires keys early; an upper bound on its rate lets the lock's validity end
+//! before its keys do.
+//!
+//! The bound is not a statistical estimate. Each reply's `TIME` was read at some
+//! moment between the request leaving and the reply arriving, so between two
+//! samples the server's clock advanced by `Δserver` while ours advanced by at
+//! least `sent₂ − received₁`: the rate over that span is at most their ratio,
+//! and at least `Δserver / (received₂ − sent₁)`. See [`RateEstimator::bound`]
+//! for how the spans combine: a round trip distorted by a stalled server only
+//! loosens the bound, a clock that speeds up shows within one probe interval,
+//! and a clock stepped back (NTP correcting a fast clock) is measured afresh
+//! rather than trusted more.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Samples kept: enough for a stable slope, few enough to follow a rate change
-/// within a few sample intervals.
+/// Samples kept: intervals enough to outvote one distorted interval, few enough
+/// to forget a clock that was fast a while ago.
 const SAMPLES: usize = 8;
-/// A sample whose round trip is this many times the best one is distorted by
-/// queueing or a stalled server, and is dropped.
+/// Intervals needed before any bound is given: one interval alone could hide a
+/// clock stepped back inside it.
+const MIN_INTERVALS: usize = 2;
+/// A sample whose round trip is this many times the best one (or over
+/// [`RTT_FLOOR`]) is skipped: it would only loosen its intervals' bounds.
 const RTT_SLACK: u32 = 4;
-/// Spans shorter than this say too little: a 0.5 ms round trip over 50 ms is a
-/// 1% error.
-const MIN_SPAN: Duration = Duration::from_millis(50);
+const RTT_FLOOR: Duration = Duration::from_millis(1);
+/// The shortest interval between two samples kept: over a shorter one, a round
+/// trip of a few hundred microseconds is a loose bound. Also the pace of the
+/// monitor's probes while an instance has no bound yet.
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(40);
+/// `TIME` counts microseconds: each reading may be up to one short.
+const TIME_RESOLUTION: Duration = Duration::from_micros(1);
 
-/// One reading: our monotonic time at the middle of the round trip, and the
-/// server's clock.
+/// One reading: our monotonic clock when the request left and when the reply
+/// came, and the server's clock read somewhere in between.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    local: Instant,
+    sent: Instant,
+    received: Instant,
     server: Duration,
-    rtt: Duration,
 }
 
-/// The rate of one instance's clock relative to ours.
+impl Sample {
+    fn rtt(&self) -> Duration {
+        self.received.saturating_duration_since(self.sent)
+    }
+}
+
+/// What is known of one instance's clock rate relative to ours.
 #[derive(Debug, Default)]
 pub(crate) struct RateEstimator {
     samples: VecDeque<Sample>,
@@ -37,15 +60,21 @@ impl RateEstimator {
     /// Records a `TIME` reply `server` to a request sent at `sent` and answered at
     /// `received`.
     pub(crate) fn record(&mut self, sent: Instant, received: Instant, server: Duration) {
-        let rtt = received.saturating_duration_since(sent);
         let sample = Sample {
-            local: sent + rtt / 2,
+            sent,
+            received,
             server,
-            rtt,
         };
-        // A server clock that went backwards (restart, manual change) starts over.
-        if self.samples.back().is_some_and(|last| server < last.server) {
-            self.samples.clear();
+        if let Some(last) = self.samples.back() {
+            // A clock that went backwards (a restart, an NTP step) says nothing
+            // about its rate across the step: measure it again from here, and
+            // until then give no bound (its votes do not count).
+            if server < last.server {
+                self.samples.clear();
+            } else if sent < last.received + MIN_INTERVAL {
+                // Too close to the last one to bound anything well.
+                return;
+            }
         }
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();
@@ -58,92 +87,242 @@ impl RateEstimator {
         self.samples.clear();
     }
 
-    /// Server seconds per local second, by least squares over the samples whose
-    /// round trip was close to the best; `None` until they span [`MIN_SPAN`].
-    pub(crate) fn rate(&self) -> Option<f64> {
-        let best = self.samples.iter().map(|sample| sample.rtt).min()?;
-        let limit = (best * RTT_SLACK).max(Duration::from_millis(1));
-        let good: Vec<&Sample> = self
-            .samples
+    /// The samples whose round trip was close to the best one's.
+    fn good(&self) -> impl Iterator<Item = &Sample> {
+        let best = self.samples.iter().map(Sample::rtt).min();
+        let limit = best.map_or(Duration::ZERO, |best| (best * RTT_SLACK).max(RTT_FLOOR));
+        self.samples
             .iter()
-            .filter(|sample| sample.rtt <= limit)
-            .collect();
-        let first = good.first()?;
-        let last = good.last()?;
-        if last.local.duration_since(first.local) < MIN_SPAN {
+            .filter(move |sample| sample.rtt() <= limit)
+    }
+
+    /// An upper bound on server seconds per local second; `None` until
+    /// [`MIN_INTERVALS`] intervals have been measured.
+    ///
+    /// Two bounds, the larger wins. Over the widest span (from any sample to
+    /// the last) a clock that runs at one rate is bounded tightly: the round
+    /// trips' uncertainty is spread over seconds. But a clock stepped back
+    /// inside that span would look slower than it runs, and one that sped up
+    /// would too; so the bound is never below what any single recent interval
+    /// shows the rate was at least.
+    pub(crate) fn bound(&self) -> Option<f64> {
+        let good: Vec<&Sample> = self.good().collect();
+        if good.len() < MIN_INTERVALS + 1 {
             return None;
         }
-        let base_local = first.local;
-        let base_server = first.server;
-        let points: Vec<(f64, f64)> = good
+        let last = good[good.len() - 1];
+        let tight = good[..good.len() - 1]
             .iter()
-            .map(|sample| {
-                let x = sample.local.duration_since(base_local).as_secs_f64();
-                let y = sample.server.as_secs_f64() - base_server.as_secs_f64();
-                (x, y)
-            })
-            .collect();
-        let n = points.len() as f64;
-        let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
-        let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
-        let covariance: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
-        let variance: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
-        let rate = covariance / variance;
+            .filter_map(|earlier| at_most(earlier, last))
+            .fold(f64::INFINITY, f64::min);
+        let recent = good
+            .windows(2)
+            .filter_map(|pair| at_least(pair[0], pair[1]))
+            .fold(0.0, f64::max);
+        let bound = tight.max(recent);
+        bound.is_finite().then_some(bound)
+    }
+
+    /// The rate over the whole window, from the middles of the round trips: for
+    /// reports and the fast-clock quarantine, not for validity.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        let mut good = self.good();
+        let first = good.next()?;
+        let last = good.last()?;
+        let middle = |sample: &Sample| sample.sent + sample.rtt() / 2;
+        let ours = middle(last).checked_duration_since(middle(first))?;
+        if ours < MIN_INTERVAL {
+            return None;
+        }
+        let rate = last.server.saturating_sub(first.server).as_secs_f64() / ours.as_secs_f64();
         (rate.is_finite() && rate > 0.0).then_some(rate)
     }
+}
+
+/// The most the server's clock can have advanced per second of ours between
+/// two samples: the second read came at the latest when its reply arrived, the
+/// first at the earliest when its request left... and the other way round for
+/// our clock.
+fn at_most(earlier: &Sample, later: &Sample) -> Option<f64> {
+    let ours = later.sent.checked_duration_since(earlier.received)?;
+    if ours.is_zero() {
+        return None;
+    }
+    let theirs = later.server.saturating_sub(earlier.server) + TIME_RESOLUTION;
+    Some(theirs.as_secs_f64() / ours.as_secs_f64())
+}
+
+/// The least it can have advanced per second of ours between two samples.
+fn at_least(earlier: &Sample, later: &Sample) -> Option<f64> {
+    let ours = later.received.checked_duration_since(earlier.sent)?;
+    if ours.is_zero() {
+        return None;
+    }
+    let theirs = later
+        .server
+        .saturating_sub(earlier.server + TIME_RESOLUTION);
+    Some(theirs.as_secs_f64() / ours.as_secs_f64())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn feed(estimator: &mut RateEstimator, rate: f64, every: Duration, count: u32) {
-        let start = Instant::now();
-        let server_start = Duration::from_secs(1_700_000_000);
+    const EPOCH: Duration = Duration::from_secs(1_700_000_000);
+
+    /// `count` samples `every` apart from a server whose clock runs at `rate`,
+    /// each read `read_at` into a round trip of `rtt`.
+    fn feed(
+        estimator: &mut RateEstimator,
+        start: Instant,
+        rate: f64,
+        every: Duration,
+        count: u32,
+        rtt: Duration,
+    ) {
         for i in 0..count {
             let sent = start + every * i;
-            let received = sent + Duration::from_micros(300);
-            let elapsed = (sent + Duration::from_micros(150)).duration_since(start);
-            estimator.record(sent, received, server_start + elapsed.mul_f64(rate));
+            let read = (sent + rtt / 2).duration_since(start);
+            estimator.record(sent, sent + rtt, EPOCH + read.mul_f64(rate));
         }
     }
 
     #[test]
-    fn finds_fast_slow_and_true_clocks() {
-        for rate in [0.5, 0.99, 1.0, 1.01, 2.0] {
+    fn bounds_fast_slow_and_true_clocks_from_above() {
+        let rtt = Duration::from_micros(300);
+        for rate in [0.5, 0.99, 1.0, 1.01, 1.02, 2.0] {
             let mut estimator = RateEstimator::default();
-            feed(&mut estimator, rate, Duration::from_millis(100), 8);
-            let estimate = estimator.rate().unwrap();
-            assert!((estimate - rate).abs() < 1e-6, "{rate}: {estimate}");
+            feed(
+                &mut estimator,
+                Instant::now(),
+                rate,
+                Duration::from_millis(100),
+                8,
+                rtt,
+            );
+            let bound = estimator.bound().unwrap();
+            // At least the true rate, and loose by about rtt / interval.
+            assert!(bound >= rate, "{rate}: {bound}");
+            assert!(bound < rate * 1.004, "{rate}: {bound}");
+            let point = estimator.rate().unwrap();
+            assert!((point - rate).abs() < 1e-6, "{rate}: {point}");
+        }
+    }
+
+    /// Two samples 50 ms apart estimated a 1.02 clock at 1.00 before; the bound
+    /// holds whatever the read's place in the round trip.
+    #[test]
+    fn short_spans_and_long_round_trips_loosen_the_bound_but_never_undercut() {
+        let start = Instant::now();
+        let rtt = Duration::from_millis(2);
+        for read_at in [0.0, 0.5, 1.0] {
+            let mut estimator = RateEstimator::default();
+            for i in 0..3u32 {
+                let sent = start + Duration::from_millis(50) * i;
+                let read = (sent + rtt.mul_f64(read_at)).duration_since(start);
+                estimator.record(sent, sent + rtt, EPOCH + read.mul_f64(1.02));
+            }
+            let bound = estimator.bound().unwrap();
+            assert!(bound >= 1.02, "read at {read_at}: {bound}");
         }
     }
 
     #[test]
-    fn needs_a_span_before_it_answers() {
+    fn needs_two_intervals_before_it_answers() {
         let mut estimator = RateEstimator::default();
-        assert_eq!(estimator.rate(), None);
-        feed(&mut estimator, 2.0, Duration::from_millis(10), 3);
-        assert_eq!(estimator.rate(), None);
+        assert_eq!(estimator.bound(), None);
+        let start = Instant::now();
+        feed(
+            &mut estimator,
+            start,
+            2.0,
+            Duration::from_millis(10),
+            5,
+            Duration::ZERO,
+        );
+        assert_eq!(
+            estimator.bound(),
+            None,
+            "samples closer than MIN_INTERVAL are skipped"
+        );
+        let mut estimator = RateEstimator::default();
+        feed(
+            &mut estimator,
+            start,
+            2.0,
+            Duration::from_millis(50),
+            2,
+            Duration::ZERO,
+        );
+        assert_eq!(estimator.bound(), None);
+        let third = start + Duration::from_millis(100);
+        estimator.record(third, third, EPOCH + Duration::from_millis(200));
+        assert!(estimator.bound().unwrap() >= 2.0);
     }
 
     #[test]
-    fn ignores_a_sample_delayed_by_a_stalled_server() {
+    fn a_sample_delayed_by_a_stalled_server_is_skipped() {
         let mut estimator = RateEstimator::default();
-        feed(&mut estimator, 1.0, Duration::from_millis(100), 6);
+        let start = Instant::now();
+        feed(
+            &mut estimator,
+            start,
+            1.0,
+            Duration::from_millis(100),
+            6,
+            Duration::from_micros(300),
+        );
         // Answered after a 2 s stall: the server read its clock at the end.
-        let sent = Instant::now() + Duration::from_millis(600);
-        let server = Duration::from_secs(1_700_000_000) + Duration::from_millis(2600);
-        estimator.record(sent, sent + Duration::from_secs(2), server);
-        let estimate = estimator.rate().unwrap();
-        assert!((estimate - 1.0).abs() < 1e-3, "{estimate}");
+        let sent = start + Duration::from_millis(600);
+        estimator.record(
+            sent,
+            sent + Duration::from_secs(2),
+            EPOCH + Duration::from_millis(2600),
+        );
+        let bound = estimator.bound().unwrap();
+        assert!((1.0..1.01).contains(&bound), "{bound}");
     }
 
     #[test]
-    fn starts_over_when_the_server_clock_goes_back() {
+    fn a_clock_stepped_back_is_measured_again_and_never_trusted_more() {
+        let start = Instant::now();
+        let every = Duration::from_millis(100);
         let mut estimator = RateEstimator::default();
-        feed(&mut estimator, 1.0, Duration::from_millis(100), 8);
-        let now = Instant::now() + Duration::from_secs(1);
-        estimator.record(now, now, Duration::from_secs(5));
-        assert_eq!(estimator.rate(), None);
+        feed(&mut estimator, start, 2.0, every, 8, Duration::ZERO);
+        let before = estimator.bound().unwrap();
+        // Stepped back 3 s: below the last reading.
+        let now = start + every * 8;
+        let last = EPOCH + (every * 7).mul_f64(2.0);
+        estimator.record(now, now, last - Duration::from_secs(3));
+        assert_eq!(estimator.bound(), None, "no bound until measured again");
+        // Stepped back less than one interval's advance: the interval across the
+        // step looks slow, the others still show the fast clock.
+        let mut estimator = RateEstimator::default();
+        feed(&mut estimator, start, 2.0, every, 7, Duration::ZERO);
+        let stepped = EPOCH + (every * 7).mul_f64(2.0) - Duration::from_millis(150);
+        estimator.record(start + every * 7, start + every * 7, stepped);
+        assert!(
+            estimator.bound().unwrap() >= before * 0.999_99,
+            "{:?}",
+            estimator.bound()
+        );
+    }
+
+    #[test]
+    fn a_clock_that_speeds_up_shows_in_the_next_interval() {
+        let start = Instant::now();
+        let every = Duration::from_millis(100);
+        let mut estimator = RateEstimator::default();
+        feed(&mut estimator, start, 1.0, every, 6, Duration::ZERO);
+        // From here on it runs at 2.0.
+        let base = EPOCH + every * 5;
+        let sent = start + every * 6;
+        estimator.record(sent, sent, base + every.mul_f64(2.0));
+        // Less TIME's resolution over the interval.
+        assert!(
+            estimator.bound().unwrap() >= 1.9999,
+            "{:?}",
+            estimator.bound()
+        );
     }
 }

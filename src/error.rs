@@ -97,6 +97,14 @@ pub enum Error {
     #[error("the lock key is empty")]
     EmptyKey,
 
+    /// The lock key is the one the locker keeps each server's data-set identity
+    /// under ([`EPOCH_KEY`](crate::EPOCH_KEY)).
+    #[error("the lock key {key:?} is reserved by quorumlock")]
+    ReservedKey {
+        /// The key given.
+        key: String,
+    },
+
     /// The builder was given no instances.
     #[error("no Redis instances were given")]
     NoInstances,
@@ -248,8 +256,10 @@ pub enum Vote {
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub enum Quarantine {
-    /// It restarted (its `run_id` changed) and may have forgotten the locks it
-    /// held; it votes again once every lock it could have held has expired. See
+    /// It restarted (its `run_id` changed) or lost its data set (the epoch key,
+    /// see [`EPOCH_KEY`](crate::EPOCH_KEY), changed: a flush or a failover) and
+    /// may have forgotten the locks it held; it votes again once every lock it
+    /// could have held has expired. See
     /// [`Builder::restart_quarantine`](crate::Builder::restart_quarantine).
     Restarted {
         /// How long until it votes again.
@@ -263,6 +273,26 @@ pub enum Quarantine {
     ClockDrift {
         /// Its clock's rate against ours (1.0 is exact).
         rate: f64,
+    },
+    /// No probe has said yet which server it is: a new locker's first probe is
+    /// still out, or it has never answered one.
+    Unidentified,
+    /// Its clock has not been measured yet (a new locker, a restart, a clock
+    /// stepped back): its keys could expire at any time for all the locker
+    /// knows. A new locker's first attempt waits for the measurement (about
+    /// 100 ms).
+    ClockUnmeasured,
+    /// It is the same server (same `run_id`), or holds the same data (a replica),
+    /// as an earlier instance: its vote would count twice.
+    Duplicate {
+        /// The index of the earlier instance.
+        of: usize,
+    },
+    /// It has this many requests waiting for an answer: it is stalled, and new
+    /// locks do not pile more work onto it until it answers.
+    Backlog {
+        /// The number of requests in flight.
+        in_flight: usize,
     },
 }
 
@@ -279,6 +309,16 @@ impl fmt::Display for Quarantine {
             Self::ClockDrift { rate } => write!(
                 f,
                 "its clock runs {rate:.3} times as fast as ours, beyond the drift allowance"
+            ),
+            Self::Unidentified => f.write_str("no probe has identified the server yet"),
+            Self::ClockUnmeasured => f.write_str("its clock rate is not measured yet"),
+            Self::Duplicate { of } => write!(
+                f,
+                "it is the same server or data set as instance {of}, which votes for both"
+            ),
+            Self::Backlog { in_flight } => write!(
+                f,
+                "{in_flight} requests to it are still waiting for an answer"
             ),
         }
     }

@@ -10,7 +10,7 @@ use tracing::{debug, debug_span, Instrument, Span};
 
 use crate::acquire::granted_lifetime;
 use crate::error::{Error, Shortfall, Vote};
-use crate::fanout::Fanout;
+use crate::fanout::{Asked, Fanout};
 use crate::locker::{check_ttl, Shared};
 use crate::quorum::{self, Decision};
 use crate::status::Held;
@@ -78,14 +78,31 @@ async fn extend_round(
             source: None,
         }));
     }
+    // One extend of this lock at a time (see `Held::extending`). Waiting here
+    // sends nothing, so a future dropped while it waits changes nothing.
+    let _one_at_a_time = held.extending.lock().await;
+    if held.is_lost() {
+        return Err(refuse(Error::LockLost {
+            key: held.key.user.to_string(),
+            source: None,
+        }));
+    }
     let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
     let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
     let ttl = Duration::from_millis(ttl_ms);
+    let drift = quorum::drift(ttl, shared.settings.drift_factor);
+    shared.note_ttl(ttl);
 
     let start = Instant::now();
-    let mut fanout = Fanout::start(shared, |member| {
+    if ttl < held.ttl() {
+        // A shorter TTL may land on some instances even if this call is dropped
+        // or fails: believe no more than the shortest it can leave there.
+        let shortest = shortest_lifetime(shared, held.asked, ttl);
+        held.cap((start + shortest).checked_sub(drift).unwrap_or(start));
+    }
+    let mut fanout = Fanout::start(shared, held.asked, |member| {
         member.instance.extend(&held.key.redis, &held.value, ttl_ms)
     });
     fanout
@@ -100,7 +117,6 @@ async fn extend_round(
     span.record("failed", tally.failed);
     fanout.finish_in_background(&held.key.redis, timeout.max(ttl), "extend");
 
-    let drift = quorum::drift(ttl, shared.settings.drift_factor);
     let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
         Decision::Won => {
             match quorum::validity(granted_lifetime(shared, &fanout, ttl), elapsed, drift) {
@@ -133,4 +149,19 @@ async fn extend_round(
         },
         certain: refused > n - quorum,
     })
+}
+
+/// How long, from now, a key given `ttl` lasts on the fastest of the `asked`
+/// instances (an instance whose clock is not measured may drop it at once).
+fn shortest_lifetime(shared: &Shared, asked: Asked, ttl: Duration) -> Duration {
+    if !shared.settings.policy.rate_aware_validity {
+        return ttl;
+    }
+    let fastest = shared
+        .members
+        .iter()
+        .filter(|member| asked.contains(member.index))
+        .map(|member| member.state.clock_rate_bound().unwrap_or(f64::INFINITY))
+        .fold(1.0, f64::max);
+    ttl.div_f64(fastest)
 }

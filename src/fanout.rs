@@ -18,7 +18,7 @@ use tracing::{debug, trace, warn};
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
 use crate::locker::Shared;
-use crate::monitor::InstanceState;
+use crate::monitor::{Admission, InFlight, InstanceState};
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
@@ -28,6 +28,8 @@ pub(crate) struct Tagged {
     /// the attempt, or finished in the background): the server behind it may have
     /// restarted, and must not vote until a probe has seen which server it is.
     state: Arc<InstanceState>,
+    /// Counts the request against the instance's backlog until the reply is in.
+    in_flight: Option<InFlight>,
 }
 
 impl Future for Tagged {
@@ -38,6 +40,7 @@ impl Future for Tagged {
         if let Err(err) = &reply {
             self.state.failed(err);
         }
+        self.in_flight = None;
         Poll::Ready((self.index, reply))
     }
 }
@@ -66,64 +69,121 @@ impl Tally {
     }
 }
 
+/// The instances an operation was sent to, by index (every index from 64 on
+/// counts as asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Asked(u64);
+
+impl Asked {
+    pub(crate) const ALL: Self = Self(u64::MAX);
+
+    pub(crate) fn contains(self, index: usize) -> bool {
+        index >= 64 || self.0 & (1 << index) != 0
+    }
+
+    fn insert(&mut self, index: usize) {
+        if index < 64 {
+            self.0 |= 1 << index;
+        }
+    }
+}
+
 /// An operation in flight on every instance.
 pub(crate) struct Fanout {
     shared: Arc<Shared>,
     pending: FuturesUnordered<Tagged>,
     votes: Vec<Option<Vote>>,
     tally: Tally,
+    asked: Asked,
 }
 
 impl Fanout {
-    /// Starts `operation` on every member. The futures are created here, and the
-    /// commands leave on the first poll: all of them within one poll of `collect`.
+    /// Starts `operation` on the members in `among`; the others are counted as
+    /// refusals without being asked (the key cannot be ours there: the acquire
+    /// did not ask them). The futures are created here, and the commands leave
+    /// on the first poll: all of them within one poll of `collect`.
     pub(crate) fn start(
         shared: &Arc<Shared>,
+        among: Asked,
         operation: impl Fn(&Member) -> BoxFuture<Reply>,
     ) -> Self {
-        Self::start_gated(shared, false, operation)
+        let mut fanout = Self::new(shared);
+        for member in &shared.members {
+            if among.contains(member.index) {
+                fanout.send(member, operation(member));
+            } else {
+                fanout.votes[member.index] = Some(Vote::Refused);
+                fanout.tally.failed += 1;
+            }
+        }
+        fanout
     }
 
-    /// As `start`; with `gate`, members the monitor does not trust now (restarted,
-    /// unverified, drifting) are not asked, and count as failed votes.
+    /// Starts a grant on every member the monitor admits now, with what it
+    /// admits it with; members it does not trust (restarted, unverified,
+    /// unmeasured, drifting, a second name, stalled) are not asked, and count
+    /// as failed votes.
     pub(crate) fn start_gated(
         shared: &Arc<Shared>,
-        gate: bool,
-        operation: impl Fn(&Member) -> BoxFuture<Reply>,
+        operation: impl Fn(&Member, &Admission) -> BoxFuture<Reply>,
     ) -> Self {
-        let mut fanout = Self {
-            shared: Arc::clone(shared),
-            pending: FuturesUnordered::new(),
-            votes: vec![None; shared.members.len()],
-            tally: Tally::default(),
-        };
+        let mut fanout = Self::new(shared);
         let policy = &shared.settings.policy;
-        let refusals: Vec<Option<Vote>> = shared
+        let admissions: Vec<Result<Admission, Vote>> = shared
             .members
             .iter()
-            .map(|member| gate.then(|| member.state.refusal(policy)).flatten())
+            .map(|member| member.state.admit(policy))
             .collect();
-        let refused = refusals.iter().filter(|refusal| refusal.is_some()).count();
+        let refused = admissions
+            .iter()
+            .filter(|admission| admission.is_err())
+            .count();
         // Too few left to make a quorum: asking them would only set keys to roll
         // back.
         let hopeless = refused > shared.members.len().saturating_sub(shared.quorum);
-        for (member, refusal) in shared.members.iter().zip(refusals) {
-            match refusal {
-                Some(refusal) => {
+        for (member, admission) in shared.members.iter().zip(admissions) {
+            match admission {
+                Err(refusal) => {
                     debug!(instance = member.index, address = %member.address, vote = %refusal, "instance not asked");
                     fanout.tally.failed += 1;
                     fanout.tally.unreachable += 1;
                     fanout.votes[member.index] = Some(refusal);
                 }
-                None if hopeless => {}
-                None => fanout.pending.push(Tagged {
-                    index: member.index,
-                    reply: operation(member),
-                    state: Arc::clone(&member.state),
-                }),
+                Ok(_) if hopeless => {}
+                Ok(admission) => fanout.send(member, operation(member, &admission)),
             }
         }
         fanout
+    }
+
+    fn new(shared: &Arc<Shared>) -> Self {
+        Self {
+            shared: Arc::clone(shared),
+            pending: FuturesUnordered::new(),
+            votes: vec![None; shared.members.len()],
+            tally: Tally::default(),
+            asked: Asked(0),
+        }
+    }
+
+    fn send(&mut self, member: &Member, reply: BoxFuture<Reply>) {
+        self.asked.insert(member.index);
+        self.pending.push(Tagged {
+            index: member.index,
+            reply,
+            state: Arc::clone(&member.state),
+            in_flight: Some(member.state.in_flight()),
+        });
+    }
+
+    /// The members the operation was sent to.
+    pub(crate) fn asked(&self) -> Asked {
+        self.asked
+    }
+
+    /// Whether `index` was asked and has not answered yet.
+    pub(crate) fn is_pending(&self, index: usize) -> bool {
+        self.asked.contains(index) && self.vote(index).is_none()
     }
 
     pub(crate) fn tally(&self) -> Tally {

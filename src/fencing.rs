@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::error::Vote;
-use crate::fanout::{Fanout, Tally};
+use crate::fanout::{Asked, Fanout, Tally};
 use crate::instance::{BoxFuture, Counter, Reply};
 use crate::locker::Shared;
 use crate::quorum::{self, Decision};
@@ -72,7 +72,7 @@ pub(crate) async fn write_back(
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
     let start = Instant::now();
-    let mut fanout = Fanout::start(shared, |member| {
+    let mut fanout = Fanout::start(shared, Asked::ALL, |member| {
         if granted.contains(&member.index) {
             member.instance.fence_write_back(key, fence, value, token)
         } else {

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::join_all;
 
+use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Vote};
 use crate::locker::Shared;
 use crate::monitor;
@@ -157,7 +158,6 @@ impl fmt::Display for Health {
 /// first; without, sends one unmeasured probe first. Either way the connection is open before
 /// the measured probe, so the latency is a round trip, not a connect.
 pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool) -> Health {
-    let policy = shared.settings.policy;
     let checks = shared.members.iter().map(|member| async move {
         let mut health = InstanceHealth {
             index: member.index,
@@ -179,9 +179,12 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
             } else {
                 // A connection broken by a server restart fails once and then
                 // reconnects: only the measured probe decides.
-                let _ = member.instance.probe().await;
+                let _ = member
+                    .instance
+                    .probe(&shared.settings.epoch_key, &Epoch::generate()?)
+                    .await;
             }
-            monitor::probe_once(member, &policy).await
+            monitor::probe_once(shared, member).await
         };
         match tokio::time::timeout(timeout, probe).await {
             Ok(Ok((probe, latency))) => {
@@ -197,8 +200,10 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
         health.quarantined_for = member.state.quarantine_left();
         health
     });
+    let instances = join_all(checks).await;
+    monitor::check_identities(&shared.members);
     Health {
-        instances: join_all(checks).await,
+        instances,
         quorum: shared.quorum,
     }
 }

@@ -236,6 +236,7 @@ mod address;
 mod background;
 mod builder;
 mod clock;
+mod epoch;
 mod error;
 mod extend;
 mod fanout;
@@ -268,6 +269,7 @@ pub use builder::{
     Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT,
     DEFAULT_PROBE_EVERY, DEFAULT_TTL,
 };
+pub use epoch::EPOCH_KEY;
 pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};
 pub use fencing::FENCE_SUFFIX;
 pub use guard::LockGuard;

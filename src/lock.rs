@@ -241,6 +241,7 @@ impl Lock {
             &self.held.key,
             &self.held.value,
             self.held.ttl(),
+            self.held.asked,
             &self.stragglers,
         )
         .await;

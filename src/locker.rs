@@ -1,6 +1,7 @@
 //! The locker: N instances in order, a quorum, and the acquire loop.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use tokio::time::Instant;
 use crate::acquire::{self, Identity, Outcome};
 use crate::background::Background;
 use crate::builder::Builder;
+use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::{self, Handoff};
 use crate::health::{self, Health};
@@ -44,6 +46,29 @@ pub(crate) struct Shared {
     pub(crate) handoff: Option<Handoff>,
     /// The task that probes the instances.
     pub(crate) monitor: Monitor,
+    /// The longest TTL this locker has sent, in milliseconds: a restarted
+    /// instance may have held a lock that long.
+    pub(crate) longest_ttl_ms: AtomicU64,
+}
+
+impl Shared {
+    /// Notes a TTL about to be sent to the instances.
+    pub(crate) fn note_ttl(&self, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.longest_ttl_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long an instance that lost its keys may not vote: the configured
+    /// quarantine, or the longest TTL this locker has handed out where that is
+    /// longer (zero when the check is off).
+    pub(crate) fn restart_quarantine(&self) -> Duration {
+        let configured = self.settings.policy.restart_quarantine;
+        if configured.is_zero() {
+            return Duration::ZERO;
+        }
+        let longest = Duration::from_millis(self.longest_ttl_ms.load(Ordering::Relaxed));
+        configured.max(longest)
+    }
 }
 
 /// The builder's settings, validated.
@@ -55,6 +80,8 @@ pub(crate) struct Settings {
     pub(crate) retry: RetryPolicy,
     pub(crate) acquire_timeout: Duration,
     pub(crate) key_prefix: String,
+    /// The key prefix followed by [`EPOCH_KEY`].
+    pub(crate) epoch_key: Arc<str>,
     pub(crate) policy: Policy,
 }
 
@@ -273,11 +300,14 @@ impl QuorumLocker {
         lock.release().await
     }
 
-    /// Connects to every instance, loads the Lua scripts there (so that the first
-    /// lock pays for neither), and reports each instance's health.
+    /// Connects to every instance, loads the Lua scripts there, waits for the
+    /// first measurements of each instance's identity and clock (about 100 ms:
+    /// an instance votes only once they are in), and reports each instance's
+    /// health. The first lock then pays for none of these.
     ///
-    /// Locks work without it: connections open on first use and scripts load on a
-    /// `NOSCRIPT` answer. Its value is the early, clear failure at start-up.
+    /// Locks work without it: connections open on first use, scripts load on a
+    /// `NOSCRIPT` answer, and a new locker's first attempt waits for the
+    /// measurements. Its value is the early, clear failure at start-up.
     ///
     /// # Errors
     ///
@@ -287,6 +317,10 @@ impl QuorumLocker {
     ///   different addresses (their `run_id`s match): its vote would count twice.
     pub async fn prepare(&self) -> crate::Result<Health> {
         let health = self.check_health(true).await;
+        // The first measurements every instance needs before it votes; without
+        // this the first acquire waits for them.
+        self.shared.monitor.ensure_running(&self.shared);
+        self.shared.monitor.warmed_up().await;
         if !health.has_quorum() {
             return Err(Error::Unavailable {
                 operation: "prepare",
@@ -375,6 +409,11 @@ impl QuorumLocker {
     fn lock_key(&self, key: &str, ttl: Duration) -> crate::Result<LockKey> {
         if key.is_empty() {
             return Err(Error::EmptyKey);
+        }
+        if key == EPOCH_KEY {
+            return Err(Error::ReservedKey {
+                key: key.to_string(),
+            });
         }
         check_ttl(ttl, self.shared.settings.drift_factor)?;
         let redis = format!("{}{key}", self.shared.settings.key_prefix);

@@ -3,48 +3,71 @@
 //! that keeps it current. Acquisitions consult it to keep a restarted or drifting
 //! instance from voting.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis::RedisError;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::clock::RateEstimator;
+use crate::clock::{RateEstimator, MIN_INTERVAL};
+use crate::epoch::{self, Epoch};
 use crate::error::{Quarantine, Vote};
 use crate::instance::{Member, Probe};
 use crate::locker::Shared;
 
 /// How soon an instance that failed is probed again, at first.
 const SUSPECT_PROBE: Duration = Duration::from_millis(20);
+/// Requests to one instance still waiting for a reply beyond which it is not
+/// asked to grant new locks: a stalled instance would otherwise collect the
+/// background work of every cycle until it answers.
+pub(crate) const MAX_IN_FLIGHT: usize = 1024;
 
 /// One instance's standing.
 pub(crate) struct InstanceState {
     inner: Mutex<Standing>,
     /// Wakes the monitor when an instance becomes suspect.
     kick: Arc<Notify>,
+    /// Requests sent and not yet answered (or given up on).
+    in_flight: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
 struct Standing {
     run_id: Option<String>,
-    /// A connection failed since the last probe: the server may have restarted.
-    suspect: bool,
+    /// The data set's identity (see `epoch`): it changes when the server loses
+    /// its keys, whatever the connection saw.
+    epoch: Option<Arc<str>>,
+    /// When a request failed in a way that may hide a restart; cleared only by
+    /// a probe sent after it.
+    suspect_since: Option<Instant>,
     /// Votes do not count until then: the server restarted and forgot its keys.
     quarantined_until: Option<Instant>,
+    /// An earlier member with the same `run_id` or data set: this one would vote
+    /// twice for one server.
+    duplicate_of: Option<usize>,
+    /// The identity above has been compared with every other member's.
+    identity_checked: bool,
     clock: RateEstimator,
-    /// The clock's rate, refitted at each probe: attempts read it, and a fit per
-    /// attempt would cost more than the rest of the attempt's bookkeeping.
+    /// The bound on the clock's rate, refitted at each probe: attempts read it,
+    /// and a fit per attempt would cost more than the rest of the attempt's
+    /// bookkeeping.
+    rate_bound: Option<f64>,
+    /// The rate itself, for reports and the fast-clock quarantine.
     rate: Option<f64>,
+    /// Why the last probe failed, while no probe has identified the server: an
+    /// attempt reports it instead of a bare "unidentified".
+    probe_error: Option<RedisError>,
 }
 
 /// How strictly the locker treats instances; from the builder.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Policy {
-    /// How long a restarted instance may not vote; zero turns the check off.
+    /// How long a restarted instance may not vote at least; zero turns the check
+    /// off. The locker's longest TTL so far is used where it is longer.
     pub(crate) restart_quarantine: Duration,
     /// Refuse votes from an instance whose clock runs faster than this rate.
     pub(crate) max_clock_rate: Option<f64>,
@@ -54,11 +77,27 @@ pub(crate) struct Policy {
     pub(crate) probe_every: Duration,
 }
 
+impl Policy {
+    /// Whether grants are checked against the data set's epoch.
+    pub(crate) fn checks_epoch(&self) -> bool {
+        !self.restart_quarantine.is_zero()
+    }
+
+    /// Whether an instance needs a measured clock before it votes.
+    fn needs_clock(&self) -> bool {
+        self.rate_aware_validity || self.max_clock_rate.is_some()
+    }
+}
+
+/// What an instance may be asked to grant with: the epoch its grants must find.
+pub(crate) type Admission = Option<Arc<str>>;
+
 impl InstanceState {
     pub(crate) fn new(kick: Arc<Notify>) -> Self {
         Self {
             inner: Mutex::new(Standing::default()),
             kick,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -66,33 +105,69 @@ impl InstanceState {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Why the instance may not vote in an acquisition now, if it may not.
-    pub(crate) fn refusal(&self, policy: &Policy) -> Option<Vote> {
+    /// Counts a request until the returned guard drops.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.in_flight))
+    }
+
+    /// Whether the instance may be asked to grant a lock now, and with which
+    /// epoch; or why it may not.
+    pub(crate) fn admit(&self, policy: &Policy) -> Result<Admission, Vote> {
         let standing = self.standing();
+        let refuse = |why| Err(Vote::Quarantined(why));
         if let Some(until) = standing.quarantined_until {
             let remaining = until.saturating_duration_since(Instant::now());
             if !remaining.is_zero() {
-                return Some(Vote::Quarantined(Quarantine::Restarted { remaining }));
+                return refuse(Quarantine::Restarted { remaining });
             }
+        }
+        // Until a probe has said which server this is, it may be a second name
+        // for another member, or a restarted server.
+        if standing.run_id.is_none() {
+            if let Some(err) = &standing.probe_error {
+                return Err(Vote::Failed(err.clone()));
+            }
+        }
+        if standing.run_id.is_none() || !standing.identity_checked {
+            return refuse(Quarantine::Unidentified);
+        }
+        if let Some(first) = standing.duplicate_of {
+            return refuse(Quarantine::Duplicate { of: first });
         }
         // Until a probe shows the same server, a failed connection may hide a
         // restart. Only matters when restarts are guarded against at all.
-        if standing.suspect && standing.run_id.is_some() && !policy.restart_quarantine.is_zero() {
-            return Some(Vote::Quarantined(Quarantine::Unverified));
+        if standing.suspect_since.is_some() && policy.checks_epoch() {
+            return refuse(Quarantine::Unverified);
+        }
+        if policy.needs_clock() && standing.rate_bound.is_none() {
+            return refuse(Quarantine::ClockUnmeasured);
         }
         if let Some(max) = policy.max_clock_rate {
             if let Some(rate) = standing.rate.filter(|rate| *rate > max) {
-                return Some(Vote::Quarantined(Quarantine::ClockDrift { rate }));
+                return refuse(Quarantine::ClockDrift { rate });
             }
         }
-        None
+        if self.in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            return refuse(Quarantine::Backlog {
+                in_flight: MAX_IN_FLIGHT,
+            });
+        }
+        if policy.checks_epoch() {
+            match &standing.epoch {
+                Some(epoch) => Ok(Some(Arc::clone(epoch))),
+                None => refuse(Quarantine::Unidentified),
+            }
+        } else {
+            Ok(None)
+        }
     }
 
     /// An operation on the instance failed. If the connection went, it
     /// reconnects by itself, perhaps to a restarted server: no vote from it until
-    /// a probe has seen which server it is.
+    /// a probe sent after this has seen which server it is.
     pub(crate) fn failed(&self, err: &RedisError) {
-        if is_connection_failure(err) {
+        if is_connection_failure(err) || epoch::is_changed(err) {
             self.suspect();
         }
     }
@@ -100,20 +175,33 @@ impl InstanceState {
     /// A request failed on the connection: probe the instance soon.
     fn suspect(&self) {
         let mut standing = self.standing();
-        if !standing.suspect {
-            standing.suspect = true;
+        if standing.suspect_since.is_none() {
+            standing.suspect_since = Some(Instant::now());
             drop(standing);
             self.kick.notify_one();
         }
     }
 
     pub(crate) fn is_suspect(&self) -> bool {
-        self.standing().suspect
+        self.standing().suspect_since.is_some()
+    }
+
+    /// Whether the instance still lacks a measurement it needs before it votes
+    /// (its identity, or its clock's bound): the monitor probes it at a quicker
+    /// pace until it has them.
+    fn is_unmeasured(&self, policy: &Policy) -> bool {
+        let standing = self.standing();
+        !standing.identity_checked || (policy.needs_clock() && standing.rate_bound.is_none())
     }
 
     /// The estimated rate of the instance's clock against ours.
     pub(crate) fn clock_rate(&self) -> Option<f64> {
         self.standing().rate
+    }
+
+    /// The upper bound on the clock's rate that validity is computed from.
+    pub(crate) fn clock_rate_bound(&self) -> Option<f64> {
+        self.standing().rate_bound
     }
 
     /// How long the instance stays quarantined after a restart.
@@ -123,48 +211,117 @@ impl InstanceState {
         (!left.is_zero()).then_some(left)
     }
 
-    /// Records a probe's answer.
+    fn identity(&self) -> (Option<String>, Option<Arc<str>>) {
+        let standing = self.standing();
+        (standing.run_id.clone(), standing.epoch.clone())
+    }
+
+    /// Records the outcome of comparing `identity` with the other members'.
+    fn checked(&self, identity: &(Option<String>, Option<Arc<str>>), duplicate_of: Option<usize>) {
+        let mut standing = self.standing();
+        // A probe may have changed it since: then the next comparison decides.
+        if standing.run_id == identity.0 && standing.epoch == identity.1 {
+            standing.duplicate_of = duplicate_of;
+            standing.identity_checked = true;
+        }
+    }
+
+    /// Records a probe's answer; `quarantine` is how long a restarted instance
+    /// may not vote.
     pub(crate) fn observe(
         &self,
-        run_id: &str,
-        server_time: Duration,
+        probe: &Probe,
         sent: Instant,
         received: Instant,
-        policy: &Policy,
+        quarantine: Duration,
         address: &str,
     ) {
         let mut standing = self.standing();
-        standing.suspect = false;
-        match &standing.run_id {
-            Some(known) if known != run_id => {
-                standing.clock.reset();
-                standing.rate = None;
-                if !policy.restart_quarantine.is_zero() {
-                    // The restart came before we saw it: counting from now errs
-                    // on the safe side.
-                    standing.quarantined_until = Some(received + policy.restart_quarantine);
-                    warn!(%address, quarantine = ?policy.restart_quarantine, "instance restarted: its votes do not count until every lock it held has expired");
-                }
-            }
-            _ => {}
+        standing.probe_error = None;
+        // Only a probe sent after the failure says anything about the server
+        // behind the connection now.
+        if standing.suspect_since.is_some_and(|since| since <= sent) {
+            standing.suspect_since = None;
         }
-        if standing.run_id.as_deref() != Some(run_id) {
-            standing.run_id = Some(run_id.to_string());
+        let restarted = standing
+            .run_id
+            .as_deref()
+            .is_some_and(|known| known != probe.run_id);
+        let lost_keys = standing
+            .epoch
+            .as_deref()
+            .is_some_and(|known| known != &*probe.epoch);
+        if restarted {
+            standing.clock.reset();
+            standing.rate = None;
+            standing.rate_bound = None;
         }
-        standing.clock.record(sent, received, server_time);
+        if (restarted || lost_keys) && !quarantine.is_zero() {
+            // The loss came before we saw it: counting from now errs on the safe
+            // side.
+            standing.quarantined_until = Some(received + quarantine);
+            warn!(%address, ?quarantine, restarted, "instance lost its keys (restart, flush or failover): its votes do not count until every lock it held has expired");
+        }
+        if standing.run_id.as_deref() != Some(&*probe.run_id) {
+            standing.run_id = Some(probe.run_id.clone());
+            standing.identity_checked = false;
+        }
+        if standing.epoch.as_deref() != Some(&*probe.epoch) {
+            standing.epoch = Some(Arc::clone(&probe.epoch));
+            standing.identity_checked = false;
+        }
+        standing.clock.record(sent, received, probe.server_time);
+        standing.rate_bound = standing.clock.bound();
         standing.rate = standing.clock.rate();
     }
 }
 
-/// The probing task's handle: how to wake it, and whether it still runs. It runs
-/// on the runtime that built the locker; a locker used on after that runtime shut
-/// down (a static shared by tests, each with its own runtime) starts it again on
-/// the current one, or instances whose connection failed would never be
-/// verified again.
+/// One request in flight to an instance, counted until dropped.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Compares every member's identity with the others': the later of two members
+/// with one `run_id` or one data set is a second name for the same server (or a
+/// replica of it) and must not vote.
+pub(crate) fn check_identities(members: &[Member]) {
+    let identities: Vec<_> = members
+        .iter()
+        .map(|member| member.state.identity())
+        .collect();
+    for (index, identity) in identities.iter().enumerate() {
+        let same = |other: &(Option<String>, Option<Arc<str>>)| {
+            (identity.0.is_some() && identity.0 == other.0)
+                || (identity.1.is_some() && identity.1 == other.1)
+        };
+        let duplicate_of = identities[..index].iter().position(same);
+        if let Some(first) = duplicate_of {
+            warn!(address = %members[index].address, first = %members[first].address, "two instances are one server: the second does not vote");
+        }
+        members[index].state.checked(identity, duplicate_of);
+    }
+}
+
+/// The probing task's handle: how to wake it, whether it still runs, and whether
+/// its first measurements are in. It runs on the runtime that built the locker;
+/// a locker used on after that runtime shut down (a static shared by tests, each
+/// with its own runtime) starts it again on the current one, or instances whose
+/// connection failed would never be verified again.
 pub(crate) struct Monitor {
     kick: Arc<Notify>,
     running: Arc<AtomicBool>,
+    /// Set once every instance has a measured clock or failed its probe, or once
+    /// [`WARM_UP`] has passed: a new locker's first attempt waits for it.
+    warm: watch::Sender<bool>,
 }
+
+/// The longest a new locker's first attempt waits for the clocks to be
+/// measured: enough for a connection and a few probes [`MIN_INTERVAL`] apart.
+pub(crate) const WARM_UP: Duration = Duration::from_secs(2);
 
 /// Clears the running flag when the task ends or its runtime drops it.
 struct Running(Arc<AtomicBool>);
@@ -180,6 +337,7 @@ impl Monitor {
         Self {
             kick,
             running: Arc::new(AtomicBool::new(false)),
+            warm: watch::Sender::new(false),
         }
     }
 
@@ -200,10 +358,22 @@ impl Monitor {
             runtime.spawn(run(Arc::downgrade(shared), Arc::clone(&self.kick), running));
         }
     }
+
+    /// Waits, at most [`WARM_UP`], for the first measurements of every
+    /// instance: an instance votes only once its identity and clock are known,
+    /// and without the wait a new locker's first attempt would find none.
+    pub(crate) async fn warmed_up(&self) {
+        if *self.warm.borrow() {
+            return;
+        }
+        let mut warm = self.warm.subscribe();
+        let _ = tokio::time::timeout(WARM_UP, warm.wait_for(|warm| *warm)).await;
+        self.warm.send_replace(true);
+    }
 }
 
-/// Probes every instance now and then (sooner after a failure), until the locker
-/// is dropped.
+/// Probes every instance now and then (sooner after a failure, or while its
+/// clock is not measured), until the locker is dropped.
 async fn run(shared: Weak<Shared>, kick: Arc<Notify>, _running: Running) {
     // Rounds in a row that left some instance suspect: an instance that stays down
     // is probed less and less often, down to the usual pace.
@@ -213,20 +383,35 @@ async fn run(shared: Weak<Shared>, kick: Arc<Notify>, _running: Running) {
             return;
         };
         let policy = locker.settings.policy;
-        probe_all(&locker).await;
-        let wait = if locker
+        let answered = probe_all(&locker).await;
+        let unmeasured = locker
+            .members
+            .iter()
+            .zip(&answered)
+            .any(|(member, answered)| *answered && member.state.is_unmeasured(&policy));
+        if !unmeasured {
+            locker
+                .monitor
+                .warm
+                .send_if_modified(|warm| !std::mem::replace(warm, true));
+        }
+        let mut wait = policy.probe_every;
+        if locker
             .members
             .iter()
             .any(|member| member.state.is_suspect())
         {
             suspect_rounds = suspect_rounds.saturating_add(1);
-            SUSPECT_PROBE
+            wait = SUSPECT_PROBE
                 .saturating_mul(1 << suspect_rounds.min(10))
-                .min(policy.probe_every)
+                .min(wait);
         } else {
             suspect_rounds = 0;
-            policy.probe_every
-        };
+        }
+        if unmeasured {
+            // Samples closer than this are not kept.
+            wait = wait.min(MIN_INTERVAL);
+        }
         // Not held while waiting, so dropping the last locker ends this task.
         drop(locker);
         tokio::select! {
@@ -236,49 +421,62 @@ async fn run(shared: Weak<Shared>, kick: Arc<Notify>, _running: Running) {
     }
 }
 
-/// Probes every member in parallel.
-pub(crate) async fn probe_all(shared: &Shared) {
+/// Probes every member in parallel; whether each answered.
+pub(crate) async fn probe_all(shared: &Shared) -> Vec<bool> {
     let timeout = shared.settings.instance_timeout.max(Duration::from_secs(1));
-    let policy = shared.settings.policy;
-    join_all(
+    let answered = join_all(
         shared
             .members
             .iter()
-            .map(|member| probe(member, timeout, &policy)),
+            .map(|member| probe(shared, member, timeout)),
     )
     .await;
+    check_identities(&shared.members);
+    answered
 }
 
-async fn probe(member: &Member, timeout: Duration, policy: &Policy) {
-    match tokio::time::timeout(timeout, probe_once(member, policy)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(err)) => debug!(address = %member.address, %err, "probe failed"),
-        Err(_) => debug!(address = %member.address, "probe timed out"),
+async fn probe(shared: &Shared, member: &Member, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, probe_once(shared, member)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(err)) => {
+            debug!(address = %member.address, %err, "probe failed");
+            false
+        }
+        Err(_) => {
+            debug!(address = %member.address, "probe timed out");
+            false
+        }
     }
 }
 
 /// One probe of `member`, recorded in its standing either way; the answer and
-/// its round trip.
+/// its round trip. The caller compares identities afterwards
+/// ([`check_identities`]).
 pub(crate) async fn probe_once(
+    shared: &Shared,
     member: &Member,
-    policy: &Policy,
 ) -> Result<(Probe, Duration), RedisError> {
+    let candidate = Epoch::generate()?;
     let sent = Instant::now();
-    match member.instance.probe().await {
+    match member
+        .instance
+        .probe(&shared.settings.epoch_key, &candidate)
+        .await
+    {
         Ok(probe) => {
             let received = Instant::now();
             member.state.observe(
-                &probe.run_id,
-                probe.server_time,
+                &probe,
                 sent,
                 received,
-                policy,
+                shared.restart_quarantine(),
                 &member.address,
             );
             Ok((probe, received - sent))
         }
         Err(err) => {
             member.state.failed(&err);
+            member.state.standing().probe_error = Some(err.clone());
             Err(err)
         }
     }

@@ -8,7 +8,7 @@ use tracing::field::Empty;
 use tracing::{debug, debug_span, Instrument, Span};
 
 use crate::error::{Error, Vote};
-use crate::fanout::{Fanout, Straggler};
+use crate::fanout::{Asked, Fanout, Straggler};
 use crate::handoff;
 use crate::locker::{LockKey, Shared};
 use crate::quorum;
@@ -39,10 +39,11 @@ pub(crate) async fn release(
     key: &LockKey,
     value: &Arc<str>,
     ttl: Duration,
+    asked: Asked,
     stragglers: &[Straggler],
 ) -> Released {
     let span = debug_span!("release", key = %key.user, released = Empty);
-    release_round(shared, key, value, ttl, stragglers)
+    release_round(shared, key, value, ttl, asked, stragglers)
         .instrument(span)
         .await
 }
@@ -52,6 +53,7 @@ async fn release_round(
     key: &LockKey,
     value: &Arc<str>,
     ttl: Duration,
+    asked: Asked,
     stragglers: &[Straggler],
 ) -> Released {
     let n = shared.members.len();
@@ -65,7 +67,7 @@ async fn release_round(
         let nonce = LockValue::parse(value).map_or("", |value| value.nonce);
         (handoff::channel(&key.redis), Arc::<str>::from(nonce))
     });
-    let mut fanout = Fanout::start(shared, |member| {
+    let mut fanout = Fanout::start(shared, asked, |member| {
         let delete = match &publish {
             None => member.instance.release(&key.redis, value),
             Some((channel, message)) => member
@@ -135,7 +137,15 @@ pub(crate) async fn release_until_expired(
         + quorum::drift(ttl, shared.settings.drift_factor);
     let mut pause = FIRST_RETRY;
     for round in 0..=RETRIES {
-        let released = release(&shared, &held.key, &held.value, ttl, &stragglers).await;
+        let released = release(
+            &shared,
+            &held.key,
+            &held.value,
+            ttl,
+            held.asked,
+            &stragglers,
+        )
+        .await;
         if !released.incomplete {
             return;
         }

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::fanout::Asked;
 use crate::locker::LockKey;
 use crate::token;
 use crate::value::LockValue;
@@ -20,6 +21,12 @@ pub(crate) struct Held {
     /// What the key holds in Redis: token, nonce and metadata (see `value`).
     pub(crate) value: Arc<str>,
     pub(crate) acquired_at: Instant,
+    /// The instances the winning attempt asked: only they can hold the key.
+    pub(crate) asked: Asked,
+    /// Held across an extend round: one lock's extends run one at a time, so
+    /// each instance applies them in the order they were sent, and the last
+    /// one to finish is the last one each instance applied.
+    pub(crate) extending: tokio::sync::Mutex<()>,
     tenure: watch::Sender<Tenure>,
     /// Why the lock was lost, when a failed extend is the reason.
     loss: Mutex<Option<Error>>,
@@ -48,12 +55,15 @@ impl Held {
         ttl: Duration,
         acquired_at: Instant,
         valid_until: Instant,
+        asked: Asked,
     ) -> Self {
         Self {
             key,
             token,
             value,
             acquired_at,
+            asked,
+            extending: tokio::sync::Mutex::new(()),
             tenure: watch::Sender::new(Tenure {
                 ttl,
                 renewed_at: acquired_at,
@@ -105,6 +115,19 @@ impl Held {
         self.remaining().is_zero()
     }
 
+    /// Ends the validity at `until` if it would end later: an extend to a
+    /// shorter TTL, about to be sent, may land on some instances and not be
+    /// heard of (its future dropped), and they then drop the key sooner.
+    pub(crate) fn cap(&self, until: Instant) {
+        self.tenure.send_if_modified(|tenure| {
+            if tenure.valid_until <= until {
+                return false;
+            }
+            tenure.valid_until = until;
+            true
+        });
+    }
+
     /// Records a successful extend that started at `started`.
     pub(crate) fn renew(&self, ttl: Duration, started: Instant, valid_until: Instant) {
         self.tenure.send_if_modified(|tenure| {
@@ -130,8 +153,14 @@ impl Held {
                 *loss = Some(reason);
             }
         }
-        self.tenure
-            .send_if_modified(|tenure| !std::mem::replace(&mut tenure.lost, true));
+        self.tenure.send_if_modified(|tenure| {
+            if std::mem::replace(&mut tenure.lost, true) {
+                return false;
+            }
+            // A lost lock promises no more time.
+            tenure.valid_until = tenure.valid_until.min(Instant::now());
+            true
+        });
     }
 
     /// Why the lock was lost, if a failed extend said so; taken once.

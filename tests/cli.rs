@@ -252,6 +252,126 @@ fn a_lost_lock_stops_the_command_and_exits_74() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A command that ignores SIGTERM (the trap notes it in `$1`, then the loop goes
+/// on); `$2` names a file it touches once the trap is set.
+const STUBBORN: &str = r#"trap 'echo term >> "$1"' TERM; : > "$2"; while :; do sleep 0.05; done"#;
+
+fn marker(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("qlock-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Waits for `path` to exist: the command is running and its trap is set.
+fn wait_for_file(path: &std::path::Path) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path:?} never created"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_deleted_lock_kills_a_command_that_ignores_sigterm_long_before_grace() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let (terms, ready) = (marker("deleted-terms"), marker("deleted-ready"));
+    let run = spawn_qlock(
+        &urls,
+        &[
+            "run",
+            "--key",
+            "stubborn",
+            "--ttl",
+            "2s",
+            "--grace",
+            "10s",
+            "--",
+            "sh",
+            "-c",
+            STUBBORN,
+            "stubborn",
+            terms.to_str().unwrap(),
+            ready.to_str().unwrap(),
+        ],
+    );
+    wait_until_held(&urls, "stubborn");
+    wait_for_file(&ready);
+    // Behind its back: a majority forgets the key, so a successor could take it
+    // at once. The next extend (within 0.7 s) is refused for certain.
+    for url in &urls[..2] {
+        let mut connection = redis::Client::open(url.as_str())
+            .and_then(|client| client.get_connection())
+            .unwrap();
+        let _: i64 = redis::cmd("DEL")
+            .arg("stubborn")
+            .query(&mut connection)
+            .unwrap();
+    }
+    let deleted = Instant::now();
+    let (output, _) = wait_at_most(run, Duration::from_secs(20));
+    let died = deleted.elapsed();
+    let term_log = std::fs::read_to_string(&terms).unwrap_or_default();
+    let _ = (std::fs::remove_file(&terms), std::fs::remove_file(&ready));
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(74), "{stderr}");
+    // Not the 10 s of --grace: SIGKILL follows the SIGTERM within a second.
+    assert!(died < Duration::from_secs(5), "took {died:?}: {stderr}");
+    assert!(term_log.contains("term"), "no SIGTERM first: {stderr}");
+    assert!(stderr.contains("was lost"), "{stderr}");
+    assert!(stderr.contains("killed by SIGKILL"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn failing_extends_stop_the_command_within_the_validity() {
+    let mut cluster = cluster();
+    let urls = cluster.urls();
+    let (terms, ready) = (marker("failing-terms"), marker("failing-ready"));
+    let run = spawn_qlock(
+        &urls,
+        &[
+            "run",
+            "--key",
+            "stranded",
+            "--ttl",
+            "3s",
+            "--grace",
+            "10s",
+            "--",
+            "sh",
+            "-c",
+            STUBBORN,
+            "stubborn",
+            terms.to_str().unwrap(),
+            ready.to_str().unwrap(),
+        ],
+    );
+    wait_until_held(&urls, "stranded");
+    wait_for_file(&ready);
+    // A majority goes silent: no extend can succeed, none is refused, and the
+    // validity (under 3 s from the last extend) runs out.
+    cluster.kill(1).unwrap();
+    cluster.kill(2).unwrap();
+    let killed = Instant::now();
+    let (output, _) = wait_at_most(run, Duration::from_secs(25));
+    let died = killed.elapsed();
+    let term_log = std::fs::read_to_string(&terms).unwrap_or_default();
+    let _ = (std::fs::remove_file(&terms), std::fs::remove_file(&ready));
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(74), "{stderr}");
+    // SIGTERM came while validity was left, SIGKILL at the validity's end:
+    // not the 10 s of --grace after it.
+    assert!(died < Duration::from_secs(7), "took {died:?}: {stderr}");
+    assert!(term_log.contains("term"), "no SIGTERM first: {stderr}");
+    assert!(stderr.contains("before its validity runs out"), "{stderr}");
+    assert!(stderr.contains("killed by SIGKILL"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn status_shows_the_holder_and_sigterm_releases() {
     let cluster = cluster();

@@ -119,8 +119,16 @@ async fn passwords_and_acl_users_authenticate() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let size: usize = redis::cmd("DBSIZE").query_async(&mut first).await.unwrap();
-    assert_eq!(size, 0);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut first)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys,
+        [quorumlock::EPOCH_KEY],
+        "only the data set's identity is left"
+    );
 }
 
 #[tokio::test]

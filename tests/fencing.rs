@@ -21,7 +21,7 @@ fn ms(millis: u64) -> Duration {
 }
 
 async fn memory_locker(instances: &[MemoryInstance]) -> QuorumLocker {
-    instances
+    let locker = instances
         .iter()
         .fold(QuorumLocker::builder(), |builder, instance| {
             builder.memory(instance)
@@ -29,7 +29,10 @@ async fn memory_locker(instances: &[MemoryInstance]) -> QuorumLocker {
         .retry(quorumlock::RetryPolicy::fixed(ms(5)).with_jitter(0.5))
         .build()
         .await
-        .unwrap()
+        .unwrap();
+    // Measured before the tests' faults begin.
+    locker.prepare().await.unwrap();
+    locker
 }
 
 fn instances(n: usize) -> Vec<MemoryInstance> {
@@ -58,6 +61,8 @@ async fn the_write_back_carries_the_token_to_the_whole_quorum() {
     assert_eq!(m[1].get("ledger:fence").as_deref(), Some("42"));
     first.release().await.unwrap();
     m[2].set_failing(false);
+    // It votes again once a probe has identified it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The next quorum meets the first one only at m1.
     m[0].set_failing(true);

@@ -76,6 +76,8 @@ async fn proxied_locker(
         .build()
         .await
         .expect("build locker");
+    // Every instance identified and measured before the tests' faults begin.
+    locker.prepare().await.expect("prepare");
     (cluster, proxies, locker)
 }
 

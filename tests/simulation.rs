@@ -15,8 +15,12 @@ fn instances(n: usize) -> Vec<MemoryInstance> {
     common::memory_instances(n)
 }
 
+/// A locker that has measured every instance (`prepare`), so that the tests'
+/// timings start at the first attempt.
 async fn locker(instances: &[MemoryInstance]) -> QuorumLocker {
-    common::memory_builder(instances).build().await.unwrap()
+    let locker = common::memory_builder(instances).build().await.unwrap();
+    locker.prepare().await.unwrap();
+    locker
 }
 
 fn commands(instances: &[MemoryInstance]) -> u64 {
@@ -86,32 +90,54 @@ async fn a_loss_is_noticed_at_the_next_extend_and_cancels_the_work() {
     assert!(set.iter().all(|instance| instance.keys().is_empty()));
 }
 
+/// Two of three servers run four times fast: the keys there live TTL / 4. With
+/// plain Redlock validity a rival gets in while the lock is still valid by our
+/// clock, and the loss shows only at the first extend. With the defaults (a
+/// fresh locker, measured before its first attempt) the granting set's clock
+/// bounds end the validity before TTL / 4, and the work is cancelled there.
 #[tokio::test(start_paused = true)]
-async fn fast_server_clocks_lose_the_lock_before_the_first_extend() {
-    let set = instances(3);
-    // Two of three servers run four times fast: the keys there live TTL / 4.
-    set[0].set_clock_rate(4.0).unwrap();
-    set[1].set_clock_rate(4.0).unwrap();
-    let locker = locker(&set).await;
-    let rival = self::locker(&set).await;
-    let started = Instant::now();
-    let result = locker
-        .with_lock("job", TTL, |status| {
-            let rival = rival.clone();
-            async move {
-                tokio::time::sleep(TTL * 3 / 10).await;
-                // Still valid by our clock, yet a rival already gets in: this is
-                // the drift the drift factor cannot cover.
-                assert!(status.is_valid());
-                let theirs = rival.try_acquire("job", TTL).await.unwrap();
-                std::mem::forget(theirs);
-                tokio::time::sleep(TTL * 10).await;
-            }
-        })
-        .await;
-    assert!(matches!(result, Err(Error::LockLost { .. })), "{result:?}");
-    // Noticed at the first extend, at TTL / 3.
-    assert_eq!(Instant::now() - started, TTL / 3);
+async fn fast_server_clocks_end_the_validity_before_a_rival_gets_in() {
+    for rate_aware in [false, true] {
+        let set = instances(3);
+        set[0].set_clock_rate(4.0).unwrap();
+        set[1].set_clock_rate(4.0).unwrap();
+        let locker = common::memory_builder(&set)
+            .rate_aware_validity(rate_aware)
+            .build()
+            .await
+            .unwrap();
+        let rival = self::locker(&set).await;
+        locker.prepare().await.unwrap();
+        let started = Instant::now();
+        let result = locker
+            .with_lock("job", TTL, |status| {
+                let rival = rival.clone();
+                async move {
+                    tokio::time::sleep(TTL * 3 / 10).await;
+                    // Past TTL / 4 a rival gets in; our lock must not be valid.
+                    let theirs = rival.try_acquire("job", TTL).await.unwrap();
+                    let overlap = status.is_valid();
+                    std::mem::forget(theirs);
+                    tokio::time::sleep(TTL * 10).await;
+                    overlap
+                }
+            })
+            .await;
+        assert!(matches!(result, Err(Error::LockLost { .. })), "{result:?}");
+        let lost = Instant::now() - started;
+        if rate_aware {
+            let drift = TTL.mul_f64(quorumlock::DEFAULT_DRIFT_FACTOR) + Duration::from_millis(2);
+            assert!(lost <= TTL / 4 - drift, "{lost:?}");
+            assert!(
+                lost > TTL / 4 - drift - Duration::from_millis(1),
+                "{lost:?}"
+            );
+        } else {
+            // Plain Redlock: still valid when the rival got in (the work would
+            // have panicked on `unwrap` otherwise), noticed at the first extend.
+            assert_eq!(lost, TTL / 3);
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -168,7 +194,13 @@ async fn validity_is_ttl_minus_round_trip_minus_drift() {
     for instance in &set {
         instance.set_latency(Duration::from_millis(10));
     }
-    let locker = locker(&set).await;
+    // The plain arithmetic; the clock bounds' share is in `tests/defences.rs`.
+    let locker = common::memory_builder(&set)
+        .rate_aware_validity(false)
+        .build()
+        .await
+        .unwrap();
+    locker.prepare().await.unwrap();
     let drift = TTL.mul_f64(quorumlock::DEFAULT_DRIFT_FACTOR) + Duration::from_millis(2);
     let lock = locker.acquire("job", TTL).await.unwrap();
     assert_eq!(lock.valid_until() - lock.acquired_at(), TTL - drift);

@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
 use super::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
+use crate::epoch::{self, Epoch};
 use crate::error::Error;
 
 /// An in-process lock instance: a key-value store with millisecond expiry that
@@ -261,6 +262,31 @@ impl Store {
             now,
         );
         Ok(next)
+    }
+
+    /// The check every granting script starts with: the epoch key holds the
+    /// verified epoch.
+    fn epoch_holds(&mut self, epoch: Option<&Epoch>, now: Duration) -> Result<(), RedisError> {
+        let Some(epoch) = epoch else {
+            return Ok(());
+        };
+        match self.live(&epoch.key, now) {
+            Some(entry) if entry.value == epoch.value => Ok(()),
+            _ => Err(epoch::changed()),
+        }
+    }
+
+    /// The probe's `SET epoch candidate NX` and `GET epoch`.
+    fn epoch(&mut self, key: &Arc<str>, candidate: &Arc<str>, now: Duration) -> Arc<str> {
+        if let Some(entry) = self.live(key, now) {
+            return Arc::clone(&entry.value);
+        }
+        let entry = Entry {
+            value: Arc::clone(candidate),
+            expires_at: None,
+        };
+        self.insert(Arc::clone(key), entry, now);
+        Arc::clone(candidate)
     }
 
     /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`.
@@ -552,11 +578,17 @@ impl MemoryInstance {
         })
     }
 
-    /// Every key that has not expired, sorted.
+    /// Every key that has not expired, sorted, apart from the data-set identity
+    /// each locker keeps on purpose (ending in [`EPOCH_KEY`](crate::EPOCH_KEY)).
     pub fn keys(&self) -> Vec<String> {
         self.inspect(|store, now| {
             store.sweep(now);
-            let mut keys: Vec<String> = store.keys.keys().map(|key| key.to_string()).collect();
+            let mut keys: Vec<String> = store
+                .keys
+                .keys()
+                .filter(|key| !key.ends_with(crate::EPOCH_KEY))
+                .map(|key| key.to_string())
+                .collect();
             keys.sort_unstable();
             keys
         })
@@ -694,9 +726,18 @@ fn io_error(kind: io::ErrorKind, message: String) -> RedisError {
 }
 
 impl Instance for MemoryInstance {
-    fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
-        let (key, value) = (Arc::clone(key), Arc::clone(value));
-        self.run(move |store, now| store.set_nx_px(&key, &value, ttl_ms, now))
+    fn set_nx_px(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch: Option<&Epoch>,
+    ) -> BoxFuture<Reply> {
+        let (key, value, epoch) = (Arc::clone(key), Arc::clone(value), epoch.cloned());
+        self.run(move |store, now| {
+            store.epoch_holds(epoch.as_ref(), now)?;
+            store.set_nx_px(&key, &value, ttl_ms, now)
+        })
     }
 
     fn retake(
@@ -705,9 +746,14 @@ impl Instance for MemoryInstance {
         token: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply> {
         let (key, token, value) = (Arc::clone(key), Arc::clone(token), Arc::clone(value));
-        self.run(move |store, now| store.retake(&key, &token, &value, ttl_ms, now))
+        let epoch = epoch.cloned();
+        self.run(move |store, now| {
+            store.epoch_holds(epoch.as_ref(), now)?;
+            store.retake(&key, &token, &value, ttl_ms, now)
+        })
     }
 
     fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
@@ -726,9 +772,12 @@ impl Instance for MemoryInstance {
         fence: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
+        let epoch = epoch.cloned();
         self.run(move |store, now| {
+            store.epoch_holds(epoch.as_ref(), now)?;
             let granted = store.set_nx_px(&key, &value, ttl_ms, now);
             store.fenced(granted, &fence, now)
         })
@@ -741,10 +790,12 @@ impl Instance for MemoryInstance {
         token: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let (key, fence) = (Arc::clone(key), Arc::clone(fence));
-        let (token, value) = (Arc::clone(token), Arc::clone(value));
+        let (token, value, epoch) = (Arc::clone(token), Arc::clone(value), epoch.cloned());
         self.run(move |store, now| {
+            store.epoch_holds(epoch.as_ref(), now)?;
             let granted = store.retake(&key, &token, &value, ttl_ms, now);
             store.fenced(granted, &fence, now)
         })
@@ -789,11 +840,17 @@ impl Instance for MemoryInstance {
         self.send(false, |_, _| Ok(true))
     }
 
-    fn probe(&self) -> BoxFuture<Result<Probe, RedisError>> {
-        self.send(false, |store, now| {
+    fn probe(
+        &self,
+        epoch_key: &Arc<str>,
+        candidate: &Arc<str>,
+    ) -> BoxFuture<Result<Probe, RedisError>> {
+        let (epoch_key, candidate) = (Arc::clone(epoch_key), Arc::clone(candidate));
+        self.send(false, move |store, now| {
             Ok(Probe {
                 run_id: store.run_id.clone(),
                 server_time: now,
+                epoch: store.epoch(&epoch_key, &candidate, now),
             })
         })
     }
@@ -835,31 +892,49 @@ mod tests {
         let instance = MemoryInstance::new("m");
         let (key, token) = (arc(KEY), arc("tok"));
         let first = arc("tok first");
-        assert!(instance.retake(&key, &token, &first, 1000).await.unwrap());
+        assert!(instance
+            .retake(&key, &token, &first, 1000, None)
+            .await
+            .unwrap());
         assert_eq!(instance.get(KEY).as_deref(), Some("tok first"));
 
         tokio::time::advance(Duration::from_millis(600)).await;
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(400)));
         let second = arc("tok second");
-        assert!(instance.retake(&key, &token, &second, 1000).await.unwrap());
+        assert!(instance
+            .retake(&key, &token, &second, 1000, None)
+            .await
+            .unwrap());
         assert_eq!(instance.get(KEY).as_deref(), Some("tok second"));
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(1000)));
 
         // Our token then a space matches; the token alone (no nonce) or a longer
         // token that starts with ours does not.
         instance.set(KEY, "tok 1a2b3c4d", None);
-        assert!(instance.retake(&key, &token, &first, 1000).await.unwrap());
+        assert!(instance
+            .retake(&key, &token, &first, 1000, None)
+            .await
+            .unwrap());
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(1000)));
         instance.set(KEY, "tok", None);
-        assert!(!instance.retake(&key, &token, &first, 1000).await.unwrap());
+        assert!(!instance
+            .retake(&key, &token, &first, 1000, None)
+            .await
+            .unwrap());
         instance.set(KEY, "token meta", None);
-        assert!(!instance.retake(&key, &token, &first, 1000).await.unwrap());
+        assert!(!instance
+            .retake(&key, &token, &first, 1000, None)
+            .await
+            .unwrap());
         assert_eq!(instance.get(KEY).as_deref(), Some("token meta"));
         assert_eq!(instance.pttl(KEY), None);
 
         // As SET, a zero TTL is an error even where the key is ours.
         instance.set(KEY, "tok", None);
-        assert!(instance.retake(&key, &token, &first, 0).await.is_err());
+        assert!(instance
+            .retake(&key, &token, &first, 0, None)
+            .await
+            .is_err());
         assert_eq!(instance.get(KEY).as_deref(), Some("tok"));
         assert_eq!(instance.commands(), 6);
     }
@@ -891,14 +966,17 @@ mod tests {
     async fn set_nx_px_and_release_compare_values() {
         let instance = MemoryInstance::new("m");
         let (key, mine, theirs) = (arc(KEY), arc("mine"), arc("theirs"));
-        assert!(instance.set_nx_px(&key, &mine, 1000).await.unwrap());
-        assert!(!instance.set_nx_px(&key, &theirs, 1000).await.unwrap());
+        assert!(instance.set_nx_px(&key, &mine, 1000, None).await.unwrap());
+        assert!(!instance.set_nx_px(&key, &theirs, 1000, None).await.unwrap());
         assert!(!instance.release(&key, &theirs).await.unwrap());
         assert_eq!(instance.get(KEY).as_deref(), Some("mine"));
         assert!(instance.release(&key, &mine).await.unwrap());
         assert!(!instance.release(&key, &mine).await.unwrap());
-        assert!(instance.set_nx_px(&key, &mine, 0).await.is_err());
-        assert!(instance.set_nx_px(&key, &mine, u64::MAX).await.is_err());
+        assert!(instance.set_nx_px(&key, &mine, 0, None).await.is_err());
+        assert!(instance
+            .set_nx_px(&key, &mine, u64::MAX, None)
+            .await
+            .is_err());
         assert_eq!(instance.get(KEY), None);
         assert!(instance.load_scripts().await.unwrap());
     }
@@ -906,19 +984,36 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn restart_empty_forgets_keys_and_changes_the_run_id() {
         let instance = MemoryInstance::new("m");
-        let before = instance.probe().await.unwrap();
+        let before = instance
+            .probe(&arc("quorumlock:epoch"), &arc("e1"))
+            .await
+            .unwrap();
         assert_eq!(before.run_id.len(), 40);
         assert!(before.run_id.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(instance.probe().await.unwrap().run_id, before.run_id);
+        assert_eq!(
+            instance
+                .probe(&arc("quorumlock:epoch"), &arc("e1"))
+                .await
+                .unwrap()
+                .run_id,
+            before.run_id
+        );
 
         instance.set(KEY, "v", None);
         instance.restart_empty();
-        let after = instance.probe().await.unwrap();
+        let after = instance
+            .probe(&arc("quorumlock:epoch"), &arc("e1"))
+            .await
+            .unwrap();
         assert_ne!(after.run_id, before.run_id);
         assert_eq!(after.run_id.len(), 40);
         assert!(instance.keys().is_empty());
         assert_ne!(
-            MemoryInstance::new("n").probe().await.unwrap().run_id,
+            MemoryInstance::new("n")
+                .probe(&arc("quorumlock:epoch"), &arc("e1"))
+                .await
+                .unwrap()
+                .run_id,
             after.run_id
         );
     }
@@ -926,10 +1021,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn probe_reads_the_scaled_clock() {
         let instance = MemoryInstance::new("m");
-        let start = instance.probe().await.unwrap().server_time;
+        let start = instance
+            .probe(&arc("quorumlock:epoch"), &arc("e1"))
+            .await
+            .unwrap()
+            .server_time;
         instance.set_clock_rate(3.0).unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
-        let later = instance.probe().await.unwrap().server_time;
+        let later = instance
+            .probe(&arc("quorumlock:epoch"), &arc("e1"))
+            .await
+            .unwrap()
+            .server_time;
         assert_eq!(later - start, Duration::from_secs(6));
         assert_eq!(instance.now(), later);
     }
@@ -938,7 +1041,7 @@ mod tests {
     async fn restart_fails_requests_waiting_in_a_paused_instance() {
         let instance = MemoryInstance::new("m");
         instance.pause();
-        let waiting = tokio::spawn(instance.set_nx_px(&arc(KEY), &arc("v"), 1000));
+        let waiting = tokio::spawn(instance.set_nx_px(&arc(KEY), &arc("v"), 1000, None));
         tokio::task::yield_now().await;
         instance.restart_empty();
         let err = waiting.await.unwrap().unwrap_err();
@@ -955,7 +1058,7 @@ mod tests {
         let instance = MemoryInstance::new("m");
         instance.set_latency(Duration::from_millis(100));
         let start = Instant::now();
-        let mut set = instance.set_nx_px(&arc(KEY), &arc("v"), 1000);
+        let mut set = instance.set_nx_px(&arc(KEY), &arc("v"), 1000, None);
         let early = tokio::time::timeout(Duration::from_millis(49), &mut set).await;
         assert!(early.is_err());
         assert_eq!(instance.get(KEY), None);
@@ -972,7 +1075,7 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(200));
 
         instance.set_latency(Duration::from_millis(100));
-        let lost = instance.set_nx_px(&arc(KEY), &arc("lost"), 1000);
+        let lost = instance.set_nx_px(&arc(KEY), &arc("lost"), 1000, None);
         assert!(tokio::time::timeout(Duration::from_millis(49), lost)
             .await
             .is_err());
@@ -987,12 +1090,12 @@ mod tests {
     async fn a_paused_instance_queues_requests_until_resumed() {
         let instance = MemoryInstance::new("m");
         instance.pause();
-        let first = tokio::spawn(instance.set_nx_px(&arc(KEY), &arc("first"), 1000));
-        let abandoned = instance.set_nx_px(&arc("other"), &arc("v"), 1000);
+        let first = tokio::spawn(instance.set_nx_px(&arc(KEY), &arc("first"), 1000, None));
+        let abandoned = instance.set_nx_px(&arc("other"), &arc("v"), 1000, None);
         assert!(tokio::time::timeout(Duration::from_secs(5), abandoned)
             .await
             .is_err());
-        let second = tokio::spawn(instance.set_nx_px(&arc(KEY), &arc("second"), 1000));
+        let second = tokio::spawn(instance.set_nx_px(&arc(KEY), &arc("second"), 1000, None));
         tokio::task::yield_now().await;
         assert!(instance.keys().is_empty());
         assert_eq!(instance.commands(), 0);
@@ -1026,7 +1129,7 @@ mod tests {
     fn futures_are_send_and_static() {
         fn send_static<T: Send + 'static>(_: T) {}
         let instance = MemoryInstance::new("m");
-        send_static(instance.set_nx_px(&arc(KEY), &arc("v"), 1));
+        send_static(instance.set_nx_px(&arc(KEY), &arc("v"), 1, None));
         send_static(instance.clone());
     }
 }

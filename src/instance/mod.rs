@@ -10,6 +10,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::epoch::Epoch;
+
 /// A boxed, sendable, `'static` future.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -36,13 +38,26 @@ pub(crate) struct Probe {
     pub(crate) run_id: String,
     /// The server's clock (`TIME`), since the Unix epoch.
     pub(crate) server_time: Duration,
+    /// The value under the epoch key (see `epoch`), written by this probe where
+    /// the key was missing.
+    pub(crate) epoch: Arc<str>,
 }
 
 /// One lock instance. `value` is what the key holds for its owner: the token,
 /// followed by the lock's metadata if it has any.
+///
+/// The four ways to grant take an `epoch`: where given, the instance grants only
+/// if the epoch key holds the epoch's value, and otherwise answers
+/// [`epoch::changed`](crate::epoch::changed) without setting anything.
 pub(crate) trait Instance: Send + Sync + 'static {
     /// `SET key value NX PX ttl_ms`: true if the key was set.
-    fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+    fn set_nx_px(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch: Option<&Epoch>,
+    ) -> BoxFuture<Reply>;
 
     /// As `set_nx_px`, and also true where the key already holds a value with this
     /// `token` (the token alone, or the token, a space and metadata): that value is
@@ -53,6 +68,7 @@ pub(crate) trait Instance: Send + Sync + 'static {
         token: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply>;
 
     /// Compare-and-pexpire: true if the key held `value` and now expires in `ttl_ms`.
@@ -69,6 +85,7 @@ pub(crate) trait Instance: Send + Sync + 'static {
         fence: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter>;
 
     /// As `retake`, and `INCR fence` where it granted.
@@ -79,6 +96,7 @@ pub(crate) trait Instance: Send + Sync + 'static {
         token: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter>;
 
     /// The second round of a fenced attempt: where `key` still holds `value`,
@@ -109,8 +127,13 @@ pub(crate) trait Instance: Send + Sync + 'static {
     /// Loads every script, so later calls need no `NOSCRIPT` round trip.
     fn load_scripts(&self) -> BoxFuture<Reply>;
 
-    /// The server's identity and clock, in one round trip.
-    fn probe(&self) -> BoxFuture<Result<Probe, ::redis::RedisError>>;
+    /// The server's identity, clock and epoch, in one round trip; `candidate`
+    /// is written under `epoch_key` where nothing is there (`SET NX`).
+    fn probe(
+        &self,
+        epoch_key: &Arc<str>,
+        candidate: &Arc<str>,
+    ) -> BoxFuture<Result<Probe, ::redis::RedisError>>;
 }
 
 /// An instance in the locker's order, with the name it is shown by and what the

@@ -8,6 +8,7 @@ use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisError, Script, Value};
 
 use super::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
+use crate::epoch::{self, Epoch};
 use crate::scripts;
 
 /// A Redis instance over connection `C`; every operation clones `C`, which for
@@ -39,14 +40,15 @@ impl<C> RedisInstance<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Runs a script that answers 1 (done) or 0 (refused).
-    fn run(&self, script: &'static Script, key: &str, args: &[&str]) -> BoxFuture<Reply> {
-        let mut connection = self.connection.clone();
-        let evalsha = evalsha(script, &[key], args);
-        Box::pin(async move { Ok(call(script, &evalsha, &mut connection).await? == 1) })
+    /// Runs a script that answers 1 (done) or 0 (refused), or -1 (the epoch
+    /// differs).
+    fn run(&self, script: &'static Script, keys: &[&str], args: &[&str]) -> BoxFuture<Reply> {
+        let counter = self.run_counter(script, keys, args);
+        Box::pin(async move { Ok(counter.await? == 1) })
     }
 
-    /// Runs a script over `keys` that answers a non-negative integer.
+    /// Runs a script over `keys` that answers a non-negative integer, or -1 (the
+    /// epoch differs).
     fn run_counter(
         &self,
         script: &'static Script,
@@ -55,7 +57,27 @@ where
     ) -> BoxFuture<Counter> {
         let mut connection = self.connection.clone();
         let evalsha = evalsha(script, keys, args);
-        Box::pin(async move { call(script, &evalsha, &mut connection).await })
+        Box::pin(async move {
+            match call(script, &evalsha, &mut connection).await? {
+                -1 => Err(epoch::changed()),
+                answer => {
+                    u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
+                }
+            }
+        })
+    }
+}
+
+/// The keys and last argument a granting script takes for `epoch`: the epoch
+/// key after `keys`, and its value (empty for no check).
+fn with_epoch<'a>(keys: &[&'a str], epoch: Option<&'a Epoch>) -> (Vec<&'a str>, &'a str) {
+    let mut all = keys.to_vec();
+    match epoch {
+        Some(epoch) => {
+            all.push(&epoch.key);
+            (all, &epoch.value)
+        }
+        None => (all, ""),
     }
 }
 
@@ -88,22 +110,35 @@ async fn call<C: ConnectionLike>(
     script: &'static Script,
     evalsha: &redis::Cmd,
     connection: &mut C,
-) -> Result<u64, RedisError> {
-    let answer: i64 = match evalsha.query_async(connection).await {
+) -> Result<i64, RedisError> {
+    match evalsha.query_async(connection).await {
         Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script.prepare_invoke().load_async(connection).await?;
-            evalsha.query_async(connection).await?
+            evalsha.query_async(connection).await
         }
-        other => other?,
-    };
-    u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
+        other => other,
+    }
 }
 
 impl<C> Instance for RedisInstance<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn set_nx_px(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
+    fn set_nx_px(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch: Option<&Epoch>,
+    ) -> BoxFuture<Reply> {
+        if let Some(epoch) = epoch {
+            let ttl_ms = ttl_ms.to_string();
+            return self.run(
+                &scripts::SET_CHECKED,
+                &[key, &epoch.key],
+                &[value, &ttl_ms, &epoch.value],
+            );
+        }
         let mut connection = self.connection.clone();
         let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
         set.arg("SET")
@@ -128,18 +163,20 @@ where
         token: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply> {
         let ttl_ms = ttl_ms.to_string();
-        self.run(&scripts::RETAKE, key, &[&**value, &ttl_ms, &**token])
+        let (keys, epoch) = with_epoch(&[key], epoch);
+        self.run(&scripts::RETAKE, &keys, &[value, &ttl_ms, token, epoch])
     }
 
     fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
         let ttl_ms = ttl_ms.to_string();
-        self.run(&scripts::EXTEND, key, &[&**value, &ttl_ms])
+        self.run(&scripts::EXTEND, &[key], &[value, &ttl_ms])
     }
 
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
-        self.run(&scripts::RELEASE, key, &[&**value])
+        self.run(&scripts::RELEASE, &[key], &[value])
     }
 
     fn fenced_set(
@@ -148,9 +185,11 @@ where
         fence: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let ttl_ms = ttl_ms.to_string();
-        self.run_counter(&scripts::FENCED_SET, &[key, fence], &[value, &ttl_ms])
+        let (keys, epoch) = with_epoch(&[key, fence], epoch);
+        self.run_counter(&scripts::FENCED_SET, &keys, &[value, &ttl_ms, epoch])
     }
 
     fn fenced_retake(
@@ -160,12 +199,14 @@ where
         token: &Arc<str>,
         value: &Arc<str>,
         ttl_ms: u64,
+        epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let ttl_ms = ttl_ms.to_string();
+        let (keys, epoch) = with_epoch(&[key, fence], epoch);
         self.run_counter(
             &scripts::FENCED_RETAKE,
-            &[key, fence],
-            &[value, &ttl_ms, token],
+            &keys,
+            &[value, &ttl_ms, token, epoch],
         )
     }
 
@@ -188,7 +229,11 @@ where
         channel: &Arc<str>,
         message: &Arc<str>,
     ) -> BoxFuture<Reply> {
-        self.run(&scripts::RELEASE_PUBLISH, key, &[value, channel, message])
+        self.run(
+            &scripts::RELEASE_PUBLISH,
+            &[key],
+            &[value, channel, message],
+        )
     }
 
     fn pubsub(&self) -> Option<PubSubSource> {
@@ -211,12 +256,26 @@ where
         })
     }
 
-    fn probe(&self) -> BoxFuture<Result<Probe, RedisError>> {
+    fn probe(
+        &self,
+        epoch_key: &Arc<str>,
+        candidate: &Arc<str>,
+    ) -> BoxFuture<Result<Probe, RedisError>> {
         let mut connection = self.connection.clone();
         let mut probe = redis::pipe();
-        probe.cmd("INFO").arg("server").cmd("TIME");
+        probe
+            .cmd("INFO")
+            .arg("server")
+            .cmd("TIME")
+            .cmd("SET")
+            .arg(&**epoch_key)
+            .arg(&**candidate)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&**epoch_key);
         Box::pin(async move {
-            let (info, (seconds, micros)): (String, (u64, u64)) =
+            let (info, (seconds, micros), epoch): (String, (u64, u64), String) =
                 probe.query_async(&mut connection).await?;
             let run_id = info
                 .lines()
@@ -232,6 +291,7 @@ where
             Ok(Probe {
                 run_id,
                 server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
+                epoch: epoch.into(),
             })
         })
     }

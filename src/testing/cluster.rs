@@ -147,7 +147,9 @@ impl RedisCluster {
         client.get_multiplexed_async_connection().await
     }
 
-    /// Keys of server `i` matching the glob `pattern`, sorted. Uses `SCAN`, not `KEYS`.
+    /// Keys of server `i` matching the glob `pattern`, sorted, apart from the
+    /// data-set identity each locker keeps on purpose (ending in
+    /// [`EPOCH_KEY`](crate::EPOCH_KEY)). Uses `SCAN`, not `KEYS`.
     pub async fn keys(&self, i: usize, pattern: &str) -> RedisResult<Vec<String>> {
         let mut connection = self.connection(i).await?;
         let mut keys = Vec::new();
@@ -168,6 +170,7 @@ impl RedisCluster {
             }
             cursor = next;
         }
+        keys.retain(|key| !key.ends_with(crate::EPOCH_KEY));
         keys.sort_unstable();
         keys.dedup();
         Ok(keys)

@@ -16,7 +16,7 @@ use super::cluster::RedisCluster;
 use super::proxy::{Direction, FaultProxy};
 use super::server::RedisServer;
 use super::HarnessError;
-use crate::{Builder, Error, QuorumLocker, RetryPolicy};
+use crate::{Builder, Error, QuorumLocker};
 
 /// Keys the scenarios use start with this, so the final sweep finds exactly ours.
 const PREFIX: &str = "scenario:";
@@ -380,8 +380,9 @@ pub enum Failure {
     Other,
 }
 
-/// The scenarios' own locker: 10 ms ± 50% retries, probes every 100 ms, and
-/// without [`Scenario::defences`] plain Redlock validity and no quarantine.
+/// The scenarios' own locker: the library's defaults (a fresh locker, no
+/// warm-up), and without [`Scenario::defences`] plain Redlock validity and no
+/// quarantine.
 impl ScenarioClient for QuorumLocker {
     type Held = crate::Lock;
 
@@ -390,8 +391,6 @@ impl ScenarioClient for QuorumLocker {
             .urls(urls.iter().cloned())
             .default_ttl(scenario.ttl)
             .instance_timeout(scenario.instance_timeout)
-            .retry(RetryPolicy::fixed(Duration::from_millis(10)).with_jitter(0.5))
-            .probe_every(Duration::from_millis(100))
             .key_prefix(PREFIX);
         if !scenario.defences {
             builder = builder
@@ -547,7 +546,11 @@ async fn sweep(urls: &[String], live: &[bool]) -> usize {
             .query_async(&mut connection)
             .await
             .unwrap_or_default();
-        left += keys.len();
+        // The data set's identity stays on purpose.
+        left += keys
+            .iter()
+            .filter(|key| !key.ends_with(crate::EPOCH_KEY))
+            .count();
     }
     left
 }

@@ -77,10 +77,35 @@ pub enum Command {
 /// runs in its own process group, so that signals qlock sends reach everything
 /// it started; it is for batch work: a CMD that reads the terminal is stopped.
 ///
-/// If the lock is lost while CMD runs, CMD's process group gets SIGTERM, then
-/// SIGKILL after --grace, and qlock exits 74. SIGINT, SIGTERM or SIGHUP to qlock
-/// is passed on as SIGTERM (a second one sends SIGKILL at once); qlock waits for
-/// CMD, releases the lock and exits 128 + the signal's number.
+/// If the lock is lost, or about to be, while CMD runs, CMD is stopped and qlock
+/// exits 74; where qlock can see it coming, before the validity ends. When
+/// extends keep failing (instances not answering) until less than --grace, and
+/// no more than about a third of --ttl, of the validity is left, CMD's process
+/// group gets SIGTERM, then SIGKILL at the validity's end or after --grace,
+/// whichever comes first: a CMD that ignores SIGTERM is killed when the validity
+/// ends. An extend that still gets through gives CMD more of --grace but does
+/// not call the SIGTERM back.
+///
+/// When an extend finds the key deleted, or held by another owner, on enough
+/// instances, a successor may already hold the lock: CMD gets SIGTERM at once
+/// and SIGKILL 1s later (or after --grace, if shorter). That 1s is for a SIGTERM
+/// handler to clean up; the same applies if qlock finds the validity over after
+/// being paused itself.
+///
+/// Overlap window, where CMD may still run while another owner holds the lock:
+/// past the validity's end, the time SIGKILL takes to arrive and the kernel to
+/// end CMD's process group (well under a millisecond unless qlock is starved of
+/// CPU or a process sits in uninterruptible I/O; the drift allowance between the
+/// validity's end and the keys' expiry usually covers it). After a deletion or
+/// takeover: until the next extend notices it (up to a third of --ttl), plus up
+/// to 1s. Processes that left CMD's process group (setsid, daemons) are never
+/// signalled, and nothing is while qlock itself is stopped or its machine
+/// suspended.
+///
+/// SIGINT, SIGTERM or SIGHUP to qlock is passed on as SIGTERM (a second one sends
+/// SIGKILL at once); qlock keeps extending the lock while CMD stops (SIGKILL
+/// after --grace, or earlier as above if the lock is lost meanwhile), releases
+/// it and exits 128 + the signal's number.
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES_HELP)]
 pub struct RunArgs {
@@ -96,7 +121,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s")]
     pub wait: Duration,
 
-    /// How long CMD has between SIGTERM and SIGKILL when it must stop.
+    /// How long CMD has between SIGTERM and SIGKILL when it must stop; never past
+    /// the lock's validity, and at most 1s once qlock knows the lock is gone.
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s")]
     pub grace: Duration,
 

@@ -6,7 +6,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use quorumlock::LockStatus;
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::Instant;
 
 use crate::error::{code, notice, CliError};
 
@@ -64,25 +66,179 @@ impl Child {
             .map_err(|err| CliError::failure(format!("waiting for the command: {err}")))
     }
 
-    /// SIGTERM, then SIGKILL after `grace` or at the next signal to qlock;
-    /// waits for the command to exit.
+    /// SIGTERM, then SIGKILL at the [`Deadline`] or at the next signal to qlock;
+    /// waits for the command to exit. `lock` is watched throughout: an extend
+    /// moves the deadline back towards `grace`, a loss brings it forward.
     pub async fn terminate(
         &mut self,
         grace: Duration,
+        lock: &LockStatus,
         signals: &mut Signals,
     ) -> Result<ExitStatus, CliError> {
         self.signal(libc::SIGTERM);
-        tokio::select! {
-            status = self.wait() => return status,
-            () = tokio::time::sleep(grace) => notice!(
-                "the command did not stop within {} of SIGTERM: sending SIGKILL",
-                humantime::format_duration(grace)
-            ),
-            signo = signals.recv() => notice!("{}: sending SIGKILL to the command", name(signo)),
+        let mut deadline = Deadline::new(Instant::now(), grace, lock);
+        loop {
+            let (at, _) = deadline.at();
+            tokio::select! {
+                biased;
+                status = self.wait() => return status,
+                signo = signals.recv() => {
+                    notice!("{}: sending SIGKILL to the command", name(signo));
+                    break;
+                }
+                () = lock.lost(), if !deadline.lost() => {
+                    deadline.lose(Instant::now());
+                    let (at, reason) = deadline.at();
+                    let left = at.saturating_duration_since(Instant::now());
+                    // Only when the loss brought SIGKILL forward.
+                    if reason == KillReason::Lost && !left.is_zero() {
+                        notice!(
+                            "the lock was lost while the command stopped: SIGKILL in {}",
+                            brief(left)
+                        );
+                    }
+                }
+                () = tokio::time::sleep_until(at) => {
+                    // An extend may have moved the validity's end since.
+                    deadline.observe(lock);
+                    let (at, reason) = deadline.at();
+                    if at > Instant::now() {
+                        continue;
+                    }
+                    match reason {
+                        KillReason::Grace => notice!(
+                            "the command did not stop within {} of SIGTERM: sending SIGKILL",
+                            brief(grace)
+                        ),
+                        KillReason::Validity => notice!(
+                            "the lock's validity ends and the command has not stopped: \
+                             sending SIGKILL"
+                        ),
+                        KillReason::Lost => notice!(
+                            "the command did not stop within {} of the lock's loss: \
+                             sending SIGKILL",
+                            brief(LOST_GRACE)
+                        ),
+                    }
+                    break;
+                }
+            }
         }
         self.signal(libc::SIGKILL);
         self.wait().await
     }
+}
+
+/// How long a command may outlive qlock's learning that the lock is gone (the
+/// key deleted, or held by another owner, on enough instances; or its validity
+/// found over after a pause): a successor may already be at work, so all of it
+/// is overlap. Enough for a SIGTERM handler to remove a temporary file or write
+/// a line to a log; short next to any TTL worth running a command under.
+pub const LOST_GRACE: Duration = Duration::from_secs(1);
+
+/// What sets the SIGKILL deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// `--grace` after the SIGTERM.
+    Grace,
+    /// The end of the lock's validity: past it, another owner may hold the lock.
+    Validity,
+    /// [`LOST_GRACE`] after qlock learned the lock was gone.
+    Lost,
+}
+
+/// When SIGKILL follows a SIGTERM: the earliest of `grace` after it, the end of
+/// the lock's validity as last seen while the lock was valid, and
+/// [`LOST_GRACE`] after qlock learned the lock was gone.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    by_grace: Instant,
+    /// The validity's end, while the lock was valid; frozen by a loss (a lost
+    /// lock's validity says nothing more).
+    valid_until: Option<Instant>,
+    lost_at: Option<Instant>,
+}
+
+impl Deadline {
+    /// For a SIGTERM sent at `term_at`.
+    pub fn new(term_at: Instant, grace: Duration, lock: &LockStatus) -> Self {
+        let mut deadline = Self {
+            by_grace: term_at + grace,
+            valid_until: None,
+            lost_at: None,
+        };
+        deadline.observe(lock);
+        if deadline.valid_until.is_none() {
+            deadline.lose(term_at);
+        }
+        deadline
+    }
+
+    /// Follows the lock's validity, until it is lost.
+    pub fn observe(&mut self, lock: &LockStatus) {
+        if self.lost() {
+            return;
+        }
+        // Read before the check: a loss in between then leaves the last
+        // validity end that held.
+        let valid_until = lock.valid_until();
+        if lock.is_valid() {
+            self.valid_until = Some(valid_until);
+        }
+    }
+
+    /// qlock learned at `at` that the lock is gone.
+    pub fn lose(&mut self, at: Instant) {
+        self.lost_at.get_or_insert(at);
+    }
+
+    pub fn lost(&self) -> bool {
+        self.lost_at.is_some()
+    }
+
+    pub fn at(&self) -> (Instant, KillReason) {
+        let mut deadline = (self.by_grace, KillReason::Grace);
+        if let Some(valid_until) = self.valid_until {
+            if valid_until < deadline.0 {
+                deadline = (valid_until, KillReason::Validity);
+            }
+        }
+        if let Some(lost_at) = self.lost_at {
+            if lost_at + LOST_GRACE < deadline.0 {
+                deadline = (lost_at + LOST_GRACE, KillReason::Lost);
+            }
+        }
+        deadline
+    }
+}
+
+/// "SIGTERM, then SIGKILL in 5s": the plan for a command stopped now,
+/// as [`Child::terminate`] will start it.
+pub fn stopping(grace: Duration, lock: &LockStatus) -> String {
+    let now = Instant::now();
+    let (at, reason) = Deadline::new(now, grace, lock).at();
+    let after = at.saturating_duration_since(now);
+    if after.is_zero() {
+        return "SIGTERM, then SIGKILL at once".to_string();
+    }
+    let after = brief(after);
+    match reason {
+        KillReason::Grace => format!("SIGTERM, then SIGKILL in {after}"),
+        KillReason::Validity => format!(
+            "SIGTERM, then SIGKILL when the lock's validity ends, in {after} unless \
+             extended (then up to {})",
+            brief(grace)
+        ),
+        KillReason::Lost => {
+            format!("SIGTERM, then SIGKILL in {after}, as a successor may already hold the lock")
+        }
+    }
+}
+
+/// A duration to the millisecond, for messages: "1s 987ms".
+pub fn brief(duration: Duration) -> String {
+    let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    humantime::format_duration(Duration::from_millis(millis)).to_string()
 }
 
 /// The shell's convention: the exit code, or 128 + the signal that killed it.

@@ -14,8 +14,8 @@ pub mod code {
     pub const USAGE: u8 = 2;
     /// `status`: no quorum of instances holds one value, so the lock is free.
     pub const NOT_HELD: u8 = 3;
-    /// `run`: the lock was lost while the command ran; the command was stopped.
-    /// (EX_IOERR.)
+    /// `run`: the lock was lost while the command ran, or could not be extended
+    /// until too little validity was left; the command was stopped. (EX_IOERR.)
     pub const LOCK_LOST: u8 = 74;
     /// `run`: the lock was not acquired within `--wait`. (EX_TEMPFAIL.)
     pub const WAIT_EXPIRED: u8 = 75;
@@ -34,7 +34,8 @@ Exit codes:
   1        error: instances unreachable (no quorum), Redis or I/O failure
   2        usage error: bad option, duration, URL, quorum, TTL or drift factor
   3        status: the lock is not held by a quorum
-  74       run: the lock was lost while the command ran; the command was stopped
+  74       run: the lock was lost (or could not be extended) while the command ran;
+           the command was stopped
   75       run: the lock was not acquired within --wait
   126/127  run: the command could not be executed / was not found
   128+N    run: the command died of signal N; 130/143 after qlock got SIGINT/SIGTERM";

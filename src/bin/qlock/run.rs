@@ -6,6 +6,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use quorumlock::{Error, LockGuard};
+use tokio::time::Instant;
 
 use crate::args::RunArgs;
 use crate::child::{self, Signals};
@@ -21,6 +22,9 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 enum Ending {
     Exited(ExitStatus),
     Lost,
+    /// The lock is still valid, but for less than the stop margin: its extends
+    /// have been failing, and the command must stop before the validity ends.
+    AtRisk,
     Signal(i32),
 }
 
@@ -50,20 +54,30 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
             return Ok(child::signal_exit_code(signo));
         }
     };
-    let guard = match acquired {
-        // The watchdog needs room between extends; a TTL of a few milliseconds
-        // leaves none. (Found only now: the library does not expose the check.)
-        Ok(lock) => lock.auto_extend().map_err(|err| {
-            CliError::context(
-                &format!(
-                    "--ttl {} is too short to keep the lock",
-                    humantime::format_duration(args.ttl)
-                ),
-                err,
-            )
-        })?,
+    let lock = match acquired {
+        Ok(lock) => lock,
         Err(err) => return Err(not_acquired(target, args, err).await),
     };
+    // As `auto_extend`, spelled out: the stop margin depends on the interval.
+    let every = lock.ttl() / 3;
+    let margin = stop_margin(
+        args.grace,
+        lock.valid_until()
+            .saturating_duration_since(lock.acquired_at()),
+        every,
+    );
+    // The watchdog needs room between extends; a TTL of a few milliseconds
+    // leaves none. (Found only now: the library does not expose the check.)
+    let guard = lock.auto_extend_every(every).map_err(|err| {
+        CliError::context(
+            &format!(
+                "--ttl {} is too short to keep the lock",
+                humantime::format_duration(args.ttl)
+            ),
+            err,
+        )
+    })?;
+    let held = guard.status();
 
     let mut child = match child::spawn(&args.command) {
         Ok(child) => child,
@@ -73,45 +87,73 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
         }
     };
     // Loss first: a command that ends as the lock goes did not finish under it.
-    let ending = tokio::select! {
-        biased;
-        () = guard.lost() => Ending::Lost,
-        signo = signals.recv() => Ending::Signal(signo),
-        status = child.wait() => Ending::Exited(status?),
+    let ending = loop {
+        // A healthy lock's validity never gets this close to its end: each
+        // extend moves the end on before then.
+        let at_risk = held
+            .valid_until()
+            .checked_sub(margin)
+            .unwrap_or_else(Instant::now);
+        tokio::select! {
+            biased;
+            () = guard.lost() => break Ending::Lost,
+            signo = signals.recv() => break Ending::Signal(signo),
+            exited = child.wait() => break Ending::Exited(exited?),
+            () = tokio::time::sleep_until(at_risk), if !margin.is_zero() => {
+                if held.valid_until() <= Instant::now() + margin {
+                    break Ending::AtRisk;
+                }
+            }
+        }
     };
     match ending {
-        Ending::Exited(status) => {
+        Ending::Exited(exited) => {
             release(guard).await;
-            Ok(child::exit_code(status))
+            Ok(child::exit_code(exited))
         }
         Ending::Signal(signo) => {
             notice!(
                 "got {}: stopping the command ({}), then releasing lock {:?}",
                 child::name(signo),
-                stopping(args.grace),
+                child::stopping(args.grace, &held),
                 args.key
             );
             // The lock stays held (and extended) while the command stops.
-            let stopped = child.terminate(args.grace, &mut signals).await;
+            let stopped = child.terminate(args.grace, &held, &mut signals).await;
             release(guard).await;
             stopped?;
             Ok(child::signal_exit_code(signo))
         }
-        Ending::Lost => {
-            notice!(
-                "lock {:?} lost: stopping the command ({})",
-                args.key,
-                stopping(args.grace)
-            );
+        Ending::Lost | Ending::AtRisk => {
+            let why = if let Ending::Lost = ending {
+                notice!(
+                    "lock {:?} lost: stopping the command ({})",
+                    args.key,
+                    child::stopping(args.grace, &held)
+                );
+                Loss::Lost
+            } else {
+                let left = held.remaining();
+                notice!(
+                    "lock {:?} could not be extended, {} of validity left: stopping the \
+                     command before its validity runs out ({})",
+                    args.key,
+                    child::brief(left),
+                    child::stopping(args.grace, &held)
+                );
+                Loss::AtRisk(left)
+            };
             let token = guard.token().to_string();
+            // The watchdog goes on trying: an extend that gets through gives the
+            // command more of --grace.
             let (stopped, now) = tokio::join!(
-                child.terminate(args.grace, &mut signals),
+                child.terminate(args.grace, &held, &mut signals),
                 status::observe(target, &args.key)
             );
-            // Clears our token from any instance that still has it; the lock
-            // itself is gone, so the outcome does not matter.
+            // Clears our token from any instance that still has it; if the lock
+            // is gone, the outcome does not matter, and if not, it frees it.
             let _ = tokio::time::timeout(RELEASE_TIMEOUT, guard.release()).await;
-            Err(lost(args, stopped?, &now, &token))
+            Err(lost(args, why, stopped?, &now, &token))
         }
     }
 }
@@ -132,11 +174,17 @@ fn default_metadata(command: &[OsString]) -> String {
     metadata
 }
 
-fn stopping(grace: Duration) -> String {
-    format!(
-        "SIGTERM, then SIGKILL after {}",
-        humantime::format_duration(grace)
-    )
+/// How little validity may be left before the command must start stopping:
+/// `--grace`, or less when a healthy lock could come that close.
+///
+/// A healthy lock's validity, `validity` long after each extend, is extended
+/// every `every`: what is left never drops much below `validity − every`
+/// (about two thirds of the TTL with the default drift factor). Half of that
+/// (about a third of the TTL) is left only when extends have failed for about
+/// one interval past the one that was due: the watchdog retries until the
+/// validity ends, but the command must start stopping now to be gone by then.
+fn stop_margin(grace: Duration, validity: Duration, every: Duration) -> Duration {
+    grace.min(validity.saturating_sub(every) / 2)
 }
 
 /// The wait expired (exit 75), or too few instances answered (exit 1).
@@ -167,8 +215,21 @@ async fn not_acquired(target: &Target, args: &RunArgs, err: Error) -> CliError {
     )
 }
 
+/// Why the command was stopped under exit code 74.
+enum Loss {
+    Lost,
+    /// The extends failed with this much validity left.
+    AtRisk(Duration),
+}
+
 /// The lock-lost error: what the instances hold now, and how the command ended.
-fn lost(args: &RunArgs, stopped: ExitStatus, now: &[Observation], token: &str) -> CliError {
+fn lost(
+    args: &RunArgs,
+    why: Loss,
+    stopped: ExitStatus,
+    now: &[Observation],
+    token: &str,
+) -> CliError {
     let (mut ours, mut others, mut free, mut unreachable) = (0, 0, 0, 0);
     for observation in now {
         match &observation.seen {
@@ -193,11 +254,18 @@ fn lost(args: &RunArgs, stopped: ExitStatus, now: &[Observation], token: &str) -
     .filter(|(count, _)| *count > 0)
     .map(|(count, state)| format!("{state} on {count}"))
     .collect();
+    let (what, stopped_with) = match why {
+        Loss::Lost => ("was lost", String::new()),
+        Loss::AtRisk(left) => (
+            "could not be extended",
+            format!(", stopped with {} of validity left,", child::brief(left)),
+        ),
+    };
     CliError::new(
         code::LOCK_LOST,
         format!(
-            "lock {:?} was lost while the command ran (of {} instance(s), the key is now {}); \
-             the command {}",
+            "lock {:?} {what} while the command ran (of {} instance(s), the key is now {}); \
+             the command{stopped_with} {}",
             args.key,
             now.len(),
             counts.join(", "),
