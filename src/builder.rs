@@ -4,8 +4,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 use crate::address;
@@ -349,7 +347,6 @@ impl Builder {
             });
         }
 
-        let kick = Arc::new(Notify::new());
         let mut members = Vec::with_capacity(n);
         let mut identities: Vec<String> = Vec::with_capacity(n);
         for (index, source) in self.sources.into_iter().enumerate() {
@@ -373,7 +370,7 @@ impl Builder {
                 index,
                 address: address.into(),
                 instance,
-                state: Arc::new(InstanceState::new(Arc::clone(&kick))),
+                state: Arc::new(InstanceState::new()),
             });
         }
 
@@ -401,7 +398,7 @@ impl Builder {
                 policy,
             },
             background: Background::new(),
-            monitor: Monitor::new(kick),
+            monitor: Monitor::new(),
             longest_ttl_ms: AtomicU64::new(0),
         }))
     }

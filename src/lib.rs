@@ -25,13 +25,20 @@
 //! A [`QuorumLocker`] holds N instances in the order given. One attempt:
 //!
 //! 1. notes the time on this process's monotonic clock;
-//! 2. sends `SET key token NX PX ttl` to every instance at once, with a fresh
-//!    128-bit random token, each reply bounded by the per-instance timeout;
+//! 2. sends `SET key token NX PX ttl` to every instance the locker trusts now
+//!    (identified, clock measured, not restarted or stalled: see *Clock drift*
+//!    and *Restarts*), at once, with a fresh 128-bit random token, each reply
+//!    bounded by the per-instance timeout; each instance sets the key only if
+//!    its data set is the one the locker verified;
 //! 3. stops waiting as soon as the outcome is certain: won at the quorum-th grant
 //!    (a majority by default), lost once more than `N − quorum` instances have
-//!    refused, failed or timed out;
-//! 4. computes the validity `ttl − elapsed − (ttl × drift_factor + 2 ms)`; the
-//!    attempt is won only if a quorum granted and validity is left;
+//!    refused, failed or timed out — or, when the first grants came from fast
+//!    clocks, a moment later, for as long as the grants still out could make the
+//!    lock last longer than the wait costs;
+//! 4. computes the validity: the time the granting instances keep the key (each
+//!    `ttl / its clock's rate bound`, see *Clock drift*) `− elapsed − (ttl ×
+//!    drift_factor + 2 ms)`, never more than plain Redlock's `ttl − elapsed −
+//!    drift`; the attempt is won only if a quorum granted and validity is left;
 //! 5. otherwise removes its token, by compare-and-delete, from every instance that
 //!    may hold it — those that granted, failed or timed out, and those whose reply
 //!    is still in flight, once it arrives.
@@ -57,8 +64,8 @@
 //!   restarted process can take back its lock), metadata stored beside the token,
 //!   how long to wait.
 //! - [`QuorumLocker::health`] reports each instance's reachability, latency,
-//!   `run_id` and clock; [`QuorumLocker::prepare`] also refuses one server listed
-//!   under two addresses.
+//!   `run_id` and clock; [`QuorumLocker::prepare`] also waits for the first
+//!   measurements and refuses one server listed under two addresses.
 //! - [`MemoryInstance`] is an in-process instance for unit tests of code that takes
 //!   locks, and for simulating slow, failing, paused or drifting instances under
 //!   Tokio's paused time.
@@ -72,18 +79,20 @@
 //! A lock is for **efficiency, not correctness**: it keeps processes from doing
 //! the same expensive work twice, and is exclusive only while these hold:
 //!
-//! - no server's clock runs faster than this process's by more than the locker
-//!   can see: plain Redlock needs every clock within `1 / (1 − drift_factor)`;
-//!   quorumlock measures each server's clock rate and shortens the validity to
-//!   match (see *Clock drift* below), which leaves only a change of rate faster
-//!   than its probes can follow;
+//! - no server's clock speeds up, or jumps forward, faster than the locker can
+//!   see: plain Redlock needs every clock within `1 / (1 − drift_factor)`;
+//!   quorumlock bounds each server's clock rate from above and shortens the
+//!   validity to match (see *Clock drift* below), which leaves a clock that
+//!   speeds up between two probes, or steps forward, while a lock is held;
 //! - the holder does not pause past [`Lock::valid_until`] (garbage collection, swap
 //!   or a stopped VM would let it work on after the lock passed on);
-//! - an instance that restarts keeps its keys, or does not vote until the
-//!   longest TTL has passed: the restart quarantine does that for restarts the
-//!   locker sees (see *Restarts* below);
-//! - the instances are distinct servers (the builder refuses a repeated address,
-//!   [`QuorumLocker::prepare`] a repeated `run_id`).
+//! - an instance that loses its keys (a restart without persistence, a flush, a
+//!   failover to a replica that lacked them) does not vote until the longest TTL
+//!   has passed: the locker quarantines it when it sees the loss (see
+//!   *Restarts* below), which a locker that starts after the loss cannot;
+//! - the instances are distinct servers: the builder refuses a repeated address,
+//!   and an instance with the `run_id` or data set of an earlier one does not
+//!   vote.
 //!
 //! Network delay costs only validity: it is counted from before the requests left.
 //! docs/SAFETY.md in the repository has the fault suite's measured results.
@@ -95,25 +104,46 @@
 //! while the first still believes its lock valid — plain Redlock overlaps there
 //! even with a minority of fast servers. Each locker probes every instance's
 //! `TIME` against its own monotonic clock (every
-//! [`probe_every`](Builder::probe_every)) and estimates its rate; a lock's validity
-//! then ends when no more than `N − quorum` of the instances that granted it can
-//! still hold the key: the `(N − quorum + 1)`-th longest of `ttl / rate` over the
-//! granting instances, minus the elapsed time and the drift allowance, never more
-//! than the plain formula. [`Builder::quarantine_fast_clocks`] goes further and
-//! refuses votes from fast clocks. Rates are unknown for about the first
-//! half-second after a locker starts; until then the plain formula applies.
+//! [`probe_every`](Builder::probe_every)) and bounds its rate from above: each
+//! reply's `TIME` was read between the request leaving and the reply arriving,
+//! so between two probes the server's clock advanced at most so much per second
+//! of ours — no statistics, and a slow or stalled reply only loosens the bound.
+//! A lock's validity then ends when no more than `N − quorum` of the instances
+//! that granted it can still hold the key: the `(N − quorum + 1)`-th longest of
+//! `ttl / bound` over the granting instances, minus the elapsed time and the
+//! drift allowance, never more than the plain formula.
+//!
+//! An instance votes only once its clock has a bound: a new locker's first
+//! attempt (or [`QuorumLocker::prepare`]) waits for three probes 40 ms apart,
+//! about 100 ms. The bound starts loose by about the round trip over the
+//! probes' span (0.2% of the TTL on loopback, 1% at a 0.5 ms round trip) and
+//! tightens as the span grows to seconds. A clock stepped back (NTP correcting
+//! a fast clock) is measured afresh, without a vote meanwhile, never trusted
+//! more than before; a clock that speeds up shows in the next probe's interval.
+//! [`Builder::quarantine_fast_clocks`] goes further and refuses votes from fast
+//! clocks.
 //!
 //! # Restarts
 //!
 //! A Redis server restarted without persistence has forgotten the locks it held,
-//! so its next vote could hand a lock to a second owner. A locker notices a
-//! restart when the server's `run_id` changes (its probes, and a probe right after
-//! any connection failure, check it) and keeps the instance out of acquisitions
-//! for [`Builder::restart_quarantine`] (default: the default TTL), by which time
-//! every lock it could have held has expired. An instance whose connection failed
-//! does not vote until a probe has reached it again. A locker that starts after
-//! the restart cannot tell, so give instances without persistence a start-up
-//! delay of the longest TTL as well.
+//! so its next vote could hand a lock to a second owner. A locker notices:
+//!
+//! - **in every grant**: on first contact it writes a random value under
+//!   [`EPOCH_KEY`] (after the key prefix; no TTL, one per server and prefix,
+//!   like the fencing counters), and each grant's script checks that the key
+//!   still holds it before setting anything. A server that lost its keys
+//!   (restarted empty, flushed, failed over to a replica that never had them)
+//!   lost this one too, so it grants nothing, however the connection behaved: a
+//!   connection that reconnected by itself breaks no request;
+//! - **at its probes**: the server's `run_id` or epoch changed.
+//!
+//! Either way the instance is kept out of acquisitions for
+//! [`Builder::restart_quarantine`] (default: the default TTL) or the longest
+//! TTL this locker has handed out, whichever is longer, by which time every lock
+//! it could have held has expired. An instance whose connection failed does not
+//! vote until a probe sent after the failure has reached it. A locker that
+//! starts after the loss cannot tell, so give instances without persistence a
+//! start-up delay of the longest TTL as well.
 //!
 //! # Fencing tokens
 //!
@@ -220,7 +250,9 @@
 //! Dropping an `acquire` or `try_acquire` future at any await point — under
 //! `tokio::time::timeout`, in a `select!` — rolls back its attempt in the
 //! background: no key with its token is left behind. Dropping a lock releases it,
-//! and dropping an `extend` future leaves the lock with its earlier validity.
+//! and dropping an `extend` future leaves the lock with its earlier validity — or
+//! less, for an extend to a shorter TTL, which may have landed on some
+//! instances. One lock's extends run one at a time.
 //! [`QuorumLocker::settle`] waits for such background work to finish.
 //!
 //! # Features

@@ -95,9 +95,15 @@ impl Lock {
         self.held.acquired_at
     }
 
-    /// The end of the validity: `start + ttl − drift allowance`, where `start` is
-    /// when the acquire (or the last successful extend) started. Past it, the lock
-    /// may be held by someone else.
+    /// The end of the validity: `start + lifetime − drift allowance`, where
+    /// `start` is when the acquire (or the last successful extend) started and
+    /// `lifetime` is how long the granting instances keep the key by their
+    /// clocks' rate bounds (`ttl` when they run true; see the crate docs, *Clock
+    /// drift*). Past it, the lock may be held by someone else.
+    ///
+    /// Once the lock is lost or released it promises no more time: this is then
+    /// no later than when the loss was noticed. An extend to a shorter TTL
+    /// moves it earlier before its requests leave.
     pub fn valid_until(&self) -> Instant {
         self.held.valid_until()
     }
@@ -179,8 +185,12 @@ impl Lock {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future leaves the lock as it was, with its earlier validity; the
-    /// requests already sent may still extend some instances.
+    /// Dropping the future leaves the lock with its earlier validity, or, for a
+    /// shorter TTL than the last one, with the validity the shorter TTL gives
+    /// (it is set before the requests leave, since they may still land); the
+    /// requests already sent may still extend some instances. Extends of one
+    /// lock run one at a time: a second waits for the first, and dropping it
+    /// while it waits sends nothing.
     pub async fn extend(&self, ttl: Duration) -> crate::Result<Duration> {
         crate::extend::extend(&self.shared, &self.held, ttl).await
     }

@@ -29,8 +29,8 @@ pub(crate) const MAX_IN_FLIGHT: usize = 1024;
 /// One instance's standing.
 pub(crate) struct InstanceState {
     inner: Mutex<Standing>,
-    /// Wakes the monitor when an instance becomes suspect.
-    kick: Arc<Notify>,
+    /// Wakes the instance's probe loop when it becomes suspect.
+    kick: Notify,
     /// Requests sent and not yet answered (or given up on).
     in_flight: Arc<AtomicUsize>,
 }
@@ -61,6 +61,10 @@ struct Standing {
     /// Why the last probe failed, while no probe has identified the server: an
     /// attempt reports it instead of a bare "unidentified".
     probe_error: Option<RedisError>,
+    /// The last probe failed or timed out.
+    unreachable: bool,
+    /// When the probe now out was sent.
+    probing_since: Option<Instant>,
 }
 
 /// How strictly the locker treats instances; from the builder.
@@ -93,10 +97,10 @@ impl Policy {
 pub(crate) type Admission = Option<Arc<str>>;
 
 impl InstanceState {
-    pub(crate) fn new(kick: Arc<Notify>) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             inner: Mutex::new(Standing::default()),
-            kick,
+            kick: Notify::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -194,6 +198,21 @@ impl InstanceState {
         !standing.identity_checked || (policy.needs_clock() && standing.rate_bound.is_none())
     }
 
+    /// Whether a new locker's first attempt should wait for this instance:
+    /// it answers, and lacks a measurement it needs. One that failed its last
+    /// probe, or whose probe has been out longer than an attempt would wait for
+    /// it, would not vote anyway.
+    fn worth_waiting_for(&self, policy: &Policy, instance_timeout: Duration) -> bool {
+        if !self.is_unmeasured(policy) {
+            return false;
+        }
+        let standing = self.standing();
+        let stalled = standing
+            .probing_since
+            .is_some_and(|since| since.elapsed() > instance_timeout);
+        !standing.unreachable && !stalled
+    }
+
     /// The estimated rate of the instance's clock against ours.
     pub(crate) fn clock_rate(&self) -> Option<f64> {
         self.standing().rate
@@ -238,6 +257,7 @@ impl InstanceState {
     ) {
         let mut standing = self.standing();
         standing.probe_error = None;
+        standing.unreachable = false;
         // Only a probe sent after the failure says anything about the server
         // behind the connection now.
         if standing.suspect_since.is_some_and(|since| since <= sent) {
@@ -306,16 +326,15 @@ pub(crate) fn check_identities(members: &[Member]) {
     }
 }
 
-/// The probing task's handle: how to wake it, whether it still runs, and whether
-/// its first measurements are in. It runs on the runtime that built the locker;
-/// a locker used on after that runtime shut down (a static shared by tests, each
-/// with its own runtime) starts it again on the current one, or instances whose
+/// The probing task's handle: whether it still runs, and whether its first
+/// measurements are in. It runs on the runtime that built the locker; a locker
+/// used on after that runtime shut down (a static shared by tests, each with its
+/// own runtime) starts it again on the current one, or instances whose
 /// connection failed would never be verified again.
 pub(crate) struct Monitor {
-    kick: Arc<Notify>,
     running: Arc<AtomicBool>,
-    /// Set once every instance has a measured clock or failed its probe, or once
-    /// [`WARM_UP`] has passed: a new locker's first attempt waits for it.
+    /// Set once every instance has a measured clock or does not answer, or
+    /// once [`WARM_UP`] has passed: a new locker's first attempt waits for it.
     warm: watch::Sender<bool>,
 }
 
@@ -333,9 +352,8 @@ impl Drop for Running {
 }
 
 impl Monitor {
-    pub(crate) fn new(kick: Arc<Notify>) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            kick,
             running: Arc::new(AtomicBool::new(false)),
             warm: watch::Sender::new(false),
         }
@@ -355,7 +373,7 @@ impl Monitor {
             .is_ok()
         {
             let running = Running(Arc::clone(&self.running));
-            runtime.spawn(run(Arc::downgrade(shared), Arc::clone(&self.kick), running));
+            runtime.spawn(run(Arc::downgrade(shared), running));
         }
     }
 
@@ -370,79 +388,87 @@ impl Monitor {
         let _ = tokio::time::timeout(WARM_UP, warm.wait_for(|warm| *warm)).await;
         self.warm.send_replace(true);
     }
+
+    /// Marks the warm-up done once no instance is worth waiting for.
+    fn check_warm(&self, shared: &Shared) {
+        if *self.warm.borrow() {
+            return;
+        }
+        let policy = &shared.settings.policy;
+        let timeout = shared.settings.instance_timeout;
+        let waiting = shared
+            .members
+            .iter()
+            .any(|member| member.state.worth_waiting_for(policy, timeout));
+        if !waiting {
+            self.warm.send_replace(true);
+        }
+    }
 }
 
-/// Probes every instance now and then (sooner after a failure, or while its
-/// clock is not measured), until the locker is dropped.
-async fn run(shared: Weak<Shared>, kick: Arc<Notify>, _running: Running) {
-    // Rounds in a row that left some instance suspect: an instance that stays down
-    // is probed less and less often, down to the usual pace.
-    let mut suspect_rounds = 0u32;
+/// Probes every instance on its own schedule, until the locker is dropped: a
+/// stalled instance must not hold up the others' probes.
+async fn run(shared: Weak<Shared>, _running: Running) {
+    let count = shared.upgrade().map_or(0, |shared| shared.members.len());
+    join_all((0..count).map(|index| probe_loop(Weak::clone(&shared), index))).await;
+}
+
+/// Probes one instance now and then: sooner after a failure, and at the
+/// quicker pace of [`MIN_INTERVAL`] while it lacks a measurement.
+async fn probe_loop(shared: Weak<Shared>, index: usize) {
+    // Failed probes in a row: an instance that stays down is probed less and
+    // less often, down to the usual pace.
+    let mut failures = 0u32;
     loop {
         let Some(locker) = shared.upgrade() else {
             return;
         };
+        let Some(member) = locker.members.get(index) else {
+            return;
+        };
+        let state = Arc::clone(&member.state);
         let policy = locker.settings.policy;
-        let answered = probe_all(&locker).await;
-        let unmeasured = locker
-            .members
-            .iter()
-            .zip(&answered)
-            .any(|(member, answered)| *answered && member.state.is_unmeasured(&policy));
-        if !unmeasured {
-            locker
-                .monitor
-                .warm
-                .send_if_modified(|warm| !std::mem::replace(warm, true));
-        }
+        let timeout = locker.settings.instance_timeout.max(Duration::from_secs(1));
+        let answered = probe(&locker, member, timeout).await;
+        check_identities(&locker.members);
+        locker.monitor.check_warm(&locker);
         let mut wait = policy.probe_every;
-        if locker
-            .members
-            .iter()
-            .any(|member| member.state.is_suspect())
-        {
-            suspect_rounds = suspect_rounds.saturating_add(1);
+        if state.is_suspect() || !answered {
+            failures = failures.saturating_add(1);
             wait = SUSPECT_PROBE
-                .saturating_mul(1 << suspect_rounds.min(10))
+                .saturating_mul(1 << failures.min(10))
                 .min(wait);
         } else {
-            suspect_rounds = 0;
+            failures = 0;
         }
-        if unmeasured {
+        if answered && state.is_unmeasured(&policy) {
             // Samples closer than this are not kept.
             wait = wait.min(MIN_INTERVAL);
         }
         // Not held while waiting, so dropping the last locker ends this task.
         drop(locker);
         tokio::select! {
-            () = kick.notified() => {}
+            () = state.kick.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// Probes every member in parallel; whether each answered.
-pub(crate) async fn probe_all(shared: &Shared) -> Vec<bool> {
-    let timeout = shared.settings.instance_timeout.max(Duration::from_secs(1));
-    let answered = join_all(
-        shared
-            .members
-            .iter()
-            .map(|member| probe(shared, member, timeout)),
-    )
-    .await;
-    check_identities(&shared.members);
-    answered
-}
-
 async fn probe(shared: &Shared, member: &Member, timeout: Duration) -> bool {
-    match tokio::time::timeout(timeout, probe_once(shared, member)).await {
+    member.state.standing().probing_since = Some(Instant::now());
+    let answer = tokio::time::timeout(timeout, probe_once(shared, member)).await;
+    let mut standing = member.state.standing();
+    standing.probing_since = None;
+    match answer {
         Ok(Ok(_)) => true,
         Ok(Err(err)) => {
+            drop(standing);
             debug!(address = %member.address, %err, "probe failed");
             false
         }
         Err(_) => {
+            standing.unreachable = true;
+            drop(standing);
             debug!(address = %member.address, "probe timed out");
             false
         }
@@ -476,7 +502,10 @@ pub(crate) async fn probe_once(
         }
         Err(err) => {
             member.state.failed(&err);
-            member.state.standing().probe_error = Some(err.clone());
+            let mut standing = member.state.standing();
+            standing.probe_error = Some(err.clone());
+            standing.unreachable = true;
+            drop(standing);
             Err(err)
         }
     }

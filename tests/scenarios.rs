@@ -27,6 +27,9 @@ fn scenario(name: &str, fault: Fault) -> Scenario {
         scenario.hold_to_validity = 0.1;
     } else {
         scenario.duration = Duration::from_secs(2);
+        // Enough keys that default 100 ms retries still leave a few dozen
+        // tenures per run.
+        scenario.keys = 6;
     }
     scenario
 }
@@ -128,6 +131,43 @@ clock_scenario!(clocks_half_a_percent_fast, 1.005);
 clock_scenario!(clocks_one_percent_fast, 1.01);
 clock_scenario!(clocks_ten_percent_fast, 1.1);
 clock_scenario!(clocks_twice_as_fast, 2.0);
+
+/// The start-up window, over and over: every acquisition by a locker built just
+/// before it, with 2 or 3 of 5 clocks at 2.0. The acquire latency is the time to
+/// a first lock, build included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_lockers_with_fast_clocks() {
+    for (who, on) in [("2 of 5", MINORITY.to_vec()), ("3 of 5", MAJORITY.to_vec())] {
+        let fault = Fault::ClockRate { on, rate: 2.0 };
+        let mut scenario = scenario(
+            &format!("start-up: a fresh locker per acquisition, {who} at clock rate 2"),
+            fault,
+        );
+        scenario.fresh_lockers = true;
+        let report = run(scenario.clone()).await;
+        assert_safe(&report, &scenario);
+    }
+}
+
+/// Fast clocks that NTP steps back: each step makes the stepped interval look
+/// slow; the locker measures afresh instead of trusting the clock more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_clocks_stepped_back() {
+    for (who, on) in [("2 of 5", MINORITY.to_vec()), ("3 of 5", MAJORITY.to_vec())] {
+        let fault = Fault::ClockSteps {
+            on,
+            rate: 2.0,
+            step_ms: 300,
+            every: Duration::from_millis(700),
+        };
+        let scenario = scenario(
+            &format!("{who} at clock rate 2, stepped back 300 ms every 700 ms"),
+            fault,
+        );
+        let report = run(scenario.clone()).await;
+        assert_safe(&report, &scenario);
+    }
+}
 
 /// The checker can see a violation: plain Redlock (defences off) under a majority
 /// of fast clocks overlaps, as measured for the Redlock peers.

@@ -73,6 +73,18 @@ pub enum Fault {
         /// Their rate against real time.
         rate: f64,
     },
+    /// Their clocks run at `rate` and are stepped back by `step_ms` every
+    /// `every`, as NTP corrects a fast clock.
+    ClockSteps {
+        /// The instances with the odd clock.
+        on: Vec<usize>,
+        /// Their rate against real time.
+        rate: f64,
+        /// How far each step goes back.
+        step_ms: i64,
+        /// Time between steps.
+        every: Duration,
+    },
 }
 
 /// One run: `instances` servers, `clients` lockers with `tasks` tasks each,
@@ -105,6 +117,10 @@ pub struct Scenario {
     /// The fraction of tenures held to the end of their validity, where an early
     /// expiry on the servers shows as an overlap; the rest are short.
     pub hold_to_validity: f64,
+    /// Every acquisition by a locker built just before it: the start-up window,
+    /// over and over. Its acquire latency then counts from the build (the time
+    /// to a first lock).
+    pub fresh_lockers: bool,
 }
 
 impl Scenario {
@@ -124,6 +140,7 @@ impl Scenario {
             defences: true,
             instance_timeout: Duration::from_millis(50),
             hold_to_validity: 0.5,
+            fresh_lockers: false,
         }
     }
 
@@ -149,7 +166,10 @@ impl Scenario {
     /// As [`run`](Self::run).
     pub async fn run_with<C: ScenarioClient>(&self) -> Result<Report, HarnessError> {
         let scenario = self.clone();
-        let clock = matches!(self.fault, Fault::ClockRate { .. });
+        let clock = matches!(
+            self.fault,
+            Fault::ClockRate { .. } | Fault::ClockSteps { .. }
+        );
         let n = self.instances;
         let cluster = tokio::task::spawn_blocking(move || {
             let builder = if clock {
@@ -187,10 +207,8 @@ impl Scenario {
                 lockers.push(client);
             }
         }
-        // Let the monitors estimate clock rates and learn run_ids first, as a
-        // long-running service's locker would have.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-
+        // No warm-up: the clients start at once, as a service's first requests
+        // after it starts would.
         let checker = Checker::new();
         let stats = Arc::new(Mutex::new(Stats::default()));
         let started = Instant::now();
@@ -203,6 +221,7 @@ impl Scenario {
                 tasks.push(tokio::spawn(work(
                     scenario.clone(),
                     locker.clone(),
+                    client_urls.clone(),
                     holder,
                     checker.clone(),
                     Arc::clone(&stats),
@@ -269,7 +288,7 @@ impl Scenario {
         match &self.fault {
             Fault::Kill(on) => control(cluster, on.clone(), |c, i| c.kill(i)).await,
             Fault::Pause(on) => control(cluster, on.clone(), |c, i| c.pause(i)).await,
-            Fault::ClockRate { on, rate } => {
+            Fault::ClockRate { on, rate } | Fault::ClockSteps { on, rate, .. } => {
                 let rate = *rate;
                 control(cluster, on.clone(), move |c, i| c.set_clock_rate(i, rate)).await
             }
@@ -305,6 +324,19 @@ impl Scenario {
     ) -> Option<tokio::task::JoinHandle<()>> {
         let cluster = Arc::clone(cluster);
         match self.fault.clone() {
+            Fault::ClockSteps {
+                on, step_ms, every, ..
+            } => Some(tokio::spawn(async move {
+                let mut offset_ms = 0i64;
+                while Instant::now() + every < deadline {
+                    tokio::time::sleep(every).await;
+                    offset_ms -= step_ms;
+                    let _ = control(&cluster, on.clone(), move |c, i| {
+                        c.set_clock_offset_ms(i, offset_ms)
+                    })
+                    .await;
+                }
+            })),
             Fault::RestartEmpty { on, every } => Some(tokio::spawn(async move {
                 while Instant::now() + every < deadline {
                     tokio::time::sleep(every).await;
@@ -397,10 +429,9 @@ impl ScenarioClient for QuorumLocker {
                 .rate_aware_validity(false)
                 .restart_quarantine(Duration::ZERO);
         }
-        // Settings are this module's own and valid.
-        let locker = builder.build().await.ok()?;
-        let _ = locker.prepare().await;
-        Some(locker)
+        // Settings are this module's own and valid. No `prepare()`: the first
+        // acquisitions meet the locker's start-up, as a service's would.
+        builder.build().await.ok()
     }
 
     async fn acquire(
@@ -472,6 +503,7 @@ struct Stats {
 async fn work<C: ScenarioClient>(
     scenario: Scenario,
     locker: C,
+    urls: Vec<String>,
     holder: usize,
     checker: Checker,
     stats: Arc<Mutex<Stats>>,
@@ -482,6 +514,12 @@ async fn work<C: ScenarioClient>(
     while Instant::now() < deadline && lock(&stats).acquired.len() < scenario.acquisitions {
         let key = format!("k{}", random.below(scenario.keys.max(1) as u64));
         let called = Instant::now();
+        let fresh = if scenario.fresh_lockers {
+            C::connect(&scenario, &urls).await
+        } else {
+            None
+        };
+        let locker = fresh.as_ref().unwrap_or(&locker);
         let result = locker.acquire(&key, scenario.ttl, wait).await;
         let latency = called.elapsed();
         let lock_result = {
@@ -507,6 +545,9 @@ async fn work<C: ScenarioClient>(
             }
         };
         let Some((held, valid_until)) = lock_result else {
+            if let Some(fresh) = &fresh {
+                fresh.settle().await;
+            }
             continue;
         };
         let remaining = || valid_until.saturating_duration_since(Instant::now());
@@ -523,8 +564,15 @@ async fn work<C: ScenarioClient>(
         checker.record(&key, holder, start, end);
         let called = Instant::now();
         locker.release(held).await;
-        let mut stats = lock(&stats);
-        stats.longest_call = stats.longest_call.max(called.elapsed());
+        {
+            let mut stats = lock(&stats);
+            stats.longest_call = stats.longest_call.max(called.elapsed());
+        }
+        // A fresh locker's background work ends before it goes, so that the
+        // final sweep sees only what the library leaves.
+        if let Some(fresh) = &fresh {
+            fresh.settle().await;
+        }
     }
 }
 
