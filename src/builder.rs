@@ -38,6 +38,8 @@ pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a new connection to an instance may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Idle time before TCP keep-alive probes start, and between them.
+const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Configures and builds a [`QuorumLocker`]; start with [`QuorumLocker::builder`].
 ///
@@ -111,6 +113,13 @@ impl Builder {
     /// [`ConnectionManager`], a [`MultiplexedConnection`](redis::aio::MultiplexedConnection)
     /// or any cloneable async connection. Each operation clones it, so it should
     /// be a multiplexed one. `name` shows in errors and must be unique.
+    ///
+    /// Open it with `TCP_NODELAY` (as the locker does for URLs): with Nagle's
+    /// algorithm, concurrent operations on one multiplexed connection wait for
+    /// each other's acknowledgements, a second round trip each. With redis-rs:
+    /// `ConnectionInfo::set_tcp_settings(TcpSettings::default().set_nodelay(true))`.
+    /// Leave redis-rs's response timeout off or above the instance timeout:
+    /// the locker bounds every request itself.
     pub fn connection<C>(mut self, name: impl Into<String>, connection: C) -> Self
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -416,6 +425,17 @@ fn connect_lazily(
         url: display.to_string(),
         reason: err.to_string(),
     };
+    // Nagle's algorithm would hold a command back until the previous one on the
+    // same multiplexed connection is acknowledged: a second round trip for every
+    // concurrent operation. Keep-alive notices a peer that vanished without a
+    // reset while the connection sits idle.
+    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE);
+    let tcp = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    let info = info.set_tcp_settings(tcp);
     let client = redis::Client::open(info).map_err(invalid)?;
     let pubsub = client.clone();
     let config = ConnectionManagerConfig::new()
