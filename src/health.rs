@@ -179,10 +179,15 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
             } else {
                 // A connection broken by a server restart fails once and then
                 // reconnects: only the measured probe decides.
-                let _ = member
+                // Its failure still counts: it may be the broken connection to
+                // a server that restarted.
+                if let Err(err) = member
                     .instance
                     .probe(&shared.settings.epoch_key, &Epoch::generate()?)
-                    .await;
+                    .await
+                {
+                    member.state.failed(&err);
+                }
             }
             monitor::probe_once(shared, member).await
         };
