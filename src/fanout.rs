@@ -129,7 +129,7 @@ impl Fanout {
     ) -> Self {
         let mut fanout = Self::new(shared);
         let policy = &shared.settings.policy;
-        let gate = Gate::now(shared);
+        let gate = Gate::new(shared);
         let admissions: Vec<Result<Admission, Vote>> = shared
             .members
             .iter()

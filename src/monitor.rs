@@ -106,26 +106,46 @@ impl Policy {
 /// quarantine lasts now (the longest TTL any locker has set on these servers,
 /// as last read: it grows as readings come in), when each instance was last
 /// read, and how many other instances must have been read since a loss.
-pub(crate) struct Gate {
-    pub(crate) quarantine: Duration,
-    pub(crate) probed_at: Vec<Option<Instant>>,
-    /// `N − quorum + 1`: any lock held across the lost instance was granted by
-    /// at least `quorum − 1` others, so that many reads meet one of them.
-    pub(crate) reads_needed: usize,
+///
+/// Read only where an instance is quarantined: the usual attempt pays nothing.
+pub(crate) struct Gate<'a> {
+    shared: &'a Shared,
 }
 
-impl Gate {
-    /// Reads the gate's facts from the locker's instances.
-    pub(crate) fn now(shared: &Shared) -> Self {
-        Self {
-            quarantine: shared.restart_quarantine(),
-            probed_at: shared
-                .members
-                .iter()
-                .map(|member| member.state.standing().probed_at)
-                .collect(),
-            reads_needed: shared.members.len() - shared.quorum + 1,
+impl<'a> Gate<'a> {
+    pub(crate) fn new(shared: &'a Shared) -> Self {
+        Self { shared }
+    }
+
+    /// Whether instance `index`, which lost its keys at `lost_at`, may vote
+    /// again: the quarantine has passed (how long is left, if not), and
+    /// `N − quorum + 1` other instances were read since (any lock held across
+    /// the loss was granted by at least `quorum − 1` others, so that many
+    /// reads meet one of them, and the quarantine knows its TTL).
+    fn after_loss(&self, index: usize, lost_at: Instant) -> Result<(), Duration> {
+        let quarantine = self.shared.restart_quarantine();
+        let remaining = (lost_at + quarantine).saturating_duration_since(Instant::now());
+        if !remaining.is_zero() {
+            return Err(remaining);
         }
+        let reads = self
+            .shared
+            .members
+            .iter()
+            .filter(|member| member.index != index)
+            .filter(|member| {
+                member
+                    .state
+                    .standing()
+                    .probed_at
+                    .is_some_and(|at| at > lost_at)
+            })
+            .count();
+        let needed = self.shared.members.len() - self.shared.quorum + 1;
+        if reads < needed {
+            return Err(Duration::ZERO);
+        }
+        Ok(())
     }
 }
 
@@ -164,30 +184,27 @@ impl InstanceState {
     pub(crate) fn admit(
         &self,
         policy: &Policy,
-        gate: &Gate,
+        gate: &Gate<'_>,
         index: usize,
     ) -> Result<Admission, Vote> {
-        let mut standing = self.standing();
         let refuse = |why| Err(Vote::Quarantined(why));
-        if let Some(lost_at) = standing.lost_at {
-            let remaining = (lost_at + gate.quarantine).saturating_duration_since(Instant::now());
-            if !remaining.is_zero() {
+        // Read without holding this instance's lock: the gate reads the others'.
+        let lost_at = self.standing().lost_at;
+        if let Some(lost_at) = lost_at {
+            if let Err(remaining) = gate.after_loss(index, lost_at) {
+                // Zero: a long lock held across the loss may be known only to
+                // the others not read since.
                 return refuse(Quarantine::Restarted { remaining });
             }
-            let reads = gate
-                .probed_at
-                .iter()
-                .enumerate()
-                .filter(|&(other, probed)| other != index && probed.is_some_and(|at| at > lost_at))
-                .count();
-            if reads < gate.reads_needed {
-                // A long lock held across the loss may be known only to the
-                // others not read since.
-                return refuse(Quarantine::Restarted {
-                    remaining: Duration::ZERO,
-                });
-            }
+        }
+        let mut standing = self.standing();
+        if standing.lost_at == lost_at {
             standing.lost_at = None;
+        } else if standing.lost_at.is_some() {
+            // A loss seen meanwhile: the next attempt weighs it.
+            return refuse(Quarantine::Restarted {
+                remaining: Duration::ZERO,
+            });
         }
         // Until a probe has said which server this is, it may be a second name
         // for another member, or a restarted server.
