@@ -286,6 +286,8 @@ mod request;
 mod retry;
 mod scripts;
 mod status;
+#[cfg(feature = "tls")]
+mod tls;
 mod token;
 mod value;
 

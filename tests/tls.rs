@@ -1,0 +1,253 @@
+//! Locks over `rediss://`: real `redis-server` TLS ports with a CA and
+//! certificates made by the test, with and without client certificates, the
+//! TLS settings' checks, and one-line errors for the usual mistakes.
+#![cfg(feature = "tls")]
+
+#[path = "common/certs.rs"]
+mod certs;
+
+use std::time::Duration;
+
+use certs::Certs;
+use quorumlock::testing::RedisCluster;
+use quorumlock::{Builder, Error, QuorumLocker};
+
+/// Generous: these tests check behaviour, not speed, on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn tls_cluster(certs: &Certs, auth_clients: bool) -> RedisCluster {
+    RedisCluster::start_with(3, &certs.server(auth_clients)).expect("start TLS redis-servers")
+}
+
+fn builder<I>(urls: I) -> Builder
+where
+    I: IntoIterator,
+    I::Item: Into<String>,
+{
+    QuorumLocker::builder()
+        .urls(urls)
+        .instance_timeout(TIMEOUT)
+        .acquire_timeout(Duration::from_secs(5))
+}
+
+/// Takes, extends and releases a lock, checking the keys through the plain
+/// ports.
+async fn lock_cycle(locker: &QuorumLocker, cluster: &RedisCluster) {
+    let lock = locker
+        .acquire("tls-job", Duration::from_secs(10))
+        .await
+        .expect("acquire over TLS");
+    // Decided at the quorum: let the last grant land before looking.
+    locker.settle().await;
+    for i in 0..cluster.len() {
+        assert_eq!(
+            cluster.keys(i, "tls-job").await.unwrap(),
+            ["tls-job"],
+            "instance {i}"
+        );
+    }
+    let contender = locker.try_acquire("tls-job", Duration::from_secs(10)).await;
+    assert!(
+        matches!(contender, Err(Error::NotAcquired { .. })),
+        "{contender:?}"
+    );
+    lock.extend(Duration::from_secs(20))
+        .await
+        .expect("extend over TLS");
+    locker.settle().await;
+    let mut connection = cluster.connection(0).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("tls-job")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(pttl > 10_000, "extended to 20 s, PTTL {pttl}");
+    lock.release().await.expect("release over TLS");
+    locker.settle().await;
+    assert!(cluster.keys_everywhere("tls-job").await.unwrap().is_empty());
+}
+
+/// The error as one line, for the assertions.
+fn one_line(err: &Error) -> String {
+    let text = err.to_string();
+    assert!(!text.contains('\n'), "not one line: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_extend_release_over_tls_with_a_private_ca() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, false);
+    let locker = builder(cluster.tls_urls())
+        .tls_ca_file(certs.ca())
+        .build()
+        .await
+        .unwrap();
+    let health = locker.prepare().await.expect("prepare over TLS");
+    assert_eq!(health.reachable(), 3, "{health}");
+    assert!(locker
+        .addresses()
+        .all(|address| address.starts_with("rediss://127.0.0.1:")));
+    lock_cycle(&locker, &cluster).await;
+    // The process had no crypto provider: building a TLS instance installed one.
+    assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_may_be_given_as_pem() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, false);
+    let pem = std::fs::read(certs.ca()).unwrap();
+    let locker = builder(cluster.tls_urls())
+        .tls_ca_pem(pem)
+        .build()
+        .await
+        .unwrap();
+    lock_cycle(&locker, &cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_client_certificate() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, true);
+    let locker = builder(cluster.tls_urls())
+        .tls_ca_file(certs.ca())
+        .tls_client_cert_files(certs.path("client.crt"), certs.path("client.key"))
+        .wake_waiters(true)
+        .build()
+        .await
+        .unwrap();
+    locker
+        .prepare()
+        .await
+        .expect("prepare with a client certificate");
+    lock_cycle(&locker, &cluster).await;
+
+    // A waiter is woken by the release over its own TLS subscription.
+    let held = locker
+        .acquire("handed-over", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let waiter = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.acquire("handed-over", Duration::from_secs(30)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.release().await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter got the lock")
+        .unwrap()
+        .unwrap();
+    next.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_is_turned_off_only_by_the_builder() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, false);
+    let fragment: Vec<String> = cluster
+        .tls_urls()
+        .iter()
+        .map(|url| format!("{url}/#insecure"))
+        .collect();
+    let err = builder(fragment.clone()).build().await.err().unwrap();
+    let text = one_line(&err);
+    assert!(matches!(err, Error::InvalidUrl { index: 0, .. }), "{text}");
+    assert!(text.contains("danger_accept_invalid_certs"), "{text}");
+
+    // With the opt-in, no CA is needed: the certificates are not checked.
+    let locker = builder(cluster.tls_urls())
+        .danger_accept_invalid_certs(true)
+        .build()
+        .await
+        .unwrap();
+    lock_cycle(&locker, &cluster).await;
+    let locker = builder(fragment)
+        .danger_accept_invalid_certs(true)
+        .build()
+        .await
+        .unwrap();
+    locker.prepare().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_settings_are_checked_before_connecting() {
+    let certs = Certs::new();
+    // Nothing listens here: every error below comes from the build.
+    let url = "rediss://127.0.0.1:9";
+    let invalid = |err: Error| match err {
+        Error::InvalidConfig { setting, reason } => format!("{setting}: {reason}"),
+        other => panic!("not InvalidConfig: {other}"),
+    };
+    let missing = certs.dir().join("missing.crt");
+    let err = builder([url])
+        .tls_ca_file(&missing)
+        .build()
+        .await
+        .err()
+        .unwrap();
+    let text = invalid(err);
+    assert!(
+        text.starts_with("tls_ca_file: ") && text.contains("missing.crt"),
+        "{text}"
+    );
+
+    let err = builder([url])
+        .tls_ca_pem("garbage")
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert!(invalid(err).starts_with("tls_ca_pem: no PEM certificate"));
+
+    // A key given as the CA: PEM, but no certificate in it.
+    let err = builder([url])
+        .tls_ca_file(certs.path("client.key"))
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert!(invalid(err).contains("no PEM certificate"));
+
+    // The client certificate with the server's key.
+    let err = builder([url])
+        .tls_client_cert_files(certs.path("client.crt"), certs.path("server.key"))
+        .build()
+        .await
+        .err()
+        .unwrap();
+    let text = invalid(err);
+    assert!(
+        text.starts_with("tls_client_cert_files: ")
+            && text.contains("the private key does not belong to the certificate"),
+        "{text}"
+    );
+
+    let err = builder([url])
+        .tls_client_cert(std::fs::read(certs.path("client.crt")).unwrap(), "no key")
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert!(invalid(err).starts_with("tls_client_cert: no PEM private key"));
+
+    // TLS settings, but every URL is plain: most likely a forgotten rediss://.
+    let err = builder(["redis://127.0.0.1:9"])
+        .tls_ca_file(certs.ca())
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        invalid(err),
+        "tls_ca_file: no instance URL uses TLS (rediss://)"
+    );
+    // Turned off again, danger_accept_invalid_certs is no TLS setting.
+    builder(["redis://127.0.0.1:9"])
+        .danger_accept_invalid_certs(true)
+        .danger_accept_invalid_certs(false)
+        .build()
+        .await
+        .unwrap();
+}
