@@ -16,6 +16,7 @@ use crate::instance::redis::RedisInstance;
 use crate::instance::{Instance, Member};
 use crate::locker::{check_ttl, QuorumLocker, Settings, Shared, MAX_TTL};
 use crate::monitor::{InstanceState, Monitor, Policy};
+use crate::peer::{self, Peer};
 use crate::quorum;
 use crate::retry::RetryPolicy;
 
@@ -40,6 +41,10 @@ pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long a new connection to an instance may take to open (TLS handshake
 /// included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The bound on a probe or health check, which may include connecting and, when
+/// that fails, asking the peer what it speaks ([`peer`]): long enough for the
+/// connection's own error, explained, to arrive first.
+pub(crate) const CHECK_TIMEOUT: Duration = CONNECT_TIMEOUT.saturating_add(peer::SNIFF_TIMEOUT);
 /// Idle time before TCP keep-alive probes start, and between them.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
@@ -445,6 +450,13 @@ impl Builder {
 struct NoTls;
 
 #[cfg(not(feature = "tls"))]
+impl NoTls {
+    fn has_client_cert(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(not(feature = "tls"))]
 type Tls = NoTls;
 #[cfg(feature = "tls")]
 use crate::tls::Tls;
@@ -455,12 +467,19 @@ fn connect_lazily(
     index: usize,
     info: redis::ConnectionInfo,
     display: &str,
-    #[cfg_attr(not(feature = "tls"), allow(unused_variables))] tls: &Tls,
+    tls: &Tls,
 ) -> crate::Result<Box<dyn Instance>> {
     let invalid = |err: redis::RedisError| Error::InvalidUrl {
         index,
         url: display.to_string(),
         reason: err.to_string(),
+    };
+    let peer = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => Some(Peer::new(host.clone(), *port, false, false)),
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            Some(Peer::new(host.clone(), *port, true, tls.has_client_cert()))
+        }
+        _ => None,
     };
     // Nagle's algorithm would hold a command back until the previous one on the
     // same multiplexed connection is acknowledged: a second round trip for every
@@ -500,5 +519,9 @@ fn connect_lazily(
         // a retry schedule; the next operation tries again.
         .set_number_of_retries(0);
     let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?;
-    Ok(Box::new(RedisInstance::with_client(manager, pubsub)))
+    Ok(Box::new(RedisInstance::with_client(
+        manager,
+        pubsub,
+        peer.map(Arc::new),
+    )))
 }

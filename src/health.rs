@@ -11,6 +11,7 @@ use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Vote};
 use crate::locker::Shared;
 use crate::monitor;
+use crate::peer;
 use crate::token;
 
 /// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
@@ -178,11 +179,19 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
                 }
             } else {
                 // A connection broken by a server restart fails once and then
-                // reconnects: only the measured probe decides.
-                let _ = member
+                // reconnects: only the measured probe decides. A peer that is
+                // not what its URL says fails the same way every time.
+                let first = member
                     .instance
                     .probe(&shared.settings.epoch_key, &Epoch::generate()?)
                     .await;
+                match first {
+                    Err(err) if peer::is_explained(&err) => {
+                        member.state.failed(&err);
+                        return Err(err);
+                    }
+                    _ => {}
+                }
             }
             monitor::probe_once(shared, member).await
         };

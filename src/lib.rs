@@ -280,6 +280,7 @@ mod instance;
 mod lock;
 mod locker;
 mod monitor;
+mod peer;
 mod quorum;
 mod release;
 mod request;

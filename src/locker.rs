@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::acquire::{self, Identity, Outcome};
 use crate::background::Background;
-use crate::builder::Builder;
+use crate::builder::{Builder, CHECK_TIMEOUT};
 use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::{self, Handoff};
@@ -363,11 +363,7 @@ impl QuorumLocker {
 
     async fn check_health(&self, load_scripts: bool) -> Health {
         // The check may include connecting: allow a connection's worth of time.
-        let timeout = self
-            .shared
-            .settings
-            .instance_timeout
-            .max(Duration::from_secs(1));
+        let timeout = self.shared.settings.instance_timeout.max(CHECK_TIMEOUT);
         health::check(&self.shared, timeout, load_scripts).await
     }
 

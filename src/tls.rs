@@ -122,6 +122,12 @@ impl Tls {
         self.insecure
     }
 
+    pub(crate) fn has_client_cert(&self) -> bool {
+        self.certificates
+            .as_ref()
+            .is_some_and(|certificates| certificates.client_tls.is_some())
+    }
+
     /// A client for `info` (a TLS address) with these settings.
     pub(crate) fn client(&self, info: ConnectionInfo) -> RedisResult<redis::Client> {
         let client = match &self.certificates {

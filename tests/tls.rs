@@ -143,6 +143,104 @@ async fn mutual_tls_with_a_client_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_foreign_client_certificate_is_one_line() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, true);
+    let without = builder(cluster.tls_urls())
+        .tls_ca_file(certs.ca())
+        .build()
+        .await
+        .unwrap();
+    let err = without.prepare().await.unwrap_err();
+    let text = one_line(&err);
+    assert!(matches!(err, Error::Unavailable { .. }), "{text}");
+    assert!(
+        text.contains("TLS: the server requires a client certificate (tls-auth-clients)"),
+        "{text}"
+    );
+
+    let foreign = builder(cluster.tls_urls())
+        .tls_ca_file(certs.ca())
+        .tls_client_cert_files(certs.path("stranger.crt"), certs.path("stranger.key"))
+        .build()
+        .await
+        .unwrap();
+    let err = foreign
+        .try_acquire("job", Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    let text = one_line(&err);
+    assert!(matches!(err, Error::NotAcquired { .. }), "{text}");
+    assert!(
+        text.contains("TLS: the server refused our client certificate"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_ca_is_one_line() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, false);
+    // The platform's roots, then a CA that did not sign the servers' certificates.
+    for locker in [
+        builder(cluster.tls_urls()).build().await.unwrap(),
+        builder(cluster.tls_urls())
+            .tls_ca_file(certs.path("other-ca.crt"))
+            .build()
+            .await
+            .unwrap(),
+    ] {
+        let err = locker
+            .try_acquire("job", Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let text = one_line(&err);
+        assert_eq!(err.unreachable_instances(), 3, "{text}");
+        assert!(
+            text.contains(
+                "failed: TLS: the server's certificate is not signed by a trusted CA \
+                 (UnknownIssuer): give its CA with tls_ca_file"
+            ),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_port_for_the_scheme_is_one_line() {
+    let certs = Certs::new();
+    let cluster = tls_cluster(&certs, false);
+    let server = cluster.server(0);
+
+    // TLS to the plain port: the handshake hangs until the connect timeout.
+    let plain = format!("rediss://127.0.0.1:{}", server.port());
+    let locker = builder([plain])
+        .tls_ca_file(certs.ca())
+        .build()
+        .await
+        .unwrap();
+    let err = locker.prepare().await.unwrap_err();
+    let text = one_line(&err);
+    assert!(
+        text.contains("failed: the server speaks plain Redis on this port, not TLS: use redis://"),
+        "{text}"
+    );
+
+    // Plain Redis to the TLS port: the server resets the connection.
+    let tls_port = format!("redis://127.0.0.1:{}", server.tls_port().unwrap());
+    let locker = builder([tls_port]).build().await.unwrap();
+    let err = locker
+        .try_acquire("job", Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    let text = one_line(&err);
+    assert!(
+        text.contains("failed: the server speaks TLS on this port: use rediss://"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_is_turned_off_only_by_the_builder() {
     let certs = Certs::new();
     let cluster = tls_cluster(&certs, false);
