@@ -103,8 +103,9 @@ impl Builder {
 
     /// Adds an instance by URL: `redis://[user[:password]@]host[:port][/db]`,
     /// `rediss://…` (TLS, with the `tls` feature; see
-    /// [`tls_ca_file`](Self::tls_ca_file)) or `redis+unix:///path`. The
-    /// connection opens lazily and reconnects by itself.
+    /// [`tls_ca_file`](Self::tls_ca_file)) or `redis+unix:///path`, and the same
+    /// with `valkey://`, `valkeys://` and `valkey+unix://`. The connection opens
+    /// lazily and reconnects by itself.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.sources.push(Source::Url(url.into()));
         self
@@ -409,7 +410,7 @@ impl Builder {
             // Most likely a redis:// URL meant to be rediss://.
             return Err(Error::InvalidConfig {
                 setting,
-                reason: "no instance URL uses TLS (rediss://)".to_string(),
+                reason: "no instance URL uses TLS (rediss:// or valkeys://)".to_string(),
             });
         }
         let _ = uses_tls;

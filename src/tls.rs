@@ -1,6 +1,6 @@
-//! TLS for `rediss://` instances (cargo feature `tls`): the builder's
-//! settings, checked before anything connects, and the crypto provider rustls
-//! needs.
+//! TLS for `rediss://` and `valkeys://` instances (cargo feature `tls`): the
+//! builder's settings, checked before anything connects, and the crypto
+//! provider rustls needs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -222,8 +222,8 @@ fn check_client_cert(
         })
 }
 
-/// TLS settings (cargo feature `tls`). They apply to every `rediss://`
-/// instance; without any, TLS instances trust the platform's root
+/// TLS settings (cargo feature `tls`). They apply to every `rediss://` and
+/// `valkeys://` instance; without any, TLS instances trust the platform's root
 /// certificates and present no client certificate.
 ///
 /// rustls needs a crypto provider: the first TLS instance built installs

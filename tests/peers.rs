@@ -1,6 +1,7 @@
 //! Instances that are not what their URL says: a port that is not Redis at
-//! all (an HTTP server, garbage), a TLS port behind `redis://`. Each failure
-//! reads as one line in the library's errors and in `qlock`.
+//! all (an HTTP server, garbage), a TLS port behind `redis://`; and Valkey's
+//! URL schemes against a Redis-protocol server. Each failure reads as one line
+//! in the library's errors and in `qlock`.
 
 #[path = "common/certs.rs"]
 mod certs;
@@ -169,4 +170,60 @@ async fn redis_urls_to_a_tls_port_say_so() {
         "failed: the server speaks TLS on this port: use rediss:// (quorumlock's `tls` feature)"
     };
     assert!(text.ends_with(expected), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_urls_reach_a_redis_protocol_server() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let urls: Vec<String> = cluster
+        .servers()
+        .iter()
+        .map(|server| format!("valkey://127.0.0.1:{}", server.port()))
+        .collect();
+    let locker = QuorumLocker::builder()
+        .urls(urls.clone())
+        .instance_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let addresses: Vec<&str> = locker.addresses().collect();
+    assert_eq!(addresses, urls);
+    let lock = locker
+        .acquire("valkey-job", Duration::from_secs(10))
+        .await
+        .unwrap();
+    lock.extend(Duration::from_secs(10)).await.unwrap();
+    // Decided at the quorum: let the last replies land before looking.
+    locker.settle().await;
+    assert_eq!(
+        cluster.keys_everywhere("valkey-job").await.unwrap().len(),
+        3
+    );
+    lock.release().await.unwrap();
+    locker.settle().await;
+    assert!(cluster
+        .keys_everywhere("valkey-job")
+        .await
+        .unwrap()
+        .is_empty());
+
+    // One server under redis:// and valkey:// would vote twice.
+    let err = QuorumLocker::builder()
+        .url(cluster.urls().remove(0))
+        .url(urls[0].clone())
+        .build()
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::DuplicateInstance {
+                first: 0,
+                second: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

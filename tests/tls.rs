@@ -94,15 +94,18 @@ async fn acquire_extend_release_over_tls_with_a_private_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ca_may_be_given_as_pem() {
+async fn the_ca_may_be_given_as_pem_and_urls_as_valkeys() {
     let certs = Certs::new();
     let cluster = tls_cluster(&certs, false);
+    let urls = cluster
+        .servers()
+        .iter()
+        .map(|server| format!("valkeys://127.0.0.1:{}", server.tls_port().unwrap()));
     let pem = std::fs::read(certs.ca()).unwrap();
-    let locker = builder(cluster.tls_urls())
-        .tls_ca_pem(pem)
-        .build()
-        .await
-        .unwrap();
+    let locker = builder(urls).tls_ca_pem(pem).build().await.unwrap();
+    assert!(locker
+        .addresses()
+        .all(|address| address.starts_with("valkeys://")));
     lock_cycle(&locker, &cluster).await;
 }
 
@@ -339,7 +342,7 @@ async fn tls_settings_are_checked_before_connecting() {
         .unwrap();
     assert_eq!(
         invalid(err),
-        "tls_ca_file: no instance URL uses TLS (rediss://)"
+        "tls_ca_file: no instance URL uses TLS (rediss:// or valkeys://)"
     );
     // Turned off again, danger_accept_invalid_certs is no TLS setting.
     builder(["redis://127.0.0.1:9"])
