@@ -143,6 +143,15 @@ async fn mutual_tls_with_a_client_certificate() {
         .unwrap()
         .unwrap();
     next.release().await.unwrap();
+
+    // The locker's client for an instance carries the same certificates.
+    let client = locker.redis_client(1).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(pong, "PONG");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,4 +360,125 @@ async fn tls_settings_are_checked_before_connecting() {
         .build()
         .await
         .unwrap();
+}
+
+mod qlock {
+    use std::process::{Command, Output};
+
+    use super::*;
+
+    const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
+
+    /// `qlock` over `urls`, with nothing from the caller's environment.
+    fn qlock(urls: &[String]) -> Command {
+        let mut command = Command::new(QLOCK);
+        command.env("QLOCK_REDIS_URLS", urls.join(","));
+        for var in [
+            "QLOCK_KEY_PREFIX",
+            "QLOCK_TLS_CA",
+            "QLOCK_TLS_CERT",
+            "QLOCK_TLS_KEY",
+            "QLOCK_TLS_INSECURE",
+        ] {
+            command.env_remove(var);
+        }
+        command
+    }
+
+    fn run(command: &mut Command) -> (Option<i32>, String, String) {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = command.output().expect("run qlock");
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(stderr.lines().count() <= 1, "not one line: {stderr}");
+        (
+            status.code(),
+            String::from_utf8_lossy(&stdout).into_owned(),
+            stderr,
+        )
+    }
+
+    #[test]
+    fn qlock_takes_the_tls_options_as_flags_and_from_the_environment() {
+        let certs = Certs::new();
+        let cluster = tls_cluster(&certs, true);
+        let urls = cluster.tls_urls();
+        let flags = [
+            "--tls-ca".into(),
+            certs.ca().into_os_string(),
+            "--tls-cert".into(),
+            certs.path("client.crt").into_os_string(),
+            "--tls-key".into(),
+            certs.path("client.key").into_os_string(),
+        ];
+        let (code, stdout, stderr) = run(qlock(&urls).args(&flags).arg("health"));
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(stdout.contains("3 of 3 instance(s) reachable"), "{stdout}");
+
+        let (code, stdout, stderr) = run(qlock(&urls)
+            .env("QLOCK_TLS_CA", certs.ca())
+            .env("QLOCK_TLS_CERT", certs.path("client.crt"))
+            .env("QLOCK_TLS_KEY", certs.path("client.key"))
+            .args(["run", "--key", "tls-cli", "--", "true"]));
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+        let (code, stdout, stderr) = run(qlock(&urls).args(&flags).args(["status", "tls-cli"]));
+        // Released: no quorum holds it, and every instance was read over TLS.
+        assert_eq!(code, Some(3), "{stdout}{stderr}");
+        assert_eq!(stdout.matches(": free").count(), 3, "{stdout}");
+    }
+
+    #[test]
+    fn qlock_reports_tls_mistakes_in_one_line() {
+        let certs = Certs::new();
+        let cluster = tls_cluster(&certs, false);
+        let urls = cluster.tls_urls();
+
+        // No CA: the instances are unreachable, each line says why.
+        let (code, stdout, stderr) = run(qlock(&urls).arg("health"));
+        assert_eq!(code, Some(1), "{stdout}{stderr}");
+        assert_eq!(
+            stdout.matches("not signed by a trusted CA (UnknownIssuer): give its CA with tls_ca_file (qlock: --tls-ca)").count(),
+            3,
+            "{stdout}"
+        );
+        assert!(stderr.starts_with("qlock: error: only 0 of 3"), "{stderr}");
+        let (code, _, stderr) = run(qlock(&urls).args(["run", "--key", "k", "--", "true"]));
+        assert_eq!(code, Some(1));
+        assert!(stderr.contains("not signed by a trusted CA"), "{stderr}");
+
+        // --tls-insecure: no verification, so no CA needed.
+        let (code, stdout, stderr) = run(qlock(&urls).args(["--tls-insecure", "health"]));
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+        // Usage errors, before anything connects.
+        let (code, _, stderr) = run(qlock(&urls)
+            .arg("--tls-cert")
+            .arg(certs.path("client.crt"))
+            .arg("health"));
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains("--tls-key"), "{stderr}");
+        let (code, _, stderr) = run(qlock(&urls)
+            .arg("--tls-ca")
+            .arg(certs.dir().join("nowhere.crt"))
+            .arg("health"));
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.starts_with("qlock: error: invalid tls_ca_file: ")
+                && stderr.contains("nowhere.crt"),
+            "{stderr}"
+        );
+
+        // The plain port behind rediss://.
+        let plain = [format!("rediss://127.0.0.1:{}", cluster.server(0).port())];
+        let (code, stdout, _) = run(qlock(&plain).arg("--tls-ca").arg(certs.ca()).arg("health"));
+        assert_eq!(code, Some(1));
+        assert!(
+            stdout.contains("failed: the server speaks plain Redis on this port, not TLS"),
+            "{stdout}"
+        );
+    }
 }
