@@ -67,6 +67,25 @@ async fn lock_cycle(locker: &QuorumLocker, cluster: &RedisCluster) {
     assert!(cluster.keys_everywhere("tls-job").await.unwrap().is_empty());
 }
 
+/// TLS clients keep the TCP settings every URL connection gets: TCP_NODELAY
+/// (no Nagle delay between concurrent requests) and keep-alive.
+fn assert_keeps_tcp_settings(locker: &QuorumLocker) {
+    for index in 0..locker.instances() {
+        let client = locker.redis_client(index).unwrap();
+        let info = client.get_connection_info();
+        assert!(
+            matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }),
+            "{:?}",
+            info.addr()
+        );
+        assert!(info.tcp_settings().nodelay(), "instance {index}");
+        assert!(
+            info.tcp_settings().keepalive().is_some(),
+            "instance {index}"
+        );
+    }
+}
+
 /// The error as one line, for the assertions.
 fn one_line(err: &Error) -> String {
     let text = err.to_string();
@@ -89,6 +108,7 @@ async fn acquire_extend_release_over_tls_with_a_private_ca() {
         .addresses()
         .all(|address| address.starts_with("rediss://127.0.0.1:")));
     lock_cycle(&locker, &cluster).await;
+    assert_keeps_tcp_settings(&locker);
     // The process had no crypto provider: building a TLS instance installed one.
     assert!(rustls::crypto::CryptoProvider::get_default().is_some());
 }
@@ -120,6 +140,7 @@ async fn mutual_tls_with_a_client_certificate() {
         .build()
         .await
         .unwrap();
+    assert_keeps_tcp_settings(&locker);
     locker
         .prepare()
         .await
@@ -272,6 +293,7 @@ async fn verification_is_turned_off_only_by_the_builder() {
         .build()
         .await
         .unwrap();
+    assert_keeps_tcp_settings(&locker);
     lock_cycle(&locker, &cluster).await;
     let locker = builder(fragment)
         .danger_accept_invalid_certs(true)
