@@ -527,13 +527,16 @@ fn bench_with_latency_runs_a_tolerance_phase() {
 /// echo hi` relies on: with no instances given, qlock starts its own.
 #[test]
 fn without_instances_qlock_starts_local_servers() {
-    let output = Command::new(QLOCK)
+    let mut command = Command::new(QLOCK);
+    command
         .env_remove("QLOCK_REDIS_URLS")
         .env_remove("QLOCK_KEY_PREFIX")
         .timeout(INVOCATION_TIMEOUT)
-        .args(["run", "--key", "demo", "--", "echo", "hi"])
-        .output()
-        .unwrap();
+        .args(["run", "--key", "demo", "--", "echo", "hi"]);
+    for var in TLS_VARS {
+        command.env_remove(var);
+    }
+    let output = command.output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert_eq!(text(&output.stdout), "hi\n");
     assert!(text(&output.stderr).contains("started 3 local redis-server"));
