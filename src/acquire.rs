@@ -111,9 +111,10 @@ async fn run(
         key: Arc::clone(&key.redis),
         fanout: Fanout::start_gated(shared, |member, admission| {
             let instance = &member.instance;
-            let epoch = admission.as_ref().map(|value| Epoch {
+            let epoch = admission.as_ref().map(|verified| Epoch {
                 key: Arc::clone(epoch_key),
-                value: Arc::clone(value),
+                value: Arc::clone(&verified.epoch),
+                run_id: Arc::clone(&verified.run_id),
             });
             let epoch = epoch.as_ref();
             match (&fence, retake) {

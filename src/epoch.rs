@@ -1,11 +1,16 @@
-//! The identity of an instance's data set. On first contact the locker writes a
-//! random value under [`EPOCH_KEY`] (`SET NX`, no TTL), and every grant checks,
-//! in the same script as the `SET NX PX`, that the key still holds the value the
-//! locker verified. A server that lost its keys — restarted empty, flushed, or
-//! failed over to a replica that never had the key — loses this one too, so its
-//! grant is refused and reported however the connection behaved: a connection
-//! that reconnected by itself breaks no request, and `run_id` is only read by
-//! the next probe.
+//! The identity of an instance: its data set and its server process. On first
+//! contact the locker writes a random `id` into the hash [`EPOCH_KEY`]
+//! (`HSETNX`, no TTL), and every grant checks, in the same script as the `SET
+//! NX PX`, that the hash still holds the id the locker verified and that the
+//! server's `run_id` is the one it verified. A server that lost its keys —
+//! restarted empty, flushed — lost the hash too; a replica promoted in a
+//! failover has the hash (replicated long ago) but another `run_id`. Either way
+//! its grant is refused, however the connection behaved: a connection that
+//! reconnected by itself breaks no request, and the probes only look now and
+//! then.
+//!
+//! The hash also keeps, under `ttl`, the longest TTL any locker has set on the
+//! server: when another server loses its keys, its quarantine lasts that long.
 
 use std::io;
 use std::sync::Arc;
@@ -14,16 +19,19 @@ use redis::RedisError;
 
 use crate::token;
 
-/// The key, after the locker's key prefix, that holds the data set's identity:
-/// one per server and prefix, never expiring, like the fencing counters. A lock
-/// key of this name is refused.
+/// The key, after the locker's key prefix, of the hash that holds the server's
+/// identity (`id`) and the longest TTL set there (`ttl`): one per server and
+/// prefix, never expiring, like the fencing counters. A lock key ending in this
+/// name is refused.
 pub const EPOCH_KEY: &str = "quorumlock:epoch";
 
-/// What a grant must find under the epoch key: the key and the value.
+/// What a grant must find: the epoch hash's key and its id, and the server's
+/// `run_id`.
 #[derive(Debug, Clone)]
 pub(crate) struct Epoch {
     pub(crate) key: Arc<str>,
     pub(crate) value: Arc<str>,
+    pub(crate) run_id: Arc<str>,
 }
 
 impl Epoch {
@@ -40,7 +48,7 @@ struct Changed;
 impl std::fmt::Display for Changed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(
-            "its data set changed since it was verified (restart, flush or failover): the grant was not made",
+            "its data set or server changed since it was verified (restart, flush or failover): the grant was not made",
         )
     }
 }
@@ -79,7 +87,10 @@ mod tests {
         assert!(is_changed(&err));
         assert!(err.is_io_error());
         assert!(!is_changed(&RedisError::from(io::Error::other("reset"))));
-        assert!(err.to_string().contains("data set changed"), "{err}");
+        assert!(
+            err.to_string().contains("data set or server changed"),
+            "{err}"
+        );
         assert!(!err.to_string().contains('\n'));
     }
 }

@@ -97,8 +97,8 @@ pub enum Error {
     #[error("the lock key is empty")]
     EmptyKey,
 
-    /// The lock key is the one the locker keeps each server's data-set identity
-    /// under ([`EPOCH_KEY`](crate::EPOCH_KEY)).
+    /// The lock key, after the key prefix, ends in the name under which lockers
+    /// keep each server's identity ([`EPOCH_KEY`](crate::EPOCH_KEY)).
     #[error("the lock key {key:?} is reserved by quorumlock")]
     ReservedKey {
         /// The key given.

@@ -96,14 +96,23 @@ async fn extend_round(
     shared.note_ttl(ttl);
 
     let start = Instant::now();
+    held.sending(start, ttl);
     if ttl < held.ttl() {
         // A shorter TTL may land on some instances even if this call is dropped
         // or fails: believe no more than the shortest it can leave there.
         let shortest = shortest_lifetime(shared, held.asked, ttl);
         held.cap((start + shortest).checked_sub(drift).unwrap_or(start));
     }
+    // Every locker learns the longest TTL on each server from there.
+    let epoch_key = shared
+        .settings
+        .policy
+        .checks_epoch()
+        .then_some(&shared.settings.epoch_key);
     let mut fanout = Fanout::start(shared, held.asked, |member| {
-        member.instance.extend(&held.key.redis, &held.value, ttl_ms)
+        member
+            .instance
+            .extend(&held.key.redis, &held.value, ttl_ms, epoch_key)
     });
     fanout
         .collect(start + timeout, timeout, |tally| {
@@ -121,7 +130,7 @@ async fn extend_round(
         Decision::Won => {
             match quorum::validity(granted_lifetime(shared, &fanout, ttl), elapsed, drift) {
                 Some(validity) => {
-                    held.renew(ttl, start, start + elapsed + validity);
+                    held.renew(ttl, start + elapsed + validity);
                     span.record("validity_ms", validity.as_millis() as u64);
                     debug!("lock extended");
                     return Ok(validity);

@@ -142,7 +142,7 @@ async fn watch(
     every: Duration,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let mut next = held.acquired_at + every;
+    let mut next = due(held.acquired_at, held.valid_until(), every);
     loop {
         tokio::select! {
             _ = &mut stopped => return,
@@ -156,7 +156,7 @@ async fn watch(
             outcome = extend::try_extend(&shared, &held, ttl) => outcome,
         };
         match outcome {
-            Ok(_) => next = started + every,
+            Ok(_) => next = due(started, held.valid_until(), every),
             Err(failure) => {
                 // A round that heard too little proves nothing while validity is
                 // left; try again soon, but never past the validity.
@@ -172,6 +172,16 @@ async fn watch(
             }
         }
     }
+}
+
+/// When the next extend is due after a round that started at `started` and
+/// left the lock valid until `valid_until`: after `every`, or at half the
+/// validity where that comes first. Fast server clocks can leave less validity
+/// than the interval: extending on the interval alone would lose a lock no one
+/// else took.
+fn due(started: Instant, valid_until: Instant, every: Duration) -> Instant {
+    let half = valid_until.saturating_duration_since(started) / 2;
+    started + every.min(half)
 }
 
 /// The pause before retrying an inconclusive extend: long enough for a blip to

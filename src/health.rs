@@ -179,18 +179,19 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
                 }
             } else {
                 // A connection broken by a server restart fails once and then
-                // reconnects: only the measured probe decides. A peer that is
-                // not what its URL says fails the same way every time.
-                let first = member
+                // reconnects: only the measured probe decides.
+                // Its failure still counts: it may be the broken connection to
+                // a server that restarted. A peer that is not what its URL
+                // says fails the same way every time: no second probe.
+                if let Err(err) = member
                     .instance
                     .probe(&shared.settings.epoch_key, &Epoch::generate()?)
-                    .await;
-                match first {
-                    Err(err) if peer::is_explained(&err) => {
-                        member.state.failed(&err);
+                    .await
+                {
+                    member.state.failed(&err);
+                    if peer::is_explained(&err) {
                         return Err(err);
                     }
-                    _ => {}
                 }
             }
             monitor::probe_once(shared, member).await

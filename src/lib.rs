@@ -128,22 +128,31 @@
 //! A Redis server restarted without persistence has forgotten the locks it held,
 //! so its next vote could hand a lock to a second owner. A locker notices:
 //!
-//! - **in every grant**: on first contact it writes a random value under
+//! - **in every grant**: on first contact it writes a random id into the hash
 //!   [`EPOCH_KEY`] (after the key prefix; no TTL, one per server and prefix,
-//!   like the fencing counters), and each grant's script checks that the key
-//!   still holds it before setting anything. A server that lost its keys
-//!   (restarted empty, flushed, failed over to a replica that never had them)
-//!   lost this one too, so it grants nothing, however the connection behaved: a
+//!   like the fencing counters), and each grant's script checks, before
+//!   setting anything, that the hash still holds that id and that the server's
+//!   `run_id` is the one verified. A server that lost its keys (restarted
+//!   empty, flushed) lost the hash too, and a replica promoted in a failover
+//!   has another `run_id`, so neither grants, however the connection behaved: a
 //!   connection that reconnected by itself breaks no request;
 //! - **at its probes**: the server's `run_id` or epoch changed.
 //!
 //! Either way the instance is kept out of acquisitions for
 //! [`Builder::restart_quarantine`] (default: the default TTL) or the longest
-//! TTL this locker has handed out, whichever is longer, by which time every lock
-//! it could have held has expired. An instance whose connection failed does not
+//! TTL any locker has set on these servers, whichever is longer (the hash keeps
+//! each server's longest TTL, raised by every grant and extend), by which time
+//! every lock it could have held has expired. An instance whose connection failed does not
 //! vote until a probe sent after the failure has reached it. A locker that
 //! starts after the loss cannot tell, so give instances without persistence a
 //! start-up delay of the longest TTL as well.
+//!
+//! What a server must allow: `EVALSHA` and `SCRIPT LOAD`, `INFO` (from scripts
+//! too) and `TIME`, and `HSETNX`/`HMGET`/`HGET`/`HSET` on the epoch hash — an
+//! ACL user needs those besides `SET`/`GET`/`DEL`/`PEXPIRE` on the lock keys.
+//! An eviction policy that may evict lock keys (`allkeys-*`, or `volatile-*`,
+//! which evicts keys with a TTL, lock keys among them, but never the epoch
+//! hash) loses locks no check can see: give the lock servers `noeviction`.
 //!
 //! # Fencing tokens
 //!

@@ -59,15 +59,23 @@ impl Shared {
     }
 
     /// How long an instance that lost its keys may not vote: the configured
-    /// quarantine, or the longest TTL this locker has handed out where that is
-    /// longer (zero when the check is off).
+    /// quarantine, or the longest TTL any locker has set on these servers where
+    /// that is longer (zero when the check is off).
     pub(crate) fn restart_quarantine(&self) -> Duration {
         let configured = self.settings.policy.restart_quarantine;
         if configured.is_zero() {
             return Duration::ZERO;
         }
-        let longest = Duration::from_millis(self.longest_ttl_ms.load(Ordering::Relaxed));
-        configured.max(longest)
+        // Ours, and every other locker's as the servers keep it (the restarted
+        // one has lost its own count; the others have theirs).
+        let ours = Duration::from_millis(self.longest_ttl_ms.load(Ordering::Relaxed));
+        let theirs = self
+            .members
+            .iter()
+            .map(|member| member.state.longest_ttl())
+            .max()
+            .unwrap_or_default();
+        configured.max(ours).max(theirs)
     }
 }
 
@@ -434,13 +442,14 @@ impl QuorumLocker {
         if key.is_empty() {
             return Err(Error::EmptyKey);
         }
-        if key == EPOCH_KEY {
+        check_ttl(ttl, self.shared.settings.drift_factor)?;
+        let redis = format!("{}{key}", self.shared.settings.key_prefix);
+        // Under any prefix: another locker's epoch hash may live there.
+        if redis.ends_with(EPOCH_KEY) {
             return Err(Error::ReservedKey {
                 key: key.to_string(),
             });
         }
-        check_ttl(ttl, self.shared.settings.drift_factor)?;
-        let redis = format!("{}{key}", self.shared.settings.key_prefix);
         Ok(LockKey {
             user: key.into(),
             redis: redis.into(),

@@ -38,7 +38,7 @@ pub(crate) struct InstanceState {
 
 #[derive(Default)]
 struct Standing {
-    run_id: Option<String>,
+    run_id: Option<Arc<str>>,
     /// The data set's identity (see `epoch`): it changes when the server loses
     /// its keys, whatever the connection saw.
     epoch: Option<Arc<str>>,
@@ -50,6 +50,8 @@ struct Standing {
     /// An earlier member with the same `run_id` or data set: this one would vote
     /// twice for one server.
     duplicate_of: Option<usize>,
+    /// The longest TTL any locker has set on the server, as last read.
+    longest_ttl: Duration,
     /// The identity above has been compared with every other member's.
     identity_checked: bool,
     clock: RateEstimator,
@@ -94,8 +96,16 @@ impl Policy {
     }
 }
 
-/// What an instance may be asked to grant with: the epoch its grants must find.
-pub(crate) type Admission = Option<Arc<str>>;
+/// What an instance may be asked to grant with: the identity its grants must
+/// find (none when the restart check is off).
+pub(crate) type Admission = Option<Verified>;
+
+/// The identity a grant must find: the epoch hash's id and the `run_id`.
+#[derive(Debug, Clone)]
+pub(crate) struct Verified {
+    pub(crate) epoch: Arc<str>,
+    pub(crate) run_id: Arc<str>,
+}
 
 impl InstanceState {
     pub(crate) fn new() -> Self {
@@ -158,13 +168,15 @@ impl InstanceState {
                 in_flight: MAX_IN_FLIGHT,
             });
         }
-        if policy.checks_epoch() {
-            match &standing.epoch {
-                Some(epoch) => Ok(Some(Arc::clone(epoch))),
-                None => refuse(Quarantine::Unidentified),
-            }
-        } else {
-            Ok(None)
+        if !policy.checks_epoch() {
+            return Ok(None);
+        }
+        match (&standing.epoch, &standing.run_id) {
+            (Some(epoch), Some(run_id)) => Ok(Some(Verified {
+                epoch: Arc::clone(epoch),
+                run_id: Arc::clone(run_id),
+            })),
+            _ => refuse(Quarantine::Unidentified),
         }
     }
 
@@ -177,12 +189,15 @@ impl InstanceState {
         }
     }
 
-    /// A request failed on the connection: probe the instance soon.
+    /// A request failed on the connection: probe the instance soon. Each
+    /// failure moves the moment a clearing probe must follow, so a probe sent
+    /// between two failures clears neither.
     fn suspect(&self) {
         let mut standing = self.standing();
-        if standing.suspect_since.is_none() {
-            standing.suspect_since = Some(Instant::now());
-            drop(standing);
+        let first = standing.suspect_since.is_none();
+        standing.suspect_since = Some(Instant::now());
+        drop(standing);
+        if first {
             self.kick.notify_one();
         }
     }
@@ -231,13 +246,22 @@ impl InstanceState {
         (!left.is_zero()).then_some(left)
     }
 
-    fn identity(&self) -> (Option<String>, Option<Arc<str>>) {
+    /// The longest TTL any locker has set on the server, as last read.
+    pub(crate) fn longest_ttl(&self) -> Duration {
+        self.standing().longest_ttl
+    }
+
+    fn identity(&self) -> (Option<Arc<str>>, Option<Arc<str>>) {
         let standing = self.standing();
         (standing.run_id.clone(), standing.epoch.clone())
     }
 
     /// Records the outcome of comparing `identity` with the other members'.
-    fn checked(&self, identity: &(Option<String>, Option<Arc<str>>), duplicate_of: Option<usize>) {
+    fn checked(
+        &self,
+        identity: &(Option<Arc<str>>, Option<Arc<str>>),
+        duplicate_of: Option<usize>,
+    ) {
         let mut standing = self.standing();
         // A probe may have changed it since: then the next comparison decides.
         if standing.run_id == identity.0 && standing.epoch == identity.1 {
@@ -284,9 +308,10 @@ impl InstanceState {
             warn!(%address, ?quarantine, restarted, "instance lost its keys (restart, flush or failover): its votes do not count until every lock it held has expired");
         }
         if standing.run_id.as_deref() != Some(&*probe.run_id) {
-            standing.run_id = Some(probe.run_id.clone());
+            standing.run_id = Some(probe.run_id.as_str().into());
             standing.identity_checked = false;
         }
+        standing.longest_ttl = probe.longest_ttl;
         if standing.epoch.as_deref() != Some(&*probe.epoch) {
             standing.epoch = Some(Arc::clone(&probe.epoch));
             standing.identity_checked = false;
@@ -315,7 +340,7 @@ pub(crate) fn check_identities(members: &[Member]) {
         .map(|member| member.state.identity())
         .collect();
     for (index, identity) in identities.iter().enumerate() {
-        let same = |other: &(Option<String>, Option<Arc<str>>)| {
+        let same = |other: &(Option<Arc<str>>, Option<Arc<str>>)| {
             (identity.0.is_some() && identity.0 == other.0)
                 || (identity.1.is_some() && identity.1 == other.1)
         };
@@ -502,7 +527,9 @@ pub(crate) async fn probe_once(
             Ok((probe, received - sent))
         }
         Err(err) => {
-            member.state.failed(&err);
+            // Any failed probe, not only a broken connection: a server that
+            // answers READONLY, say, is a replica now, perhaps mid-failover.
+            member.state.suspect();
             let mut standing = member.state.standing();
             standing.probe_error = Some(err.clone());
             standing.unreachable = true;

@@ -5,6 +5,50 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Every granting script starts with this check. Where an epoch id is given
+/// (ARGV[$id]; empty for none), the epoch hash (KEYS[$key]) must hold it under
+/// `id`, and the server's `run_id` must be ARGV[$run]: otherwise the script
+/// answers -1 and sets nothing (see `epoch`). The `run_id` catches a failover
+/// to a replica that has the epoch (replicated long ago) but not recent locks.
+macro_rules! verified {
+    ($key:literal, $id:literal, $run:literal) => {
+        concat!(
+            "if ARGV[",
+            $id,
+            "] ~= \"\" and (redis.call(\"HGET\", KEYS[",
+            $key,
+            "], \"id\") ~= ARGV[",
+            $id,
+            "]\n",
+            "    or string.match(redis.call(\"INFO\", \"server\"), \"run_id:(%x+)\") ~= ARGV[",
+            $run,
+            "]) then\n",
+            "    return -1\n",
+            "end\n"
+        )
+    };
+}
+
+/// After a grant or extend, where an epoch id (or flag) ARGV[$id] is given:
+/// raises the epoch hash's `ttl` field (KEYS[$key]) to the TTL just set
+/// (ARGV[2]), so that every locker knows how long the locks on this server can
+/// last when another server loses its keys.
+macro_rules! raise_ttl {
+    ($key:literal, $id:literal) => {
+        concat!(
+            "if ARGV[",
+            $id,
+            "] ~= \"\" and (tonumber(redis.call(\"HGET\", KEYS[",
+            $key,
+            "], \"ttl\")) or 0) < tonumber(ARGV[2]) then\n",
+            "    redis.call(\"HSET\", KEYS[",
+            $key,
+            "], \"ttl\", ARGV[2])\n",
+            "end\n"
+        )
+    };
+}
+
 /// Deletes the key only if it still holds our value; returns 1 if deleted, else 0.
 /// A plain `DEL` could delete another owner's lock after ours expired.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -18,43 +62,30 @@ return 0"#,
 
 /// Sets a new TTL (ARGV[2], milliseconds) only if the key still holds our value;
 /// returns 1 if extended, else 0. Never creates the key: a lock that expired stays
-/// free for whoever takes it next.
+/// free for whoever takes it next. With ARGV[3] not empty, raises the epoch
+/// hash's `ttl` (KEYS[2]) as a grant does.
 pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
         r#"if redis.call("GET", KEYS[1]) == ARGV[1] then
-    return redis.call("PEXPIRE", KEYS[1], ARGV[2])
+"#,
+        raise_ttl!(2, 3),
+        r#"    return redis.call("PEXPIRE", KEYS[1], ARGV[2])
 end
-return 0"#,
-    )
+return 0"#
+    ))
 });
 
-/// Every granting script starts with this check: where an epoch value is given
-/// (its last ARGV; empty for none), the epoch key (its last KEYS) must hold it,
-/// or the script answers -1 and sets nothing (see `epoch`).
-macro_rules! epoch_check {
-    ($keys:literal, $argv:literal) => {
-        concat!(
-            "if ARGV[",
-            $argv,
-            "] ~= \"\" and redis.call(\"GET\", KEYS[",
-            $keys,
-            "]) ~= ARGV[",
-            $argv,
-            "] then\n",
-            "    return -1\n",
-            "end\n"
-        )
-    };
-}
-
-/// `SET key value NX PX ttl` (KEYS[1], ARGV[1], ARGV[2]) where the epoch key
-/// (KEYS[2]) holds the verified epoch (ARGV[3]). Returns 1 if set, 0 if
-/// refused, -1 if the epoch differs. Without an epoch a plain `SET NX PX` is sent.
+/// `SET key value NX PX ttl` (KEYS[1], ARGV[1], ARGV[2]) where the server is
+/// the one verified (epoch hash KEYS[2], id ARGV[3], `run_id` ARGV[4]). Returns
+/// 1 if set, 0 if refused, -1 if not the verified server. Without a check a
+/// plain `SET NX PX` is sent instead.
 pub(crate) static SET_CHECKED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
-        epoch_check!(2, 3),
+        verified!(2, 3, 4),
         r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
-    return 1
+"#,
+        raise_ttl!(2, 3),
+        r#"    return 1
 end
 return 0"#
     ))
@@ -63,18 +94,23 @@ return 0"#
 /// `SET NX PX`; or, where the key already holds a value with our token (ARGV[3],
 /// followed by a space, the nonce and any metadata), our new value with the new
 /// TTL: a process that chose its own token takes back the lock it held before a
-/// restart. Returns 1 if the key now holds our value, else 0; -1 if the epoch
-/// key (KEYS[2]) does not hold the epoch (ARGV[4]).
+/// restart. Returns 1 if the key now holds our value, else 0; -1 if not the
+/// verified server (epoch hash KEYS[2], id ARGV[4], `run_id` ARGV[5]).
 pub(crate) static RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
-        epoch_check!(2, 4),
-        r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
-    return 1
+        verified!(2, 4, 5),
+        r#"local granted = redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2])
+if not granted then
+    local held = redis.call("GET", KEYS[1])
+    if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
+        redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
+        granted = true
+    end
 end
-local held = redis.call("GET", KEYS[1])
-if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
-    redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
-    return 1
+if granted then
+"#,
+        raise_ttl!(2, 4),
+        r#"    return 1
 end
 return 0"#
     ))
@@ -98,31 +134,39 @@ return 0"#,
 /// The first round of a fenced attempt: `SET key value NX PX ttl` (KEYS[1],
 /// ARGV[1], ARGV[2]), and only if it set the key, `INCR` the key's fencing
 /// counter (KEYS[2], which never expires). Returns the counter, 0 if refused, or
-/// -1 if the epoch key (KEYS[3]) does not hold the epoch (ARGV[3]).
+/// -1 if not the verified server (epoch hash KEYS[3], id ARGV[3], `run_id`
+/// ARGV[4]).
 pub(crate) static FENCED_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
-        epoch_check!(3, 3),
+        verified!(3, 3, 4),
         r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
-    return redis.call("INCR", KEYS[2])
+"#,
+        raise_ttl!(3, 3),
+        r#"    return redis.call("INCR", KEYS[2])
 end
 return 0"#
     ))
 });
 
 /// `RETAKE` (ARGV[3] is the token), then `INCR` of the fencing counter KEYS[2]
-/// where it granted. Returns the counter, 0 if refused, or -1 if the epoch key
-/// (KEYS[3]) does not hold the epoch (ARGV[4]): a re-taken lock gets a new,
-/// larger token, like any new holder.
+/// where it granted. Returns the counter, 0 if refused, or -1 if not the
+/// verified server (epoch hash KEYS[3], id ARGV[4], `run_id` ARGV[5]): a
+/// re-taken lock gets a new, larger token, like any new holder.
 pub(crate) static FENCED_RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
-        epoch_check!(3, 4),
-        r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
-    return redis.call("INCR", KEYS[2])
+        verified!(3, 4, 5),
+        r#"local granted = redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2])
+if not granted then
+    local held = redis.call("GET", KEYS[1])
+    if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
+        redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
+        granted = true
+    end
 end
-local held = redis.call("GET", KEYS[1])
-if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
-    redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
-    return redis.call("INCR", KEYS[2])
+if granted then
+"#,
+        raise_ttl!(3, 4),
+        r#"    return redis.call("INCR", KEYS[2])
 end
 return 0"#
     ))

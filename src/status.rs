@@ -39,10 +39,10 @@ pub(crate) struct Held {
 struct Tenure {
     /// The TTL last set on the instances.
     ttl: Duration,
-    /// When the last successful acquire or extend started: the keys expire about
-    /// `ttl` after it.
-    renewed_at: Instant,
     valid_until: Instant,
+    /// The latest moment any TTL sent for this lock (an extend's included, even
+    /// one dropped or failed) runs out, counted from when it left.
+    sent_until: Instant,
     /// Set by a failed extend or a release; sticky.
     lost: bool,
 }
@@ -66,8 +66,8 @@ impl Held {
             extending: tokio::sync::Mutex::new(()),
             tenure: watch::Sender::new(Tenure {
                 ttl,
-                renewed_at: acquired_at,
                 valid_until,
+                sent_until: acquired_at + ttl,
                 lost: false,
             }),
             loss: Mutex::new(None),
@@ -95,11 +95,19 @@ impl Held {
         self.tenure.borrow().valid_until
     }
 
-    /// When the keys set by the last acquire or extend expire by their TTL,
-    /// counted from when the request left (the server applied it a little later).
+    /// When the keys expire by their TTL at the latest, counted from when the
+    /// request left (the server applied it a little later): an extend that was
+    /// dropped or failed may still have set its TTL on some instances.
     pub(crate) fn expires_at(&self) -> Instant {
-        let tenure = self.tenure.borrow();
-        tenure.renewed_at + tenure.ttl
+        self.tenure.borrow().sent_until
+    }
+
+    /// Notes an extend to `ttl` about to leave at `start`.
+    pub(crate) fn sending(&self, start: Instant, ttl: Duration) {
+        self.tenure.send_if_modified(|tenure| {
+            tenure.sent_until = tenure.sent_until.max(start + ttl);
+            false
+        });
     }
 
     pub(crate) fn remaining(&self) -> Duration {
@@ -128,8 +136,8 @@ impl Held {
         });
     }
 
-    /// Records a successful extend that started at `started`.
-    pub(crate) fn renew(&self, ttl: Duration, started: Instant, valid_until: Instant) {
+    /// Records a successful extend, valid until `valid_until`.
+    pub(crate) fn renew(&self, ttl: Duration, valid_until: Instant) {
         self.tenure.send_if_modified(|tenure| {
             // A lost lock stays lost: someone may have been told so and acted on it.
             if tenure.lost {
@@ -137,8 +145,8 @@ impl Held {
             }
             *tenure = Tenure {
                 ttl,
-                renewed_at: started,
                 valid_until,
+                sent_until: tenure.sent_until,
                 lost: false,
             };
             true

@@ -145,6 +145,10 @@ impl Entry {
 /// The keys and the identity of the running "process": what a restart loses.
 struct Store {
     keys: HashMap<Arc<str>, Entry>,
+    /// The epoch hashes (see `epoch`), apart from the keys: they are the
+    /// locker's bookkeeping, not locks, and [`MemoryInstance::keys`] leaves
+    /// them out as it does on a real server.
+    epochs: HashMap<Arc<str>, EpochHash>,
     run_id: String,
     /// Expiry is lazy, so keys nobody reads again would pile up: sweep every expired
     /// key once the map has doubled since the last sweep (amortised O(1)).
@@ -153,10 +157,18 @@ struct Store {
 
 const MIN_SWEEP: usize = 64;
 
+/// An epoch hash's fields.
+#[derive(Default)]
+struct EpochHash {
+    id: Option<Arc<str>>,
+    longest_ttl_ms: u64,
+}
+
 impl Store {
     fn new() -> Self {
         Self {
             keys: HashMap::new(),
+            epochs: HashMap::new(),
             run_id: new_run_id(),
             sweep_at: MIN_SWEEP,
         }
@@ -266,27 +278,36 @@ impl Store {
 
     /// The check every granting script starts with: the epoch key holds the
     /// verified epoch.
-    fn epoch_holds(&mut self, epoch: Option<&Epoch>, now: Duration) -> Result<(), RedisError> {
+    fn epoch_holds(&self, epoch: Option<&Epoch>) -> Result<(), RedisError> {
         let Some(epoch) = epoch else {
             return Ok(());
         };
-        match self.live(&epoch.key, now) {
-            Some(entry) if entry.value == epoch.value => Ok(()),
-            _ => Err(epoch::changed()),
+        let id = self
+            .epochs
+            .get(&epoch.key)
+            .and_then(|hash| hash.id.as_ref());
+        if id == Some(&epoch.value) && *self.run_id == *epoch.run_id {
+            Ok(())
+        } else {
+            Err(epoch::changed())
         }
     }
 
-    /// The probe's `SET epoch candidate NX` and `GET epoch`.
-    fn epoch(&mut self, key: &Arc<str>, candidate: &Arc<str>, now: Duration) -> Arc<str> {
-        if let Some(entry) = self.live(key, now) {
-            return Arc::clone(&entry.value);
+    /// What every grant and extend does after it set a TTL, where it has the
+    /// epoch hash's key: raises the longest TTL kept there (`HSET`, which
+    /// creates the hash if it is missing).
+    fn raise(&mut self, epoch_key: Option<&Arc<str>>, ttl_ms: u64) {
+        if let Some(key) = epoch_key {
+            let hash = self.epochs.entry(Arc::clone(key)).or_default();
+            hash.longest_ttl_ms = hash.longest_ttl_ms.max(ttl_ms);
         }
-        let entry = Entry {
-            value: Arc::clone(candidate),
-            expires_at: None,
-        };
-        self.insert(Arc::clone(key), entry, now);
-        Arc::clone(candidate)
+    }
+
+    /// The probe's `HSETNX epoch id candidate` and `HMGET epoch id ttl`.
+    fn epoch(&mut self, key: &Arc<str>, candidate: &Arc<str>) -> (Arc<str>, u64) {
+        let hash = self.epochs.entry(Arc::clone(key)).or_default();
+        let id = hash.id.get_or_insert_with(|| Arc::clone(candidate));
+        (Arc::clone(id), hash.longest_ttl_ms)
     }
 
     /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`.
@@ -578,17 +599,12 @@ impl MemoryInstance {
         })
     }
 
-    /// Every key that has not expired, sorted, apart from the data-set identity
-    /// each locker keeps on purpose (ending in [`EPOCH_KEY`](crate::EPOCH_KEY)).
+    /// Every key that has not expired, sorted, apart from the identity each
+    /// locker keeps on purpose (the hash [`EPOCH_KEY`](crate::EPOCH_KEY)).
     pub fn keys(&self) -> Vec<String> {
         self.inspect(|store, now| {
             store.sweep(now);
-            let mut keys: Vec<String> = store
-                .keys
-                .keys()
-                .filter(|key| !key.ends_with(crate::EPOCH_KEY))
-                .map(|key| key.to_string())
-                .collect();
+            let mut keys: Vec<String> = store.keys.keys().map(|key| key.to_string()).collect();
             keys.sort_unstable();
             keys
         })
@@ -735,8 +751,12 @@ impl Instance for MemoryInstance {
     ) -> BoxFuture<Reply> {
         let (key, value, epoch) = (Arc::clone(key), Arc::clone(value), epoch.cloned());
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref(), now)?;
-            store.set_nx_px(&key, &value, ttl_ms, now)
+            store.epoch_holds(epoch.as_ref())?;
+            let granted = store.set_nx_px(&key, &value, ttl_ms, now)?;
+            if granted {
+                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+            }
+            Ok(granted)
         })
     }
 
@@ -751,14 +771,30 @@ impl Instance for MemoryInstance {
         let (key, token, value) = (Arc::clone(key), Arc::clone(token), Arc::clone(value));
         let epoch = epoch.cloned();
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref(), now)?;
-            store.retake(&key, &token, &value, ttl_ms, now)
+            store.epoch_holds(epoch.as_ref())?;
+            let granted = store.retake(&key, &token, &value, ttl_ms, now)?;
+            if granted {
+                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+            }
+            Ok(granted)
         })
     }
 
-    fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
-        let (key, value) = (Arc::clone(key), Arc::clone(value));
-        self.run(move |store, now| store.extend(&key, &value, ttl_ms, now))
+    fn extend(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch_key: Option<&Arc<str>>,
+    ) -> BoxFuture<Reply> {
+        let (key, value, epoch_key) = (Arc::clone(key), Arc::clone(value), epoch_key.cloned());
+        self.run(move |store, now| {
+            let extended = store.extend(&key, &value, ttl_ms, now)?;
+            if extended {
+                store.raise(epoch_key.as_ref(), ttl_ms);
+            }
+            Ok(extended)
+        })
     }
 
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
@@ -777,8 +813,11 @@ impl Instance for MemoryInstance {
         let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
         let epoch = epoch.cloned();
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref(), now)?;
+            store.epoch_holds(epoch.as_ref())?;
             let granted = store.set_nx_px(&key, &value, ttl_ms, now);
+            if matches!(granted, Ok(true)) {
+                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+            }
             store.fenced(granted, &fence, now)
         })
     }
@@ -795,8 +834,11 @@ impl Instance for MemoryInstance {
         let (key, fence) = (Arc::clone(key), Arc::clone(fence));
         let (token, value, epoch) = (Arc::clone(token), Arc::clone(value), epoch.cloned());
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref(), now)?;
+            store.epoch_holds(epoch.as_ref())?;
             let granted = store.retake(&key, &token, &value, ttl_ms, now);
+            if matches!(granted, Ok(true)) {
+                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+            }
             store.fenced(granted, &fence, now)
         })
     }
@@ -847,10 +889,12 @@ impl Instance for MemoryInstance {
     ) -> BoxFuture<Result<Probe, RedisError>> {
         let (epoch_key, candidate) = (Arc::clone(epoch_key), Arc::clone(candidate));
         self.send(false, move |store, now| {
+            let (epoch, longest_ms) = store.epoch(&epoch_key, &candidate);
             Ok(Probe {
                 run_id: store.run_id.clone(),
                 server_time: now,
-                epoch: store.epoch(&epoch_key, &candidate, now),
+                epoch,
+                longest_ttl: Duration::from_millis(longest_ms),
             })
         })
     }
@@ -943,22 +987,25 @@ mod tests {
     async fn extend_renews_its_own_key_and_never_creates_one() {
         let instance = MemoryInstance::new("m");
         let (key, mine) = (arc(KEY), arc("mine"));
-        assert!(!instance.extend(&key, &mine, 1000).await.unwrap());
+        assert!(!instance.extend(&key, &mine, 1000, None).await.unwrap());
         assert_eq!(instance.get(KEY), None, "extend created the key");
 
         instance.set(KEY, "mine", Some(Duration::from_millis(100)));
-        assert!(instance.extend(&key, &mine, 5000).await.unwrap());
+        assert!(instance.extend(&key, &mine, 5000, None).await.unwrap());
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(5000)));
-        assert!(!instance.extend(&key, &arc("theirs"), 9000).await.unwrap());
+        assert!(!instance
+            .extend(&key, &arc("theirs"), 9000, None)
+            .await
+            .unwrap());
         assert_eq!(instance.pttl(KEY), Some(Duration::from_millis(5000)));
 
         tokio::time::advance(Duration::from_millis(5000)).await;
-        assert!(!instance.extend(&key, &mine, 1000).await.unwrap());
+        assert!(!instance.extend(&key, &mine, 1000, None).await.unwrap());
         assert_eq!(instance.get(KEY), None);
 
         // PEXPIRE 0 deletes the key and answers 1.
         instance.set(KEY, "mine", None);
-        assert!(instance.extend(&key, &mine, 0).await.unwrap());
+        assert!(instance.extend(&key, &mine, 0, None).await.unwrap());
         assert_eq!(instance.get(KEY), None);
     }
 

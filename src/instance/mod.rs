@@ -38,17 +38,20 @@ pub(crate) struct Probe {
     pub(crate) run_id: String,
     /// The server's clock (`TIME`), since the Unix epoch.
     pub(crate) server_time: Duration,
-    /// The value under the epoch key (see `epoch`), written by this probe where
-    /// the key was missing.
+    /// The epoch hash's id (see `epoch`), written by this probe where it was
+    /// missing.
     pub(crate) epoch: Arc<str>,
+    /// The longest TTL any locker has set on the server (the hash's `ttl`).
+    pub(crate) longest_ttl: Duration,
 }
 
 /// One lock instance. `value` is what the key holds for its owner: the token,
 /// followed by the lock's metadata if it has any.
 ///
 /// The four ways to grant take an `epoch`: where given, the instance grants only
-/// if the epoch key holds the epoch's value, and otherwise answers
-/// [`epoch::changed`](crate::epoch::changed) without setting anything.
+/// if the epoch hash holds the epoch's id and the server's `run_id` is the
+/// epoch's, and otherwise answers [`epoch::changed`](crate::epoch::changed)
+/// without setting anything; a grant also raises the longest TTL kept there.
 pub(crate) trait Instance: Send + Sync + 'static {
     /// `SET key value NX PX ttl_ms`: true if the key was set.
     fn set_nx_px(
@@ -71,8 +74,15 @@ pub(crate) trait Instance: Send + Sync + 'static {
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply>;
 
-    /// Compare-and-pexpire: true if the key held `value` and now expires in `ttl_ms`.
-    fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply>;
+    /// Compare-and-pexpire: true if the key held `value` and now expires in
+    /// `ttl_ms`; with `epoch_key`, also raises the longest TTL kept there.
+    fn extend(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch_key: Option<&Arc<str>>,
+    ) -> BoxFuture<Reply>;
 
     /// Compare-and-delete: true if the key held `value` and was deleted.
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply>;

@@ -94,16 +94,16 @@ where
     }
 }
 
-/// The keys and last argument a granting script takes for `epoch`: the epoch
-/// key after `keys`, and its value (empty for no check).
-fn with_epoch<'a>(keys: &[&'a str], epoch: Option<&'a Epoch>) -> (Vec<&'a str>, &'a str) {
+/// The keys and last two arguments a granting script takes for `epoch`: the
+/// epoch hash after `keys`, its id and the `run_id` (empty for no check).
+fn with_epoch<'a>(keys: &[&'a str], epoch: Option<&'a Epoch>) -> (Vec<&'a str>, [&'a str; 2]) {
     let mut all = keys.to_vec();
     match epoch {
         Some(epoch) => {
             all.push(&epoch.key);
-            (all, &epoch.value)
+            (all, [&epoch.value, &epoch.run_id])
         }
-        None => (all, ""),
+        None => (all, ["", ""]),
     }
 }
 
@@ -162,7 +162,7 @@ where
             return self.run(
                 &scripts::SET_CHECKED,
                 &[key, &epoch.key],
-                &[value, &ttl_ms, &epoch.value],
+                &[value, &ttl_ms, &epoch.value, &epoch.run_id],
             );
         }
         let mut connection = self.connection.clone();
@@ -193,13 +193,28 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply> {
         let ttl_ms = ttl_ms.to_string();
-        let (keys, epoch) = with_epoch(&[key], epoch);
-        self.run(&scripts::RETAKE, &keys, &[value, &ttl_ms, token, epoch])
+        let (keys, [id, run_id]) = with_epoch(&[key], epoch);
+        self.run(
+            &scripts::RETAKE,
+            &keys,
+            &[value, &ttl_ms, token, id, run_id],
+        )
     }
 
-    fn extend(&self, key: &Arc<str>, value: &Arc<str>, ttl_ms: u64) -> BoxFuture<Reply> {
+    fn extend(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch_key: Option<&Arc<str>>,
+    ) -> BoxFuture<Reply> {
         let ttl_ms = ttl_ms.to_string();
-        self.run(&scripts::EXTEND, &[key], &[value, &ttl_ms])
+        match epoch_key {
+            Some(epoch_key) => {
+                self.run(&scripts::EXTEND, &[key, epoch_key], &[value, &ttl_ms, "1"])
+            }
+            None => self.run(&scripts::EXTEND, &[key], &[value, &ttl_ms, ""]),
+        }
     }
 
     fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
@@ -215,8 +230,8 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let ttl_ms = ttl_ms.to_string();
-        let (keys, epoch) = with_epoch(&[key, fence], epoch);
-        self.run_counter(&scripts::FENCED_SET, &keys, &[value, &ttl_ms, epoch])
+        let (keys, [id, run_id]) = with_epoch(&[key, fence], epoch);
+        self.run_counter(&scripts::FENCED_SET, &keys, &[value, &ttl_ms, id, run_id])
     }
 
     fn fenced_retake(
@@ -229,11 +244,11 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let ttl_ms = ttl_ms.to_string();
-        let (keys, epoch) = with_epoch(&[key, fence], epoch);
+        let (keys, [id, run_id]) = with_epoch(&[key, fence], epoch);
         self.run_counter(
             &scripts::FENCED_RETAKE,
             &keys,
-            &[value, &ttl_ms, token, epoch],
+            &[value, &ttl_ms, token, id, run_id],
         )
     }
 
@@ -296,17 +311,28 @@ where
             .cmd("INFO")
             .arg("server")
             .cmd("TIME")
-            .cmd("SET")
+            .cmd("HSETNX")
             .arg(&**epoch_key)
+            .arg("id")
             .arg(&**candidate)
-            .arg("NX")
             .ignore()
-            .cmd("GET")
-            .arg(&**epoch_key);
+            .cmd("HMGET")
+            .arg(&**epoch_key)
+            .arg("id")
+            .arg("ttl");
         let peer = self.peer.clone();
         Box::pin(async move {
-            let (info, (seconds, micros), epoch): (String, (u64, u64), String) =
+            type Answer = (String, (u64, u64), (Option<String>, Option<u64>));
+            let (info, (seconds, micros), (epoch, longest_ms)): Answer =
                 explained(peer, probe.query_async(&mut connection).await).await?;
+            // An id an operator emptied would turn the grants' check off.
+            let epoch = epoch.filter(|id| !id.is_empty()).ok_or_else(|| {
+                RedisError::from((
+                    ErrorKind::UnexpectedReturnType,
+                    "unexpected reply",
+                    "the epoch hash holds no id".to_string(),
+                ))
+            })?;
             let run_id = info
                 .lines()
                 .find_map(|line| line.strip_prefix("run_id:"))
@@ -322,6 +348,7 @@ where
                 run_id,
                 server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
                 epoch: epoch.into(),
+                longest_ttl: Duration::from_millis(longest_ms.unwrap_or(0)),
             })
         })
     }
