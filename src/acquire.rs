@@ -301,6 +301,11 @@ async fn await_longer_lifetime(
     let timeout = shared.settings.instance_timeout;
     loop {
         let current = granted_lifetime(shared, fanout, ttl);
+        // Nothing to gain where the grants already last (nearly) the TTL: the
+        // usual case, decided without looking at the instances still out.
+        if ttl.saturating_sub(current) <= worth {
+            return;
+        }
         let potential = potential_lifetime(shared, fanout, ttl);
         let gain = potential.saturating_sub(current);
         if gain <= worth {

@@ -32,6 +32,11 @@ const RTT_FLOOR: Duration = Duration::from_millis(1);
 /// trip of a few hundred microseconds is a loose bound. Also the pace of the
 /// monitor's probes while an instance has no bound yet.
 pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(40);
+/// How far (relatively) one interval's rate may lie outside the others' before
+/// the clock counts as stepped: 0.2%, well inside the 1% drift allowance that
+/// covers what the locker trusts a clock more than it should, and far above
+/// the 500 ppm at most that NTP slews by.
+const CONSISTENCY: f64 = 0.002;
 /// `TIME` counts microseconds: each reading may be up to one short.
 const TIME_RESOLUTION: Duration = Duration::from_micros(1);
 
@@ -74,12 +79,37 @@ impl RateEstimator {
             } else if sent < last.received + MIN_INTERVAL {
                 // Too close to the last one to bound anything well.
                 return;
+            } else if !self.consistent(last, &sample) {
+                // The new interval's rate cannot be the one the earlier
+                // intervals show: the clock was stepped (a step back smaller
+                // than the interval's advance only slows it), or its rate
+                // changed. Averaged over the step it would look slower than it
+                // runs between steps, which is what expires keys.
+                self.samples.clear();
             }
         }
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();
         }
         self.samples.push_back(sample);
+    }
+
+    /// Whether the interval from `last` to `next` can share one rate with the
+    /// intervals kept: its range of possible rates meets theirs, within
+    /// [`CONSISTENCY`] (slewing NTP changes a rate by far less).
+    fn consistent(&self, last: &Sample, next: &Sample) -> bool {
+        let (Some(low), Some(high)) = (at_least(last, next), at_most(last, next)) else {
+            return true;
+        };
+        let mut kept_low: f64 = 0.0;
+        let mut kept_high = f64::INFINITY;
+        for (earlier, later) in self.samples.iter().zip(self.samples.iter().skip(1)) {
+            if let (Some(low), Some(high)) = (at_least(earlier, later), at_most(earlier, later)) {
+                kept_low = kept_low.max(low);
+                kept_high = kept_high.min(high);
+            }
+        }
+        low <= kept_high * (1.0 + CONSISTENCY) && high >= kept_low * (1.0 - CONSISTENCY)
     }
 
     /// Forgets every sample: the instance restarted.
@@ -296,20 +326,53 @@ mod tests {
         estimator.record(now, now, last - Duration::from_secs(3));
         assert_eq!(estimator.bound(), None, "no bound until measured again");
         // Stepped back less than one interval's advance: the interval across the
-        // step looks slow, the others still show the fast clock.
+        // step looks slow, which no single rate explains with the others: it
+        // is measured afresh too, rather than trusted at the slower average.
         let mut estimator = RateEstimator::default();
         feed(&mut estimator, start, 2.0, every, 7, Duration::ZERO);
         let stepped = EPOCH + (every * 7).mul_f64(2.0) - Duration::from_millis(150);
         estimator.record(start + every * 7, start + every * 7, stepped);
-        assert!(
-            estimator.bound().unwrap() >= before * 0.999_99,
-            "{:?}",
-            estimator.bound()
-        );
+        assert_eq!(estimator.bound(), None);
+        // Then two clean intervals at the true rate.
+        for i in 1..=2u32 {
+            let at = start + every * (7 + i);
+            estimator.record(at, at, stepped + (every * i).mul_f64(2.0));
+        }
+        assert!(estimator.bound().unwrap() >= before * 0.999_99);
+    }
+
+    /// NTP stepping a fast clock back again and again (the soak's scenario:
+    /// rate 2, back 300 ms every 700 ms): a 1 s interval holds one or two steps,
+    /// so its average rate is below the rate between steps, which is what
+    /// expires keys. Probed as the monitor does (every 40 ms while there is no
+    /// bound, every second after), no bound given may be below 2.
+    #[test]
+    fn a_clock_stepped_back_again_and_again_is_never_trusted_at_its_average() {
+        let start = Instant::now();
+        let server = |t: Duration| {
+            let steps = (t.as_millis() / 700) as u32;
+            EPOCH + t.mul_f64(2.0) - Duration::from_millis(300) * steps
+        };
+        let mut estimator = RateEstimator::default();
+        let mut bounds = Vec::new();
+        let mut t = Duration::ZERO;
+        while t < Duration::from_secs(60) {
+            let at = start + t;
+            estimator.record(at, at, server(t));
+            match estimator.bound() {
+                Some(bound) => {
+                    bounds.push(bound);
+                    t += Duration::from_secs(1);
+                }
+                None => t += MIN_INTERVAL,
+            }
+        }
+        assert!(bounds.len() > 10, "{bounds:?}");
+        assert!(bounds.iter().all(|bound| *bound >= 1.999), "{bounds:?}");
     }
 
     #[test]
-    fn a_clock_that_speeds_up_shows_in_the_next_interval() {
+    fn a_clock_that_speeds_up_is_measured_afresh() {
         let start = Instant::now();
         let every = Duration::from_millis(100);
         let mut estimator = RateEstimator::default();
@@ -318,6 +381,12 @@ mod tests {
         let base = EPOCH + every * 5;
         let sent = start + every * 6;
         estimator.record(sent, sent, base + every.mul_f64(2.0));
+        // No single rate explains it with the earlier intervals: measured afresh.
+        assert_eq!(estimator.bound(), None);
+        for i in 1..=2u32 {
+            let at = sent + every * i;
+            estimator.record(at, at, base + (every * (i + 1)).mul_f64(2.0));
+        }
         // Less TIME's resolution over the interval.
         assert!(
             estimator.bound().unwrap() >= 1.9999,

@@ -262,7 +262,8 @@ pub enum Quarantine {
     /// could have held has expired. See
     /// [`Builder::restart_quarantine`](crate::Builder::restart_quarantine).
     Restarted {
-        /// How long until it votes again.
+        /// How long until it votes again; zero when only the reads of enough
+        /// other instances are missing (see the crate docs, *Restarts*).
         remaining: Duration,
     },
     /// Its connection failed and no probe has reached it since: it may have
@@ -299,6 +300,9 @@ pub enum Quarantine {
 impl fmt::Display for Quarantine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Restarted { remaining } if remaining.is_zero() => f.write_str(
+                "restarted; quarantined until enough other instances have said how long their locks last",
+            ),
             Self::Restarted { remaining } => write!(
                 f,
                 "restarted; quarantined for another {remaining:?} in case it forgot a lock"

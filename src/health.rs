@@ -207,7 +207,7 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
             Err(_) => health.error = Some(Vote::TimedOut(timeout)),
         }
         health.clock_rate = member.state.clock_rate();
-        health.quarantined_for = member.state.quarantine_left();
+        health.quarantined_for = member.state.quarantine_left(shared.restart_quarantine());
         health
     });
     let instances = join_all(checks).await;

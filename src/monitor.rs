@@ -45,8 +45,15 @@ struct Standing {
     /// When a request failed in a way that may hide a restart; cleared only by
     /// a probe sent after it.
     suspect_since: Option<Instant>,
-    /// Votes do not count until then: the server restarted and forgot its keys.
-    quarantined_until: Option<Instant>,
+    /// When the locker saw that the server lost its keys (restarted, flushed,
+    /// failed over): no votes until the quarantine from then has passed, and
+    /// enough other instances were read since to know how long their locks
+    /// last (see [`Gate`]).
+    lost_at: Option<Instant>,
+    /// When the last probe that answered was sent.
+    probed_at: Option<Instant>,
+    /// The Lua scripts are loaded on the server behind `run_id`.
+    scripts_loaded: bool,
     /// An earlier member with the same `run_id` or data set: this one would vote
     /// twice for one server.
     duplicate_of: Option<usize>,
@@ -96,6 +103,33 @@ impl Policy {
     }
 }
 
+/// What an attempt knows of every instance when it asks them: how long a
+/// quarantine lasts now (the longest TTL any locker has set on these servers,
+/// as last read: it grows as readings come in), when each instance was last
+/// read, and how many other instances must have been read since a loss.
+pub(crate) struct Gate {
+    pub(crate) quarantine: Duration,
+    pub(crate) probed_at: Vec<Option<Instant>>,
+    /// `N − quorum + 1`: any lock held across the lost instance was granted by
+    /// at least `quorum − 1` others, so that many reads meet one of them.
+    pub(crate) reads_needed: usize,
+}
+
+impl Gate {
+    /// Reads the gate's facts from the locker's instances.
+    pub(crate) fn now(shared: &Shared) -> Self {
+        Self {
+            quarantine: shared.restart_quarantine(),
+            probed_at: shared
+                .members
+                .iter()
+                .map(|member| member.state.standing().probed_at)
+                .collect(),
+            reads_needed: shared.members.len() - shared.quorum + 1,
+        }
+    }
+}
+
 /// What an instance may be asked to grant with: the identity its grants must
 /// find (none when the restart check is off).
 pub(crate) type Admission = Option<Verified>;
@@ -128,14 +162,33 @@ impl InstanceState {
 
     /// Whether the instance may be asked to grant a lock now, and with which
     /// epoch; or why it may not.
-    pub(crate) fn admit(&self, policy: &Policy) -> Result<Admission, Vote> {
-        let standing = self.standing();
+    pub(crate) fn admit(
+        &self,
+        policy: &Policy,
+        gate: &Gate,
+        index: usize,
+    ) -> Result<Admission, Vote> {
+        let mut standing = self.standing();
         let refuse = |why| Err(Vote::Quarantined(why));
-        if let Some(until) = standing.quarantined_until {
-            let remaining = until.saturating_duration_since(Instant::now());
+        if let Some(lost_at) = standing.lost_at {
+            let remaining = (lost_at + gate.quarantine).saturating_duration_since(Instant::now());
             if !remaining.is_zero() {
                 return refuse(Quarantine::Restarted { remaining });
             }
+            let reads = gate
+                .probed_at
+                .iter()
+                .enumerate()
+                .filter(|&(other, probed)| other != index && probed.is_some_and(|at| at > lost_at))
+                .count();
+            if reads < gate.reads_needed {
+                // A long lock held across the loss may be known only to the
+                // others not read since.
+                return refuse(Quarantine::Restarted {
+                    remaining: Duration::ZERO,
+                });
+            }
+            standing.lost_at = None;
         }
         // Until a probe has said which server this is, it may be a second name
         // for another member, or a restarted server.
@@ -239,11 +292,22 @@ impl InstanceState {
         self.standing().rate_bound
     }
 
-    /// How long the instance stays quarantined after a restart.
-    pub(crate) fn quarantine_left(&self) -> Option<Duration> {
-        let until = self.standing().quarantined_until?;
-        let left = until.saturating_duration_since(Instant::now());
+    /// How long the instance stays quarantined after a restart, with
+    /// quarantines lasting `quarantine` now.
+    pub(crate) fn quarantine_left(&self, quarantine: Duration) -> Option<Duration> {
+        let lost_at = self.standing().lost_at?;
+        let left = (lost_at + quarantine).saturating_duration_since(Instant::now());
         (!left.is_zero()).then_some(left)
+    }
+
+    /// Whether the scripts still need loading on the server behind it.
+    fn needs_scripts(&self) -> bool {
+        let standing = self.standing();
+        standing.run_id.is_some() && !standing.scripts_loaded
+    }
+
+    fn scripts_loaded(&self) {
+        self.standing().scripts_loaded = true;
     }
 
     /// The longest TTL any locker has set on the server, as last read.
@@ -270,14 +334,14 @@ impl InstanceState {
         }
     }
 
-    /// Records a probe's answer; `quarantine` is how long a restarted instance
-    /// may not vote.
+    /// Records a probe's answer; with `guard_restarts`, a server that lost its
+    /// keys is quarantined.
     pub(crate) fn observe(
         &self,
         probe: &Probe,
         sent: Instant,
         received: Instant,
-        quarantine: Duration,
+        guard_restarts: bool,
         address: &str,
     ) {
         let mut standing = self.standing();
@@ -301,17 +365,21 @@ impl InstanceState {
             standing.rate = None;
             standing.rate_bound = None;
         }
-        if (restarted || lost_keys) && !quarantine.is_zero() {
+        if (restarted || lost_keys) && guard_restarts {
             // The loss came before we saw it: counting from now errs on the safe
             // side.
-            standing.quarantined_until = Some(received + quarantine);
-            warn!(%address, ?quarantine, restarted, "instance lost its keys (restart, flush or failover): its votes do not count until every lock it held has expired");
+            standing.lost_at = Some(received);
+            warn!(%address, restarted, "instance lost its keys (restart, flush or failover): its votes do not count until every lock it held has expired");
         }
         if standing.run_id.as_deref() != Some(&*probe.run_id) {
             standing.run_id = Some(probe.run_id.as_str().into());
             standing.identity_checked = false;
+            standing.scripts_loaded = false;
         }
-        standing.longest_ttl = probe.longest_ttl;
+        // The most ever read: a restarted server starts its count afresh, but
+        // the locks it held may still be out there.
+        standing.longest_ttl = standing.longest_ttl.max(probe.longest_ttl);
+        standing.probed_at = Some(sent);
         if standing.epoch.as_deref() != Some(&*probe.epoch) {
             standing.epoch = Some(Arc::clone(&probe.epoch));
             standing.identity_checked = false;
@@ -362,6 +430,8 @@ pub(crate) struct Monitor {
     /// Set once every instance has a measured clock or does not answer, or
     /// once [`WARM_UP`] has passed: a new locker's first attempt waits for it.
     warm: watch::Sender<bool>,
+    /// Dropped with the locker: wakes the probe loops to end.
+    closed: watch::Sender<()>,
 }
 
 /// The longest a new locker's first attempt waits for the clocks to be
@@ -382,6 +452,7 @@ impl Monitor {
         Self {
             running: Arc::new(AtomicBool::new(false)),
             warm: watch::Sender::new(false),
+            closed: watch::Sender::new(()),
         }
     }
 
@@ -456,6 +527,14 @@ async fn probe_loop(shared: Weak<Shared>, index: usize) {
         let policy = locker.settings.policy;
         let timeout = locker.settings.instance_timeout.max(CHECK_TIMEOUT);
         let answered = probe(&locker, member, timeout).await;
+        if answered && state.needs_scripts() {
+            // Loaded ahead of the first lock and after every restart: a
+            // `NOSCRIPT` answer costs two more round trips, past the instance
+            // timeout on a slow link.
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, member.instance.load_scripts()).await {
+                state.scripts_loaded();
+            }
+        }
         check_identities(&locker.members);
         locker.monitor.check_warm(&locker);
         let mut wait = policy.probe_every;
@@ -471,11 +550,14 @@ async fn probe_loop(shared: Weak<Shared>, index: usize) {
             // Samples closer than this are not kept.
             wait = wait.min(MIN_INTERVAL);
         }
-        // Not held while waiting, so dropping the last locker ends this task.
+        // Not held while waiting, so dropping the last locker ends this task,
+        // at once: the sender goes with it.
+        let mut closed = locker.monitor.closed.subscribe();
         drop(locker);
         tokio::select! {
             () = state.kick.notified() => {}
             () = tokio::time::sleep(wait) => {}
+            _ = closed.changed() => {}
         }
     }
 }
@@ -521,7 +603,7 @@ pub(crate) async fn probe_once(
                 &probe,
                 sent,
                 received,
-                shared.restart_quarantine(),
+                shared.settings.policy.checks_epoch(),
                 &member.address,
             );
             Ok((probe, received - sent))

@@ -70,14 +70,29 @@ pub(crate) fn granted_lifetime(
     n: usize,
     quorum: usize,
 ) -> Duration {
-    let mut lifetimes: Vec<Duration> = rates
-        .into_iter()
-        .map(|rate| match rate {
-            // Slower clocks keep the key longer, which the cap below ignores.
-            Some(rate) if rate > 1.0 => ttl.div_f64(rate),
-            _ => ttl,
-        })
-        .collect();
+    let lifetime = |rate: Option<f64>| match rate {
+        // Slower clocks keep the key longer, which the cap below ignores.
+        Some(rate) if rate > 1.0 => ttl.div_f64(rate),
+        _ => ttl,
+    };
+    // On the stack for the usual sizes: this runs on every attempt.
+    let mut buffer = [Duration::ZERO; STACK_MEMBERS];
+    let mut count = 0;
+    let mut spilled = Vec::new();
+    for rate in rates {
+        if count < STACK_MEMBERS {
+            buffer[count] = lifetime(rate);
+            count += 1;
+        } else {
+            spilled.push(lifetime(rate));
+        }
+    }
+    let lifetimes: &mut [Duration] = if spilled.is_empty() {
+        &mut buffer[..count]
+    } else {
+        spilled.extend_from_slice(&buffer);
+        &mut spilled
+    };
     lifetimes.sort_unstable_by(|a, b| b.cmp(a));
     let needed = n.saturating_sub(quorum) + 1;
     lifetimes
@@ -87,6 +102,9 @@ pub(crate) fn granted_lifetime(
         .unwrap_or(Duration::ZERO)
         .min(ttl)
 }
+
+/// Members whose lifetimes [`granted_lifetime`] sorts without allocating.
+const STACK_MEMBERS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -111,6 +129,16 @@ mod tests {
             grants(&[Some(4.0), Some(3.0), Some(2.0), Some(2.0), Some(2.0)]),
             ttl / 2
         );
+    }
+
+    #[test]
+    fn many_members_spill_off_the_stack_with_the_same_answer() {
+        let ttl = Duration::from_millis(1000);
+        // 20 members, quorum 11: exclusive while 10 of them hold it.
+        let rates = (0..20).map(|i| (i < 11).then_some(2.0));
+        assert_eq!(granted_lifetime(ttl, rates, 20, 11), ttl / 2);
+        let rates = (0..20).map(|i| (i < 10).then_some(2.0));
+        assert_eq!(granted_lifetime(ttl, rates, 20, 11), ttl);
     }
 
     #[test]

@@ -81,10 +81,12 @@ async fn command(server: &RedisServer, args: &[&str]) {
 
 /// Makes `replica` a copy of `primary` up to now (the epoch hash with it).
 async fn replicate(replica: &RedisServer, primary: &RedisServer) {
+    // Diskless sync waits 5 s by default for more replicas to join.
+    command(primary, &["CONFIG", "SET", "repl-diskless-sync-delay", "0"]).await;
     let port = primary.port().to_string();
     command(replica, &["REPLICAOF", "127.0.0.1", &port]).await;
     let mut connection = connection(replica).await;
-    for _ in 0..100 {
+    for _ in 0..400 {
         let exists: bool = redis::cmd("EXISTS")
             .arg(quorumlock::EPOCH_KEY)
             .query_async(&mut connection)

@@ -779,3 +779,71 @@ async fn hole_09b_the_quarantine_covers_other_lockers_longer_ttls() {
     }
     held.leave_to_expire();
 }
+
+/// Hole 9 with a stale reading (the second review's find): B read the servers'
+/// longest TTL a moment before A took a 60 s lock, and instance 0 restarted
+/// before B's next probe. The quarantine is no longer fixed when the loss is
+/// seen: it lasts the longest TTL as read at each attempt, and ends only once
+/// enough other instances were read after the loss (any lock held across it
+/// was granted by some of them).
+#[tokio::test(start_paused = true)]
+async fn hole_09c_a_quarantine_grows_with_readings_after_the_loss() {
+    let instances = common::memory_instances(3);
+    let a = memory_locker(&instances).await;
+    let b = memory_locker(&instances).await;
+    a.prepare().await.unwrap();
+    b.prepare().await.unwrap();
+    instances[2].set(KEY, "leftover", Some(Duration::from_millis(1500)));
+    let held = a.try_acquire(KEY, Duration::from_secs(60)).await.unwrap();
+    // Before B's next probe reads the 60 s.
+    instances[0].restart_empty();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(held.is_valid());
+    let second = b.try_acquire(KEY, Duration::from_secs(5)).await;
+    if let Ok(theirs) = second {
+        panic!(
+            "hole 9c (stale reading): a second owner {} got {KEY:?} while the first lock is \
+             valid for {:?}",
+            theirs.token(),
+            held.remaining()
+        );
+    }
+    held.leave_to_expire();
+}
+
+/// A dropped locker's probe loops end at once, not after `probe_every` (the
+/// second review's find: 100 lockers with `probe_every(1 h)` left 100 tasks).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn dropped_lockers_leave_no_probe_tasks() {
+    let instances = common::memory_instances(3);
+    let baseline = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    for _ in 0..50 {
+        let locker = common::memory_builder(&instances)
+            .probe_every(Duration::from_secs(3600))
+            .build()
+            .await
+            .unwrap();
+        locker
+            .acquire(KEY, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        locker.settle().await;
+    }
+    // Let the woken loops run to their end.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        alive <= baseline + 1,
+        "{alive} tasks alive, {baseline} before"
+    );
+}

@@ -446,3 +446,33 @@ async fn concurrent_operations_each_take_one_round_trip() {
     })
     .await;
 }
+
+/// The scripts are loaded by the monitor at first contact (and after every
+/// restart), so the first grant and the first extend on fresh servers over a
+/// 20 ms round trip do not pay `NOSCRIPT` + `SCRIPT LOAD` + retry, three round
+/// trips past the 50 ms instance timeout (the second review's find: both
+/// failed, and the failed extend lost the lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_grant_and_extend_over_a_slow_link_find_their_scripts() {
+    bounded(async {
+        let cluster = RedisCluster::start(3).expect("start redis-servers");
+        let mut proxies = Vec::new();
+        for server in cluster.servers() {
+            let proxy = proxy(server).await;
+            proxy.set_latency(Direction::Both, Duration::from_millis(10));
+            proxies.push(proxy);
+        }
+        let locker = QuorumLocker::builder()
+            .urls(proxies.iter().map(FaultProxy::url))
+            .build()
+            .await
+            .expect("build locker");
+        let lock = locker
+            .try_acquire("job", TTL)
+            .await
+            .expect("the first attempt, with defaults");
+        lock.extend(TTL).await.expect("the first extend");
+        lock.release().await.expect("release");
+    })
+    .await;
+}

@@ -894,7 +894,7 @@ impl Instance for MemoryInstance {
                 run_id: store.run_id.clone(),
                 server_time: now,
                 epoch,
-                longest_ttl: Duration::from_millis(longest_ms),
+                longest_ttl: Duration::from_millis(longest_ms).min(crate::MAX_TTL),
             })
         })
     }

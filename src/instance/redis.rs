@@ -68,8 +68,19 @@ where
     /// Runs a script that answers 1 (done) or 0 (refused), or -1 (the epoch
     /// differs).
     fn run(&self, script: &'static Script, keys: &[&str], args: &[&str]) -> BoxFuture<Reply> {
-        let counter = self.run_counter(script, keys, args);
-        Box::pin(async move { Ok(counter.await? == 1) })
+        self.run_cmd(script, evalsha(script, keys, args))
+    }
+
+    /// Runs a built `EVALSHA` of `script` that answers 1, 0 or -1 (see `run`);
+    /// one box per call, on the hot path of every grant and release.
+    fn run_cmd(&self, script: &'static Script, evalsha: redis::Cmd) -> BoxFuture<Reply> {
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            match call(script, &evalsha, &mut connection).await? {
+                -1 => Err(epoch::changed()),
+                answer => Ok(answer == 1),
+            }
+        })
     }
 
     /// Runs a script over `keys` that answers a non-negative integer, or -1 (the
@@ -158,12 +169,21 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply> {
         if let Some(epoch) = epoch {
-            let ttl_ms = ttl_ms.to_string();
-            return self.run(
-                &scripts::SET_CHECKED,
-                &[key, &epoch.key],
-                &[value, &ttl_ms, &epoch.value, &epoch.run_id],
-            );
+            // Built here rather than by `evalsha`: the TTL goes in as a number,
+            // with no string of its own.
+            let script = &*scripts::SET_CHECKED;
+            let bytes = 96 + key.len() + epoch.key.len() + value.len() + epoch.value.len();
+            let mut cmd = redis::Cmd::with_capacity(9, bytes + epoch.run_id.len());
+            cmd.arg("EVALSHA")
+                .arg(script.get_hash())
+                .arg(2)
+                .arg(&**key)
+                .arg(&*epoch.key)
+                .arg(&**value)
+                .arg(ttl_ms)
+                .arg(&*epoch.value)
+                .arg(&*epoch.run_id);
+            return self.run_cmd(script, cmd);
         }
         let mut connection = self.connection.clone();
         let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
@@ -322,7 +342,7 @@ where
             .arg("ttl");
         let peer = self.peer.clone();
         Box::pin(async move {
-            type Answer = (String, (u64, u64), (Option<String>, Option<u64>));
+            type Answer = (String, (u64, u64), (Option<String>, Option<String>));
             let (info, (seconds, micros), (epoch, longest_ms)): Answer =
                 explained(peer, probe.query_async(&mut connection).await).await?;
             // An id an operator emptied would turn the grants' check off.
@@ -348,9 +368,26 @@ where
                 run_id,
                 server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
                 epoch: epoch.into(),
-                longest_ttl: Duration::from_millis(longest_ms.unwrap_or(0)),
+                longest_ttl: longest_ttl(longest_ms.as_deref()),
             })
         })
+    }
+}
+
+/// The epoch hash's `ttl` field: milliseconds, or missing. Anything else (an
+/// operator's edit) is taken as the longest TTL there can be: a quarantine too
+/// long only costs availability, one too short costs exclusion.
+fn longest_ttl(field: Option<&str>) -> Duration {
+    match field.map(str::parse::<u64>) {
+        None => Duration::ZERO,
+        Some(Ok(ms)) => Duration::from_millis(ms).min(crate::MAX_TTL),
+        Some(Err(_)) => {
+            tracing::warn!(
+                field,
+                "the epoch hash's ttl is not a number of milliseconds: taken as the longest TTL"
+            );
+            crate::MAX_TTL
+        }
     }
 }
 
