@@ -75,8 +75,9 @@ where
     /// one box per call, on the hot path of every grant and release.
     fn run_cmd(&self, script: &'static Script, evalsha: redis::Cmd) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
+        let peer = self.peer.clone();
         Box::pin(async move {
-            match call(script, &evalsha, &mut connection).await? {
+            match explained(peer, call(script, &evalsha, &mut connection).await).await? {
                 -1 => Err(epoch::changed()),
                 answer => Ok(answer == 1),
             }
