@@ -5,6 +5,18 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 use crate::error::Error;
 
+/// The URL schemes accepted: redis-rs reads `valkey` as `redis` (Valkey speaks
+/// the same protocol), and `unix` as `redis+unix`.
+const SCHEMES: [&str; 7] = [
+    "redis",
+    "rediss",
+    "redis+unix",
+    "unix",
+    "valkey",
+    "valkeys",
+    "valkey+unix",
+];
+
 /// A parsed Redis URL: what to connect to, how to show it, and what identifies it.
 pub(crate) struct ParsedUrl {
     pub(crate) info: ConnectionInfo,
@@ -22,24 +34,24 @@ pub(crate) fn parse_url(index: usize, url: &str) -> Result<ParsedUrl, Error> {
         url: redact_url(url),
         reason,
     };
-    match url.split_once("://") {
+    let scheme = match url.split_once("://") {
         None if url.trim().is_empty() => return Err(invalid("empty".to_string())),
         None => {
             return Err(invalid(
                 "no scheme; expected redis://[user[:password]@]host[:port][/db]".to_string(),
             ))
         }
-        Some((scheme, _)) if !["redis", "rediss", "redis+unix", "unix"].contains(&scheme) => {
+        Some((scheme, _)) if !SCHEMES.contains(&scheme) => {
             return Err(invalid(format!(
-                "unsupported scheme {scheme:?}; expected redis://, rediss:// or redis+unix://"
+                "unsupported scheme {scheme:?}; expected redis://, rediss://, redis+unix:// \
+                 (or valkey://, valkeys://, valkey+unix://)"
             )))
         }
-        Some(_) => {}
-    }
-    if !cfg!(feature = "tls") && url.starts_with("rediss://") {
-        return Err(invalid(
-            "rediss:// needs quorumlock's `tls` feature".to_string(),
-        ));
+        Some((scheme, _)) => scheme,
+    };
+    let needs_tls = || invalid(format!("{scheme}:// needs quorumlock's `tls` feature"));
+    if !cfg!(feature = "tls") && matches!(scheme, "rediss" | "valkeys") {
+        return Err(needs_tls());
     }
     let info = url.into_connection_info().map_err(|err| {
         invalid(format!(
@@ -48,10 +60,10 @@ pub(crate) fn parse_url(index: usize, url: &str) -> Result<ParsedUrl, Error> {
         ))
     })?;
     if !info.addr().is_supported() {
-        return Err(invalid(
-            "rediss:// needs quorumlock's `tls` feature".to_string(),
-        ));
+        return Err(needs_tls());
     }
+    // Shown as given: `valkey://` stays `valkey://`.
+    let valkey = scheme.starts_with("valkey");
     let (scheme, server) = match info.addr() {
         ConnectionAddr::Tcp(host, port) => ("redis", format!("{}:{port}", host.to_lowercase())),
         ConnectionAddr::TcpTls { host, port, .. } => {
@@ -59,6 +71,12 @@ pub(crate) fn parse_url(index: usize, url: &str) -> Result<ParsedUrl, Error> {
         }
         ConnectionAddr::Unix(path) => ("redis+unix", path.display().to_string()),
         _ => return Err(invalid("unsupported address kind".to_string())),
+    };
+    let scheme = match (valkey, scheme) {
+        (true, "redis") => "valkey",
+        (true, "rediss") => "valkeys",
+        (true, _) => "valkey+unix",
+        (false, scheme) => scheme,
     };
     let redis = info.redis_settings();
     let user = match (redis.username(), redis.password()) {
@@ -142,6 +160,33 @@ mod tests {
     }
 
     #[test]
+    fn valkey_urls_are_redis_urls_shown_as_given() {
+        let parsed = parse_url(0, "valkey://bob:pw@Valkey.Example:6390/3").unwrap();
+        assert_eq!(parsed.display, "valkey://bob:***@valkey.example:6390/3");
+        assert_eq!(parsed.identity, "valkey.example:6390");
+        assert!(
+            matches!(parsed.info.addr(), ConnectionAddr::Tcp(host, 6390) if host == "Valkey.Example")
+        );
+        // One server under both schemes is one server.
+        let redis = parse_url(1, "redis://valkey.example:6390").unwrap();
+        assert_eq!(redis.identity, parsed.identity);
+        let unix = parse_url(0, "valkey+unix:///run/valkey.sock").unwrap();
+        assert_eq!(unix.display, "valkey+unix:///run/valkey.sock");
+        let tls = parse_url(0, "valkeys://:pw@h:6391");
+        if cfg!(feature = "tls") {
+            let tls = tls.unwrap();
+            assert_eq!(tls.display, "valkeys://:***@h:6391");
+            assert!(matches!(tls.info.addr(), ConnectionAddr::TcpTls { .. }));
+        } else {
+            let err = tls.err().unwrap().to_string();
+            assert!(
+                err.contains("valkeys:// needs quorumlock's `tls` feature"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn redaction_of_unparsable_urls() {
         assert_eq!(redact_url("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact_url("redis://:pw@h"), "redis://:***@h");
@@ -164,6 +209,7 @@ mod tests {
         for url in [
             "",
             "http://h:1",
+            "valkey:/h:1",
             "redis://",
             "redis://h:notaport",
             "redis://:pw@h:99999",
@@ -187,13 +233,14 @@ mod tests {
         fn password_never_shown(
             password in "[A-Za-z0-9/?#:@%]{6,20}",
             port in 1u32..100_000,
-            form in 0usize..4,
+            form in 0usize..5,
         ) {
             prop_assume!(password.chars().filter(char::is_ascii_alphanumeric).count() >= 4);
             let url = match form {
                 0 => format!("redis://user:{password}@host:{port}/1"),
                 1 => format!("user:{password}@host:{port}"),
                 2 => format!("redis://host:{port}/?password={password}"),
+                3 => format!("valkey://user:{password}@host:{port}"),
                 _ => format!("rediss://:{password}@host:{port}"),
             };
             let text = match parse_url(0, &url) {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::ConnectionAddr;
 
 use crate::address;
 use crate::background::Background;
@@ -15,6 +16,7 @@ use crate::instance::redis::RedisInstance;
 use crate::instance::{Instance, Member};
 use crate::locker::{check_ttl, QuorumLocker, Settings, Shared, MAX_TTL};
 use crate::monitor::{InstanceState, Monitor, Policy};
+use crate::peer::{self, Peer};
 use crate::quorum;
 use crate::retry::RetryPolicy;
 
@@ -36,8 +38,13 @@ pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 /// How often each instance's `run_id` and clock are probed unless set.
 pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a new connection to an instance may take to open.
+/// How long a new connection to an instance may take to open (TLS handshake
+/// included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The bound on a probe or health check, which may include connecting and, when
+/// that fails, asking the peer what it speaks ([`peer`]): long enough for the
+/// connection's own error, explained, to arrive first.
+pub(crate) const CHECK_TIMEOUT: Duration = CONNECT_TIMEOUT.saturating_add(peer::SNIFF_TIMEOUT);
 /// Idle time before TCP keep-alive probes start, and between them.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
@@ -61,6 +68,8 @@ pub struct Builder {
     rate_aware_validity: bool,
     probe_every: Duration,
     wake_waiters: bool,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: crate::tls::TlsSettings,
 }
 
 enum Source {
@@ -87,12 +96,16 @@ impl Builder {
             rate_aware_validity: true,
             wake_waiters: false,
             probe_every: DEFAULT_PROBE_EVERY,
+            #[cfg(feature = "tls")]
+            tls: crate::tls::TlsSettings::default(),
         }
     }
 
     /// Adds an instance by URL: `redis://[user[:password]@]host[:port][/db]`,
-    /// `rediss://…` (with the `tls` feature) or `redis+unix:///path`. The
-    /// connection opens lazily and reconnects by itself.
+    /// `rediss://…` (TLS, with the `tls` feature; see
+    /// [`tls_ca_file`](Self::tls_ca_file)) or `redis+unix:///path`, and the same
+    /// with `valkey://`, `valkeys://` and `valkey+unix://`. The connection opens
+    /// lazily and reconnects by itself.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.sources.push(Source::Url(url.into()));
         self
@@ -299,7 +312,9 @@ impl Builder {
     /// [`Error::NoRuntime`] outside a Tokio runtime; [`Error::NoInstances`],
     /// [`Error::InvalidUrl`], [`Error::DuplicateInstance`],
     /// [`Error::QuorumOutOfRange`], [`Error::InvalidTtl`] (the default TTL) or
-    /// [`Error::InvalidConfig`] for bad settings.
+    /// [`Error::InvalidConfig`] for bad settings, TLS files included (read
+    /// here: a missing or unusable certificate is reported before anything
+    /// connects).
     pub async fn build(self) -> crate::Result<QuorumLocker> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::NoRuntime);
@@ -356,13 +371,21 @@ impl Builder {
             });
         }
 
+        #[cfg(feature = "tls")]
+        let tls = self.tls.load()?;
+        #[cfg(not(feature = "tls"))]
+        let tls = NoTls;
+        // Read only with the `tls` feature.
+        let mut uses_tls = false;
+
         let mut members = Vec::with_capacity(n);
         let mut identities: Vec<String> = Vec::with_capacity(n);
         for (index, source) in self.sources.into_iter().enumerate() {
             let (identity, address, instance) = match source {
                 Source::Url(url) => {
                     let parsed = address::parse_url(index, &url)?;
-                    let instance = connect_lazily(index, parsed.info, &parsed.display)?;
+                    uses_tls |= matches!(parsed.info.addr(), ConnectionAddr::TcpTls { .. });
+                    let instance = connect_lazily(index, parsed.info, &parsed.display, &tls)?;
                     (parsed.identity, parsed.display, instance)
                 }
                 Source::Connection { name, instance } => (name.clone(), name, instance),
@@ -382,6 +405,15 @@ impl Builder {
                 state: Arc::new(InstanceState::new()),
             });
         }
+        #[cfg(feature = "tls")]
+        if let Some(setting) = self.tls.any_setting().filter(|_| !uses_tls) {
+            // Most likely a redis:// URL meant to be rediss://.
+            return Err(Error::InvalidConfig {
+                setting,
+                reason: "no instance URL uses TLS (rediss:// or valkeys://)".to_string(),
+            });
+        }
+        let _ = uses_tls;
 
         let policy = Policy {
             restart_quarantine: self.restart_quarantine.unwrap_or(self.default_ttl),
@@ -413,17 +445,42 @@ impl Builder {
     }
 }
 
+/// Stands in for the TLS settings without the `tls` feature, where
+/// `parse_url` refuses TLS URLs.
+#[cfg(not(feature = "tls"))]
+struct NoTls;
+
+#[cfg(not(feature = "tls"))]
+impl NoTls {
+    fn has_client_cert(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+type Tls = NoTls;
+#[cfg(feature = "tls")]
+use crate::tls::Tls;
+
 /// A reconnecting multiplexed connection that opens on first use. Our own
 /// per-call timeouts bound every operation, so redis-rs's response timeout is off.
 fn connect_lazily(
     index: usize,
     info: redis::ConnectionInfo,
     display: &str,
+    tls: &Tls,
 ) -> crate::Result<Box<dyn Instance>> {
     let invalid = |err: redis::RedisError| Error::InvalidUrl {
         index,
         url: display.to_string(),
         reason: err.to_string(),
+    };
+    let peer = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => Some(Peer::new(host.clone(), *port, false, false)),
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            Some(Peer::new(host.clone(), *port, true, tls.has_client_cert()))
+        }
+        _ => None,
     };
     // Nagle's algorithm would hold a command back until the previous one on the
     // same multiplexed connection is acknowledged: a second round trip for every
@@ -436,7 +493,24 @@ fn connect_lazily(
         .set_nodelay(true)
         .set_keepalive(keepalive);
     let info = info.set_tcp_settings(tcp);
-    let client = redis::Client::open(info).map_err(invalid)?;
+    let client = match info.addr() {
+        #[cfg(feature = "tls")]
+        ConnectionAddr::TcpTls { insecure, .. } => {
+            if *insecure && !tls.insecure() {
+                return Err(Error::InvalidUrl {
+                    index,
+                    url: display.to_string(),
+                    reason: "#insecure turns certificate verification off: opt in with \
+                             Builder::danger_accept_invalid_certs(true) (qlock: --tls-insecure)"
+                        .to_string(),
+                });
+            }
+            crate::tls::install_provider();
+            tls.client(info)
+        }
+        _ => redis::Client::open(info),
+    }
+    .map_err(invalid)?;
     let pubsub = client.clone();
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -446,5 +520,9 @@ fn connect_lazily(
         // a retry schedule; the next operation tries again.
         .set_number_of_retries(0);
     let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?;
-    Ok(Box::new(RedisInstance::with_client(manager, pubsub)))
+    Ok(Box::new(RedisInstance::with_client(
+        manager,
+        pubsub,
+        peer.map(Arc::new),
+    )))
 }

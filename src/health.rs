@@ -11,6 +11,7 @@ use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Vote};
 use crate::locker::Shared;
 use crate::monitor;
+use crate::peer;
 use crate::token;
 
 /// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
@@ -180,13 +181,17 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
                 // A connection broken by a server restart fails once and then
                 // reconnects: only the measured probe decides.
                 // Its failure still counts: it may be the broken connection to
-                // a server that restarted.
+                // a server that restarted. A peer that is not what its URL
+                // says fails the same way every time: no second probe.
                 if let Err(err) = member
                     .instance
                     .probe(&shared.settings.epoch_key, &Epoch::generate()?)
                     .await
                 {
                     member.state.failed(&err);
+                    if peer::is_explained(&err) {
+                        return Err(err);
+                    }
                 }
             }
             monitor::probe_once(shared, member).await

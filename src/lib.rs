@@ -289,12 +289,15 @@ mod instance;
 mod lock;
 mod locker;
 mod monitor;
+mod peer;
 mod quorum;
 mod release;
 mod request;
 mod retry;
 mod scripts;
 mod status;
+#[cfg(feature = "tls")]
+mod tls;
 mod token;
 mod value;
 

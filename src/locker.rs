@@ -9,12 +9,12 @@ use tokio::time::Instant;
 
 use crate::acquire::{self, Identity, Outcome};
 use crate::background::Background;
-use crate::builder::Builder;
+use crate::builder::{Builder, CHECK_TIMEOUT};
 use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::{self, Handoff};
 use crate::health::{self, Health};
-use crate::instance::Member;
+use crate::instance::{Member, PubSubSource};
 use crate::lock::Lock;
 use crate::monitor::{Monitor, Policy};
 use crate::quorum;
@@ -371,11 +371,7 @@ impl QuorumLocker {
 
     async fn check_health(&self, load_scripts: bool) -> Health {
         // The check may include connecting: allow a connection's worth of time.
-        let timeout = self
-            .shared
-            .settings
-            .instance_timeout
-            .max(Duration::from_secs(1));
+        let timeout = self.shared.settings.instance_timeout.max(CHECK_TIMEOUT);
         health::check(&self.shared, timeout, load_scripts).await
     }
 
@@ -405,6 +401,34 @@ impl QuorumLocker {
     /// The instances' addresses (passwords redacted) or names, in order.
     pub fn addresses(&self) -> impl Iterator<Item = &str> {
         self.shared.members.iter().map(|member| &*member.address)
+    }
+
+    /// A redis-rs client for URL instance `index`, made as the locker's own
+    /// (TLS settings included), for commands of your own on a connection of
+    /// their own: inspection, tooling. `None` for instances given as a
+    /// connection or a memory instance, and out of range.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let cluster = quorumlock::testing::RedisCluster::start(1)?;
+    /// # let url = cluster.urls().remove(0);
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// use quorumlock::QuorumLocker;
+    ///
+    /// let locker = QuorumLocker::builder().url(url).build().await?;
+    /// let client = locker.redis_client(0).expect("a URL instance");
+    /// let mut connection = client.get_multiplexed_async_connection().await?;
+    /// let pong: String = redis::cmd("PING").query_async(&mut connection).await?;
+    /// assert_eq!(pong, "PONG");
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn redis_client(&self, index: usize) -> Option<redis::Client> {
+        match self.shared.members.get(index)?.instance.pubsub()? {
+            PubSubSource::Redis(client) => Some(*client),
+            PubSubSource::Memory(_) => None,
+        }
     }
 
     /// The TTL set with [`Builder::default_ttl`], for callers that do not choose

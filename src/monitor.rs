@@ -13,6 +13,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::builder::CHECK_TIMEOUT;
 use crate::clock::{RateEstimator, MIN_INTERVAL};
 use crate::epoch::{self, Epoch};
 use crate::error::{Quarantine, Vote};
@@ -541,7 +542,7 @@ async fn probe_loop(shared: Weak<Shared>, index: usize) {
         };
         let state = Arc::clone(&member.state);
         let policy = locker.settings.policy;
-        let timeout = locker.settings.instance_timeout.max(Duration::from_secs(1));
+        let timeout = locker.settings.instance_timeout.max(CHECK_TIMEOUT);
         let answered = probe(&locker, member, timeout).await;
         if answered && state.needs_scripts() {
             // Loaded ahead of the first lock and after every restart: a

@@ -24,15 +24,31 @@ fn qlock(urls: &[String]) -> Command {
         .env("QLOCK_REDIS_URLS", urls.join(","))
         .env_remove("QLOCK_KEY_PREFIX")
         .timeout(INVOCATION_TIMEOUT);
+    for var in TLS_VARS {
+        command.env_remove(var);
+    }
     command
 }
 
+/// The TLS options' variables, which the caller's environment may set.
+const TLS_VARS: [&str; 4] = [
+    "QLOCK_TLS_CA",
+    "QLOCK_TLS_CERT",
+    "QLOCK_TLS_KEY",
+    "QLOCK_TLS_INSECURE",
+];
+
 /// The same, as a background process.
 fn spawn_qlock(urls: &[String], args: &[&str]) -> Child {
-    StdCommand::new(QLOCK)
+    let mut command = StdCommand::new(QLOCK);
+    command
         .args(args)
         .env("QLOCK_REDIS_URLS", urls.join(","))
-        .env_remove("QLOCK_KEY_PREFIX")
+        .env_remove("QLOCK_KEY_PREFIX");
+    for var in TLS_VARS {
+        command.env_remove(var);
+    }
+    command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -429,8 +445,16 @@ fn health_reports_every_instance() {
 #[test]
 fn bad_input_is_one_line_and_exits_2() {
     let urls = ["redis://127.0.0.1:1".to_string()];
-    let cases: [(&[&str], &str); 5] = [
+    // A TLS option with a plain URL: a forgotten rediss://, or a qlock built
+    // without TLS.
+    let tls = if cfg!(feature = "tls") {
+        "invalid danger_accept_invalid_certs: no instance URL uses TLS"
+    } else {
+        "need qlock built with the `tls` feature"
+    };
+    let cases: [(&[&str], &str); 6] = [
         (&["--redis", "notaurl", "status", "k"], "invalid Redis URL"),
+        (&["--tls-insecure", "health"], tls),
         (&["run", "--key", "k", "--ttl", "5x", "--", "true"], "--ttl"),
         (
             &["--instance-timeout", "soon", "health"],
@@ -503,13 +527,16 @@ fn bench_with_latency_runs_a_tolerance_phase() {
 /// echo hi` relies on: with no instances given, qlock starts its own.
 #[test]
 fn without_instances_qlock_starts_local_servers() {
-    let output = Command::new(QLOCK)
+    let mut command = Command::new(QLOCK);
+    command
         .env_remove("QLOCK_REDIS_URLS")
         .env_remove("QLOCK_KEY_PREFIX")
         .timeout(INVOCATION_TIMEOUT)
-        .args(["run", "--key", "demo", "--", "echo", "hi"])
-        .output()
-        .unwrap();
+        .args(["run", "--key", "demo", "--", "echo", "hi"]);
+    for var in TLS_VARS {
+        command.env_remove(var);
+    }
+    let output = command.output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert_eq!(text(&output.stdout), "hi\n");
     assert!(text(&output.stderr).contains("started 3 local redis-server"));

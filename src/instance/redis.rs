@@ -9,6 +9,7 @@ use redis::{ErrorKind, RedisError, Script, Value};
 
 use super::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
 use crate::epoch::{self, Epoch};
+use crate::peer::Peer;
 use crate::scripts;
 
 /// A Redis instance over connection `C`; every operation clones `C`, which for
@@ -17,6 +18,8 @@ pub(crate) struct RedisInstance<C> {
     connection: C,
     /// For URL instances: the client that opens subscription connections.
     client: Option<redis::Client>,
+    /// For URL instances over TCP: the address, to explain failures with.
+    peer: Option<Arc<Peer>>,
 }
 
 impl<C> RedisInstance<C> {
@@ -24,15 +27,37 @@ impl<C> RedisInstance<C> {
         Self {
             connection,
             client: None,
+            peer: None,
         }
     }
 
-    /// An instance that can also open a subscription connection from `client`.
-    pub(crate) fn with_client(connection: C, client: redis::Client) -> Self {
+    /// An instance that can also open a subscription connection from `client`,
+    /// and whose failures `peer` explains.
+    pub(crate) fn with_client(
+        connection: C,
+        client: redis::Client,
+        peer: Option<Arc<Peer>>,
+    ) -> Self {
         Self {
             connection,
             client: Some(client),
+            peer,
         }
+    }
+}
+
+/// `result` as the caller sees it: an error explained by the peer, where known.
+async fn explained<T>(
+    peer: Option<Arc<Peer>>,
+    result: Result<T, RedisError>,
+) -> Result<T, RedisError> {
+    match (result, peer) {
+        (Ok(value), Some(peer)) => {
+            peer.answered();
+            Ok(value)
+        }
+        (Err(err), Some(peer)) => Err(peer.explain(err).await),
+        (result, None) => result,
     }
 }
 
@@ -50,8 +75,9 @@ where
     /// one box per call, on the hot path of every grant and release.
     fn run_cmd(&self, script: &'static Script, evalsha: redis::Cmd) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
+        let peer = self.peer.clone();
         Box::pin(async move {
-            match call(script, &evalsha, &mut connection).await? {
+            match explained(peer, call(script, &evalsha, &mut connection).await).await? {
                 -1 => Err(epoch::changed()),
                 answer => Ok(answer == 1),
             }
@@ -68,8 +94,9 @@ where
     ) -> BoxFuture<Counter> {
         let mut connection = self.connection.clone();
         let evalsha = evalsha(script, keys, args);
+        let peer = self.peer.clone();
         Box::pin(async move {
-            match call(script, &evalsha, &mut connection).await? {
+            match explained(peer, call(script, &evalsha, &mut connection).await).await? {
                 -1 => Err(epoch::changed()),
                 answer => {
                     u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
@@ -167,8 +194,9 @@ where
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms);
+        let peer = self.peer.clone();
         Box::pin(async move {
-            match set.query_async::<Value>(&mut connection).await? {
+            match explained(peer, set.query_async::<Value>(&mut connection).await).await? {
                 Value::Okay => Ok(true),
                 Value::SimpleString(ok) if ok == "OK" => Ok(true),
                 Value::Nil => Ok(false),
@@ -282,12 +310,14 @@ where
             let mut connection = self.connection.clone();
             async move { script.prepare_invoke().load_async(&mut connection).await }
         });
+        let peer = self.peer.clone();
         Box::pin(async move {
             // Sent together over the multiplexed connection: one round trip.
-            for loaded in futures_util::future::join_all(loads).await {
-                loaded?;
-            }
-            Ok(true)
+            let loaded: Result<Vec<_>, _> = futures_util::future::join_all(loads)
+                .await
+                .into_iter()
+                .collect();
+            explained(peer, loaded).await.map(|_| true)
         })
     }
 
@@ -311,10 +341,11 @@ where
             .arg(&**epoch_key)
             .arg("id")
             .arg("ttl");
+        let peer = self.peer.clone();
         Box::pin(async move {
             type Answer = (String, (u64, u64), (Option<String>, Option<String>));
             let (info, (seconds, micros), (epoch, longest_ms)): Answer =
-                probe.query_async(&mut connection).await?;
+                explained(peer, probe.query_async(&mut connection).await).await?;
             // An id an operator emptied would turn the grants' check off.
             let epoch = epoch.filter(|id| !id.is_empty()).ok_or_else(|| {
                 RedisError::from((

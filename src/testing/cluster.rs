@@ -93,6 +93,27 @@ impl RedisCluster {
         self.servers.iter().map(RedisServer::url).collect()
     }
 
+    /// `rediss://127.0.0.1:tls_port` of every server, in index order, for
+    /// servers started with [`RedisServerBuilder::tls`]; servers without TLS
+    /// are left out.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
+    /// use quorumlock::testing::{RedisCluster, RedisServer};
+    ///
+    /// let tls = RedisServer::builder().tls("server.crt", "server.key", "ca.crt");
+    /// let cluster = RedisCluster::start_with(3, &tls)?;
+    /// assert_eq!(cluster.tls_urls().len(), 3);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter_map(RedisServer::tls_url)
+            .collect()
+    }
+
     /// All servers, in index order.
     pub fn servers(&self) -> &[RedisServer] {
         &self.servers

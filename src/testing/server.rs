@@ -39,6 +39,16 @@ pub struct RedisServerBuilder {
     pub(super) envs: Vec<(OsString, OsString)>,
     /// `None`: no shim, the server reads the real clocks.
     pub(super) clock: Option<ClockSetting>,
+    /// `Some`: a TLS port beside the plain one. Boxed: most servers have none.
+    pub(super) tls: Option<Box<TlsFiles>>,
+}
+
+/// The PEM files a TLS server runs with; see [`RedisServerBuilder::tls`].
+#[derive(Debug, Clone)]
+pub(super) struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
 impl RedisServerBuilder {
@@ -136,6 +146,56 @@ impl RedisServerBuilder {
         self
     }
 
+    /// Also serves TLS, on a port of its own ([`RedisServer::tls_port`],
+    /// [`RedisServer::tls_url`]), with this certificate and key (PEM files)
+    /// and this CA for client certificates (`--tls-cert-file`,
+    /// `--tls-key-file`, `--tls-ca-cert-file`).
+    ///
+    /// Redis then asks clients for a certificate signed by the CA (its
+    /// `tls-auth-clients` defaults to `yes`); add `.arg("--tls-auth-clients").arg("no")`
+    /// for servers that do not. The plain port stays open: the fixture checks
+    /// readiness on it, and [`RedisCluster::connection`](super::RedisCluster::connection)
+    /// and [`keys`](super::RedisCluster::keys) inspect keys through it, so that
+    /// only the locker under test speaks TLS. The server's certificate must
+    /// name `127.0.0.1` (or `localhost`, for URLs that use it).
+    ///
+    /// # Errors
+    ///
+    /// [`start`](Self::start) fails with [`HarnessError::NotReady`] when Redis
+    /// refuses the files (its log tail says why, e.g. a key that is not the
+    /// certificate's) or was built without TLS, and with
+    /// [`HarnessError::Unsupported`] on the Docker fallback.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
+    /// use quorumlock::testing::RedisServer;
+    ///
+    /// let server = RedisServer::builder()
+    ///     .tls("tests/tls/server.crt", "tests/tls/server.key", "tests/tls/ca.crt")
+    ///     .arg("--tls-auth-clients")
+    ///     .arg("no")
+    ///     .start()?;
+    /// let url = server.tls_url().expect("started with tls"); // rediss://127.0.0.1:PORT
+    /// # drop(url);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+        ca: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls = Some(Box::new(TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+        }));
+        self
+    }
+
     /// Starts a server with these settings and waits until it answers `PING`.
     pub fn start(&self) -> Result<RedisServer, HarnessError> {
         if let Some(setting) = self.clock {
@@ -159,6 +219,8 @@ impl RedisServerBuilder {
 /// Persistence is off, so a killed server loses its keys, like a real crash without AOF.
 pub struct RedisServer {
     port: u16,
+    /// The TLS port, for servers started with [`RedisServerBuilder::tls`].
+    tls_port: Option<u16>,
     paused: bool,
     backend: Backend,
 }
@@ -200,13 +262,20 @@ impl RedisServer {
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
             let port = free_port()?;
-            if port == DEFAULT_REDIS_PORT {
+            let tls_port = match config.tls {
+                Some(_) => Some(free_port()?),
+                None => None,
+            };
+            if port == DEFAULT_REDIS_PORT
+                || tls_port.is_some_and(|tls| tls == DEFAULT_REDIS_PORT || tls == port)
+            {
                 continue;
             }
-            match Process::launch(&bin, &config, port)? {
+            match Process::launch(&bin, &config, port, tls_port)? {
                 Launch::Ready(run) => {
                     return Ok(Self {
                         port,
+                        tls_port,
                         paused: false,
                         backend: Backend::Process {
                             bin,
@@ -230,9 +299,15 @@ impl RedisServer {
                 "the clock shim (it needs a local redis-server)",
             ));
         }
+        if config.tls.is_some() {
+            return Err(HarnessError::Unsupported(
+                "a TLS server (it needs a local redis-server)",
+            ));
+        }
         let (port, container) = super::container::RedisContainer::start(config)?;
         Ok(Self {
             port,
+            tls_port: None,
             paused: false,
             backend: Backend::Container(Box::new(container)),
         })
@@ -256,6 +331,19 @@ impl RedisServer {
     /// `redis://127.0.0.1:port`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The TLS port of a server started with [`RedisServerBuilder::tls`],
+    /// stable across [`restart_empty`](Self::restart_empty).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// `rediss://127.0.0.1:tls_port`, for a server started with
+    /// [`RedisServerBuilder::tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("rediss://127.0.0.1:{port}"))
     }
 
     /// The server's process id; `None` once killed, or when it runs in a container.
@@ -340,14 +428,14 @@ impl RedisServer {
     /// `PING`.
     pub fn restart_empty(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
-        let port = self.port;
+        let (port, tls_port) = (self.port, self.tls_port);
         match &mut self.backend {
             Backend::Process { bin, config, run } => {
                 let mut last_error = None;
                 // The old socket is normally gone once the process is reaped; retrying
                 // covers slow teardown, and reports a port taken by someone else.
                 let restarted = poll_until(REBIND_TIMEOUT, || {
-                    match Process::launch(bin, config, port) {
+                    match Process::launch(bin, config, port, tls_port) {
                         Ok(Launch::Ready(new)) => Some(Ok(new)),
                         Ok(Launch::Exited(error)) => {
                             last_error = Some(error);
@@ -475,6 +563,7 @@ impl fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisServer")
             .field("url", &self.url())
+            .field("tls_url", &self.tls_url())
             .field("pid", &self.pid())
             .field("paused", &self.paused)
             .field("clock_rate", &self.clock_rate())
@@ -499,7 +588,12 @@ enum Launch {
 }
 
 impl Process {
-    fn launch(bin: &Path, config: &RedisServerBuilder, port: u16) -> Result<Launch, HarnessError> {
+    fn launch(
+        bin: &Path,
+        config: &RedisServerBuilder,
+        port: u16,
+        tls_port: Option<u16>,
+    ) -> Result<Launch, HarnessError> {
         let dir = tempfile::Builder::new()
             .prefix("quorumlock-redis-")
             .tempdir()?;
@@ -526,7 +620,19 @@ impl Process {
             .arg("--dir")
             .arg(dir.path())
             .arg("--logfile")
-            .arg(&log_path)
+            .arg(&log_path);
+        if let (Some(files), Some(tls_port)) = (&config.tls, tls_port) {
+            command
+                .arg("--tls-port")
+                .arg(tls_port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca);
+        }
+        command
             .args(&config.args)
             .envs(config.envs.iter().map(|(key, value)| (key, value)))
             // After the caller's: the shim's LD_PRELOAD already includes theirs.
@@ -550,7 +656,12 @@ impl Process {
             Ok(Some(status)) => Some(Err(format!("exited during startup ({status})"))),
             Err(error) => Some(Err(format!("could not check the process: {error}"))),
             // PONG could come from another process that won the race for this port.
-            Ok(None) => (answers_ping(port) && owns_port(run.child.id(), port)).then_some(Ok(())),
+            // Redis listens on every port before it serves any, so the TLS
+            // port is ready once the plain one answers.
+            Ok(None) => (answers_ping(port)
+                && owns_port(run.child.id(), port)
+                && tls_port.is_none_or(|tls| owns_port(run.child.id(), tls)))
+            .then_some(Ok(())),
         });
         let (exited, reason) = match outcome {
             Some(Ok(())) => return Ok(Launch::Ready(run)),

@@ -1,6 +1,7 @@
 //! The command line.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
@@ -25,8 +26,8 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Instances (for every command)")]
 pub struct InstanceArgs {
-    /// A Redis instance (redis://[user[:password]@]host[:port][/db]); repeat, or
-    /// separate with commas.
+    /// A Redis instance (redis://[user[:password]@]host[:port][/db], rediss://
+    /// for TLS, or valkey://, valkeys://); repeat, or separate with commas.
     #[arg(
         long = "redis",
         value_name = "URL",
@@ -60,6 +61,50 @@ pub struct InstanceArgs {
         global = true
     )]
     pub key_prefix: String,
+
+    /// For rediss:// instances: trust the CA certificates in this PEM file
+    /// instead of the system's roots (self-signed or private CAs).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "QLOCK_TLS_CA",
+        global = true,
+        help_heading = "TLS (rediss:// instances)"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for servers run with tls-auth-clients; needs
+    /// --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "QLOCK_TLS_CERT",
+        requires = "tls_key",
+        global = true,
+        help_heading = "TLS (rediss:// instances)"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM); needs --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "QLOCK_TLS_KEY",
+        requires = "tls_cert",
+        global = true,
+        help_heading = "TLS (rediss:// instances)"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// DANGER: accept any server certificate, for any host name (no
+    /// verification: anyone on the path can read and change the traffic).
+    #[arg(
+        long,
+        env = "QLOCK_TLS_INSECURE",
+        global = true,
+        help_heading = "TLS (rediss:// instances)"
+    )]
+    pub tls_insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -41,7 +41,11 @@ pub async fn observe(target: &Target, key: &str) -> Vec<Observation> {
         let (redis_key, addresses) = (&redis_key, &addresses);
         async move {
             let read = async {
-                let client = redis::Client::open(url.as_str())?;
+                // The locker's client: the URL with the TLS settings given.
+                let client = match target.locker.redis_client(index) {
+                    Some(client) => client,
+                    None => redis::Client::open(url.as_str())?,
+                };
                 let mut connection = client.get_multiplexed_async_connection().await?;
                 redis::pipe()
                     .atomic()

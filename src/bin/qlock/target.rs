@@ -66,7 +66,7 @@ pub struct Target {
 }
 
 /// A builder with the settings every command shares (no instances yet).
-fn builder(args: &InstanceArgs) -> Builder {
+fn builder(args: &InstanceArgs) -> Result<Builder, CliError> {
     let mut builder = QuorumLocker::builder().key_prefix(args.key_prefix.clone());
     if let Some(quorum) = args.quorum {
         builder = builder.quorum(quorum);
@@ -77,7 +77,35 @@ fn builder(args: &InstanceArgs) -> Builder {
     if let Some(timeout) = args.instance_timeout {
         builder = builder.instance_timeout(timeout);
     }
-    builder
+    tls(builder, args)
+}
+
+/// The TLS options; the library checks the files when the locker is built.
+#[cfg(feature = "tls")]
+fn tls(mut builder: Builder, args: &InstanceArgs) -> Result<Builder, CliError> {
+    if let Some(ca) = &args.tls_ca {
+        builder = builder.tls_ca_file(ca);
+    }
+    // clap makes --tls-cert and --tls-key go together.
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls_client_cert_files(cert, key);
+    }
+    Ok(builder.danger_accept_invalid_certs(args.tls_insecure))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls(builder: Builder, args: &InstanceArgs) -> Result<Builder, CliError> {
+    let given = args.tls_ca.is_some()
+        || args.tls_cert.is_some()
+        || args.tls_key.is_some()
+        || args.tls_insecure;
+    if given {
+        return Err(CliError::usage(
+            "--tls-ca, --tls-cert, --tls-key and --tls-insecure (or QLOCK_TLS_*) need qlock \
+             built with the `tls` feature (cargo install quorumlock --features cli,tls)",
+        ));
+    }
+    Ok(builder)
 }
 
 impl Target {
@@ -85,7 +113,7 @@ impl Target {
     /// error. Connects to nothing yet.
     pub async fn build(urls: &[String], args: &InstanceArgs) -> Result<Self, CliError> {
         Ok(Self {
-            locker: builder(args).urls(urls.iter().cloned()).build().await?,
+            locker: builder(args)?.urls(urls.iter().cloned()).build().await?,
             urls: urls.to_vec(),
             settings: args.clone(),
         })
@@ -101,7 +129,7 @@ impl Target {
         latency: Duration,
     ) -> Result<(QuorumLocker, Vec<FaultProxy>), CliError> {
         let n = self.urls.len();
-        let mut builder = builder(&self.settings);
+        let mut builder = builder(&self.settings)?;
         let mut proxies = Vec::new();
         for (index, url) in self.urls.iter().enumerate() {
             if index + slow < n {
