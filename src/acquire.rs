@@ -114,7 +114,8 @@ async fn run(
             let epoch = admission.as_ref().map(|verified| Epoch {
                 key: Arc::clone(epoch_key),
                 value: Arc::clone(&verified.epoch),
-                run_id: Arc::clone(&verified.run_id),
+                run_id: (!instance.sees_reconnects()).then(|| Arc::clone(&verified.run_id)),
+                raise: ttl > verified.last_read_ttl,
             });
             let epoch = epoch.as_ref();
             match (&fence, retake) {

@@ -512,6 +512,8 @@ fn connect_lazily(
     }
     .map_err(invalid)?;
     let pubsub = client.clone();
+    let sees_reconnects =
+        client.get_connection_info().redis_settings().protocol() == redis::ProtocolVersion::RESP2;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(None)
@@ -524,5 +526,6 @@ fn connect_lazily(
         manager,
         pubsub,
         peer.map(Arc::new),
+        sees_reconnects,
     )))
 }

@@ -26,12 +26,14 @@ use crate::token;
 pub const EPOCH_KEY: &str = "quorumlock:epoch";
 
 /// What a grant must find: the epoch hash's key and its id, and the server's
-/// `run_id`.
+/// `run_id` where the connection may reconnect without failing a request; and
+/// whether the grant raises the hash's longest TTL.
 #[derive(Debug, Clone)]
 pub(crate) struct Epoch {
     pub(crate) key: Arc<str>,
     pub(crate) value: Arc<str>,
-    pub(crate) run_id: Arc<str>,
+    pub(crate) run_id: Option<Arc<str>>,
+    pub(crate) raise: bool,
 }
 
 impl Epoch {

@@ -57,8 +57,10 @@ struct Standing {
     /// An earlier member with the same `run_id` or data set: this one would vote
     /// twice for one server.
     duplicate_of: Option<usize>,
-    /// The longest TTL any locker has set on the server, as last read.
+    /// The longest TTL any locker has set on the server, the most ever read.
     longest_ttl: Duration,
+    /// The same, as last read: a grant for longer raises it.
+    last_read_ttl: Duration,
     /// The identity above has been compared with every other member's.
     identity_checked: bool,
     clock: RateEstimator,
@@ -154,11 +156,13 @@ impl<'a> Gate<'a> {
 /// find (none when the restart check is off).
 pub(crate) type Admission = Option<Verified>;
 
-/// The identity a grant must find: the epoch hash's id and the `run_id`.
+/// The identity a grant must find: the epoch hash's id and the `run_id`; and
+/// the longest TTL last read there (a longer grant raises it).
 #[derive(Debug, Clone)]
 pub(crate) struct Verified {
     pub(crate) epoch: Arc<str>,
     pub(crate) run_id: Arc<str>,
+    pub(crate) last_read_ttl: Duration,
 }
 
 impl InstanceState {
@@ -245,6 +249,7 @@ impl InstanceState {
             (Some(epoch), Some(run_id)) => Ok(Some(Verified {
                 epoch: Arc::clone(epoch),
                 run_id: Arc::clone(run_id),
+                last_read_ttl: standing.last_read_ttl,
             })),
             _ => refuse(Quarantine::Unidentified),
         }
@@ -396,6 +401,7 @@ impl InstanceState {
         // The most ever read: a restarted server starts its count afresh, but
         // the locks it held may still be out there.
         standing.longest_ttl = standing.longest_ttl.max(probe.longest_ttl);
+        standing.last_read_ttl = probe.longest_ttl;
         standing.probed_at = Some(sent);
         if standing.epoch.as_deref() != Some(&*probe.epoch) {
             standing.epoch = Some(Arc::clone(&probe.epoch));

@@ -7,37 +7,33 @@ use redis::Script;
 
 /// Every granting script starts with this check. Where an epoch id is given
 /// (ARGV[$id]; empty for none), the epoch hash (KEYS[$key]) must hold it under
-/// `id`, and the server's `run_id` must be ARGV[$run]: otherwise the script
-/// answers -1 and sets nothing (see `epoch`). The `run_id` catches a failover
-/// to a replica that has the epoch (replicated long ago) but not recent locks.
+/// `id`, and where a `run_id` is given (ARGV[$run]), the server's must be it:
+/// otherwise the script answers -1 and sets nothing (see `epoch`). The
+/// `run_id` catches a failover to a replica that has the epoch (replicated long
+/// ago) but not recent locks, behind a connection that reconnects without
+/// failing a request; `INFO` costs enough that connections that do fail one
+/// (see `Instance::sees_reconnects`) leave it out.
 macro_rules! verified {
     ($key:literal, $id:literal, $run:literal) => {
         concat!(
-            "if ARGV[",
-            $id,
-            "] ~= \"\" and (redis.call(\"HGET\", KEYS[",
-            $key,
-            "], \"id\") ~= ARGV[",
-            $id,
-            "]\n",
-            "    or string.match(redis.call(\"INFO\", \"server\"), \"run_id:(%x+)\") ~= ARGV[",
-            $run,
-            "]) then\n",
+            "if ARGV[", $id, "] ~= \"\" and (redis.call(\"HGET\", KEYS[", $key, "], \"id\") ~= ARGV[", $id, "]\n",
+            "    or (ARGV[", $run, "] ~= \"\" and string.match(redis.call(\"INFO\", \"server\"), \"run_id:(%x+)\") ~= ARGV[", $run, "])) then\n",
             "    return -1\n",
             "end\n"
         )
     };
 }
 
-/// After a grant or extend, where an epoch id (or flag) ARGV[$id] is given:
-/// raises the epoch hash's `ttl` field (KEYS[$key]) to the TTL just set
-/// (ARGV[2]), so that every locker knows how long the locks on this server can
-/// last when another server loses its keys.
+/// After a grant or extend, where the flag ARGV[$flag] is not empty (the
+/// locker sets it for a TTL above what it last read there): raises the epoch
+/// hash's `ttl` field (KEYS[$key]) to the TTL just set (ARGV[2]), so that every
+/// locker knows how long the locks on this server can last when another server
+/// loses its keys.
 macro_rules! raise_ttl {
-    ($key:literal, $id:literal) => {
+    ($key:literal, $flag:literal) => {
         concat!(
             "if ARGV[",
-            $id,
+            $flag,
             "] ~= \"\" and (tonumber(redis.call(\"HGET\", KEYS[",
             $key,
             "], \"ttl\")) or 0) < tonumber(ARGV[2]) then\n",
@@ -76,7 +72,8 @@ return 0"#
 });
 
 /// `SET key value NX PX ttl` (KEYS[1], ARGV[1], ARGV[2]) where the server is
-/// the one verified (epoch hash KEYS[2], id ARGV[3], `run_id` ARGV[4]). Returns
+/// the one verified (epoch hash KEYS[2], id ARGV[3], `run_id` ARGV[4]; raise
+/// flag ARGV[5]). Returns
 /// 1 if set, 0 if refused, -1 if not the verified server. Without a check a
 /// plain `SET NX PX` is sent instead.
 pub(crate) static SET_CHECKED: LazyLock<Script> = LazyLock::new(|| {
@@ -84,7 +81,7 @@ pub(crate) static SET_CHECKED: LazyLock<Script> = LazyLock::new(|| {
         verified!(2, 3, 4),
         r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
 "#,
-        raise_ttl!(2, 3),
+        raise_ttl!(2, 5),
         r#"    return 1
 end
 return 0"#
@@ -95,7 +92,8 @@ return 0"#
 /// followed by a space, the nonce and any metadata), our new value with the new
 /// TTL: a process that chose its own token takes back the lock it held before a
 /// restart. Returns 1 if the key now holds our value, else 0; -1 if not the
-/// verified server (epoch hash KEYS[2], id ARGV[4], `run_id` ARGV[5]).
+/// verified server (epoch hash KEYS[2], id ARGV[4], `run_id` ARGV[5]; raise flag
+/// ARGV[6]).
 pub(crate) static RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         verified!(2, 4, 5),
@@ -109,7 +107,7 @@ if not granted then
 end
 if granted then
 "#,
-        raise_ttl!(2, 4),
+        raise_ttl!(2, 6),
         r#"    return 1
 end
 return 0"#
@@ -135,13 +133,13 @@ return 0"#,
 /// ARGV[1], ARGV[2]), and only if it set the key, `INCR` the key's fencing
 /// counter (KEYS[2], which never expires). Returns the counter, 0 if refused, or
 /// -1 if not the verified server (epoch hash KEYS[3], id ARGV[3], `run_id`
-/// ARGV[4]).
+/// ARGV[4]; raise flag ARGV[5]).
 pub(crate) static FENCED_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         verified!(3, 3, 4),
         r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
 "#,
-        raise_ttl!(3, 3),
+        raise_ttl!(3, 5),
         r#"    return redis.call("INCR", KEYS[2])
 end
 return 0"#
@@ -150,7 +148,8 @@ return 0"#
 
 /// `RETAKE` (ARGV[3] is the token), then `INCR` of the fencing counter KEYS[2]
 /// where it granted. Returns the counter, 0 if refused, or -1 if not the
-/// verified server (epoch hash KEYS[3], id ARGV[4], `run_id` ARGV[5]): a
+/// verified server (epoch hash KEYS[3], id ARGV[4], `run_id` ARGV[5]; raise
+/// flag ARGV[6]): a
 /// re-taken lock gets a new, larger token, like any new holder.
 pub(crate) static FENCED_RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -165,7 +164,7 @@ if not granted then
 end
 if granted then
 "#,
-        raise_ttl!(3, 4),
+        raise_ttl!(3, 6),
         r#"    return redis.call("INCR", KEYS[2])
 end
 return 0"#

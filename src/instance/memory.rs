@@ -286,7 +286,11 @@ impl Store {
             .epochs
             .get(&epoch.key)
             .and_then(|hash| hash.id.as_ref());
-        if id == Some(&epoch.value) && *self.run_id == *epoch.run_id {
+        let same_server = epoch
+            .run_id
+            .as_ref()
+            .is_none_or(|run_id| **run_id == *self.run_id);
+        if id == Some(&epoch.value) && same_server {
             Ok(())
         } else {
             Err(epoch::changed())
@@ -754,7 +758,13 @@ impl Instance for MemoryInstance {
             store.epoch_holds(epoch.as_ref())?;
             let granted = store.set_nx_px(&key, &value, ttl_ms, now)?;
             if granted {
-                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+                store.raise(
+                    epoch
+                        .as_ref()
+                        .filter(|epoch| epoch.raise)
+                        .map(|epoch| &epoch.key),
+                    ttl_ms,
+                );
             }
             Ok(granted)
         })
@@ -774,7 +784,13 @@ impl Instance for MemoryInstance {
             store.epoch_holds(epoch.as_ref())?;
             let granted = store.retake(&key, &token, &value, ttl_ms, now)?;
             if granted {
-                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+                store.raise(
+                    epoch
+                        .as_ref()
+                        .filter(|epoch| epoch.raise)
+                        .map(|epoch| &epoch.key),
+                    ttl_ms,
+                );
             }
             Ok(granted)
         })
@@ -816,7 +832,13 @@ impl Instance for MemoryInstance {
             store.epoch_holds(epoch.as_ref())?;
             let granted = store.set_nx_px(&key, &value, ttl_ms, now);
             if matches!(granted, Ok(true)) {
-                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+                store.raise(
+                    epoch
+                        .as_ref()
+                        .filter(|epoch| epoch.raise)
+                        .map(|epoch| &epoch.key),
+                    ttl_ms,
+                );
             }
             store.fenced(granted, &fence, now)
         })
@@ -837,7 +859,13 @@ impl Instance for MemoryInstance {
             store.epoch_holds(epoch.as_ref())?;
             let granted = store.retake(&key, &token, &value, ttl_ms, now);
             if matches!(granted, Ok(true)) {
-                store.raise(epoch.as_ref().map(|epoch| &epoch.key), ttl_ms);
+                store.raise(
+                    epoch
+                        .as_ref()
+                        .filter(|epoch| epoch.raise)
+                        .map(|epoch| &epoch.key),
+                    ttl_ms,
+                );
             }
             store.fenced(granted, &fence, now)
         })

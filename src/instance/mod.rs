@@ -128,6 +128,15 @@ pub(crate) trait Instance: Send + Sync + 'static {
         message: &Arc<str>,
     ) -> BoxFuture<Reply>;
 
+    /// Whether a reconnect of its connection always fails a request first (so
+    /// the monitor suspects the instance): then grants need not check the
+    /// server's `run_id`, which costs the server an `INFO` each. True for the
+    /// locker's own RESP2 connections; a RESP3 connection manager reconnects at
+    /// the disconnect push, and a user's connection may do anything.
+    fn sees_reconnects(&self) -> bool {
+        false
+    }
+
     /// Where release messages can be heard: `None` for a connection the user
     /// made (we cannot open another one like it).
     fn pubsub(&self) -> Option<PubSubSource> {

@@ -20,12 +20,15 @@ pub(crate) struct RedisInstance<C> {
     client: Option<redis::Client>,
     /// For URL instances over TCP: the address, to explain failures with.
     peer: Option<Arc<Peer>>,
+    /// See [`Instance::sees_reconnects`]: our own RESP2 connections.
+    sees_reconnects: bool,
 }
 
 impl<C> RedisInstance<C> {
     pub(crate) fn new(connection: C) -> Self {
         Self {
             connection,
+            sees_reconnects: false,
             client: None,
             peer: None,
         }
@@ -37,11 +40,13 @@ impl<C> RedisInstance<C> {
         connection: C,
         client: redis::Client,
         peer: Option<Arc<Peer>>,
+        sees_reconnects: bool,
     ) -> Self {
         Self {
             connection,
             client: Some(client),
             peer,
+            sees_reconnects,
         }
     }
 }
@@ -106,16 +111,29 @@ where
     }
 }
 
-/// The keys and last two arguments a granting script takes for `epoch`: the
-/// epoch hash after `keys`, its id and the `run_id` (empty for no check).
-fn with_epoch<'a>(keys: &[&'a str], epoch: Option<&'a Epoch>) -> (Vec<&'a str>, [&'a str; 2]) {
+/// The keys and last three arguments a granting script takes for `epoch`:
+/// the epoch hash after `keys`, its id, the `run_id` and the raise flag (empty
+/// for none).
+fn with_epoch<'a>(keys: &[&'a str], epoch: Option<&'a Epoch>) -> (Vec<&'a str>, [&'a str; 3]) {
     let mut all = keys.to_vec();
     match epoch {
         Some(epoch) => {
             all.push(&epoch.key);
-            (all, [&epoch.value, &epoch.run_id])
+            (all, [&epoch.value, run_id(epoch), raise(epoch)])
         }
-        None => (all, ["", ""]),
+        None => (all, ["", "", ""]),
+    }
+}
+
+fn run_id(epoch: &Epoch) -> &str {
+    epoch.run_id.as_deref().unwrap_or("")
+}
+
+fn raise(epoch: &Epoch) -> &'static str {
+    if epoch.raise {
+        "1"
+    } else {
+        ""
     }
 }
 
@@ -174,7 +192,7 @@ where
             // with no string of its own.
             let script = &*scripts::SET_CHECKED;
             let bytes = 96 + key.len() + epoch.key.len() + value.len() + epoch.value.len();
-            let mut cmd = redis::Cmd::with_capacity(9, bytes + epoch.run_id.len());
+            let mut cmd = redis::Cmd::with_capacity(10, bytes + run_id(epoch).len());
             cmd.arg("EVALSHA")
                 .arg(script.get_hash())
                 .arg(2)
@@ -183,7 +201,8 @@ where
                 .arg(&**value)
                 .arg(ttl_ms)
                 .arg(&*epoch.value)
-                .arg(&*epoch.run_id);
+                .arg(run_id(epoch))
+                .arg(raise(epoch));
             return self.run_cmd(script, cmd);
         }
         let mut connection = self.connection.clone();
@@ -214,11 +233,11 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Reply> {
         let ttl_ms = ttl_ms.to_string();
-        let (keys, [id, run_id]) = with_epoch(&[key], epoch);
+        let (keys, [id, run_id, raise]) = with_epoch(&[key], epoch);
         self.run(
             &scripts::RETAKE,
             &keys,
-            &[value, &ttl_ms, token, id, run_id],
+            &[value, &ttl_ms, token, id, run_id, raise],
         )
     }
 
@@ -251,8 +270,12 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let ttl_ms = ttl_ms.to_string();
-        let (keys, [id, run_id]) = with_epoch(&[key, fence], epoch);
-        self.run_counter(&scripts::FENCED_SET, &keys, &[value, &ttl_ms, id, run_id])
+        let (keys, [id, run_id, raise]) = with_epoch(&[key, fence], epoch);
+        self.run_counter(
+            &scripts::FENCED_SET,
+            &keys,
+            &[value, &ttl_ms, id, run_id, raise],
+        )
     }
 
     fn fenced_retake(
@@ -265,11 +288,11 @@ where
         epoch: Option<&Epoch>,
     ) -> BoxFuture<Counter> {
         let ttl_ms = ttl_ms.to_string();
-        let (keys, [id, run_id]) = with_epoch(&[key, fence], epoch);
+        let (keys, [id, run_id, raise]) = with_epoch(&[key, fence], epoch);
         self.run_counter(
             &scripts::FENCED_RETAKE,
             &keys,
-            &[value, &ttl_ms, token, id, run_id],
+            &[value, &ttl_ms, token, id, run_id, raise],
         )
     }
 
@@ -297,6 +320,10 @@ where
             &[key],
             &[value, channel, message],
         )
+    }
+
+    fn sees_reconnects(&self) -> bool {
+        self.sees_reconnects
     }
 
     fn pubsub(&self) -> Option<PubSubSource> {
