@@ -131,11 +131,14 @@
 //! - **in every grant**: on first contact it writes a random id into the hash
 //!   [`EPOCH_KEY`] (after the key prefix; no TTL, one per server and prefix,
 //!   like the fencing counters), and each grant's script checks, before
-//!   setting anything, that the hash still holds that id and that the server's
-//!   `run_id` is the one verified. A server that lost its keys (restarted
-//!   empty, flushed) lost the hash too, and a replica promoted in a failover
-//!   has another `run_id`, so neither grants, however the connection behaved: a
-//!   connection that reconnected by itself breaks no request;
+//!   setting anything, that the hash still holds that id and — where the
+//!   connection could reconnect without failing a request (RESP3, a connection
+//!   you made) — that the server's `run_id` is the one verified. A server that
+//!   lost its keys (restarted empty, flushed) lost the hash too, and a replica
+//!   promoted in a failover has another `run_id`, so neither grants, however
+//!   the connection behaved (on the locker's own RESP2 connections a reconnect
+//!   fails a request, and the instance does not vote until a probe has seen
+//!   the new `run_id`);
 //! - **at its probes**: the server's `run_id` or epoch changed.
 //!
 //! Either way the instance is kept out of acquisitions for
