@@ -297,6 +297,23 @@ impl Store {
         }
     }
 
+    /// A grant as the granting scripts make it: only on the verified server,
+    /// and raising the longest TTL where the locker asked.
+    fn checked(
+        &mut self,
+        epoch: Option<&Epoch>,
+        ttl_ms: u64,
+        grant: impl FnOnce(&mut Self) -> Reply,
+    ) -> Reply {
+        self.epoch_holds(epoch)?;
+        let granted = grant(self)?;
+        if granted {
+            let raise = epoch.filter(|epoch| epoch.raise);
+            self.raise(raise.map(|epoch| &epoch.key), ttl_ms);
+        }
+        Ok(granted)
+    }
+
     /// What every grant and extend does after it set a TTL, where it has the
     /// epoch hash's key: raises the longest TTL kept there (`HSET`, which
     /// creates the hash if it is missing).
@@ -755,18 +772,9 @@ impl Instance for MemoryInstance {
     ) -> BoxFuture<Reply> {
         let (key, value, epoch) = (Arc::clone(key), Arc::clone(value), epoch.cloned());
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref())?;
-            let granted = store.set_nx_px(&key, &value, ttl_ms, now)?;
-            if granted {
-                store.raise(
-                    epoch
-                        .as_ref()
-                        .filter(|epoch| epoch.raise)
-                        .map(|epoch| &epoch.key),
-                    ttl_ms,
-                );
-            }
-            Ok(granted)
+            store.checked(epoch.as_ref(), ttl_ms, |store| {
+                store.set_nx_px(&key, &value, ttl_ms, now)
+            })
         })
     }
 
@@ -781,18 +789,9 @@ impl Instance for MemoryInstance {
         let (key, token, value) = (Arc::clone(key), Arc::clone(token), Arc::clone(value));
         let epoch = epoch.cloned();
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref())?;
-            let granted = store.retake(&key, &token, &value, ttl_ms, now)?;
-            if granted {
-                store.raise(
-                    epoch
-                        .as_ref()
-                        .filter(|epoch| epoch.raise)
-                        .map(|epoch| &epoch.key),
-                    ttl_ms,
-                );
-            }
-            Ok(granted)
+            store.checked(epoch.as_ref(), ttl_ms, |store| {
+                store.retake(&key, &token, &value, ttl_ms, now)
+            })
         })
     }
 
@@ -829,17 +828,9 @@ impl Instance for MemoryInstance {
         let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
         let epoch = epoch.cloned();
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref())?;
-            let granted = store.set_nx_px(&key, &value, ttl_ms, now);
-            if matches!(granted, Ok(true)) {
-                store.raise(
-                    epoch
-                        .as_ref()
-                        .filter(|epoch| epoch.raise)
-                        .map(|epoch| &epoch.key),
-                    ttl_ms,
-                );
-            }
+            let granted = store.checked(epoch.as_ref(), ttl_ms, |store| {
+                store.set_nx_px(&key, &value, ttl_ms, now)
+            });
             store.fenced(granted, &fence, now)
         })
     }
@@ -856,17 +847,9 @@ impl Instance for MemoryInstance {
         let (key, fence) = (Arc::clone(key), Arc::clone(fence));
         let (token, value, epoch) = (Arc::clone(token), Arc::clone(value), epoch.cloned());
         self.run(move |store, now| {
-            store.epoch_holds(epoch.as_ref())?;
-            let granted = store.retake(&key, &token, &value, ttl_ms, now);
-            if matches!(granted, Ok(true)) {
-                store.raise(
-                    epoch
-                        .as_ref()
-                        .filter(|epoch| epoch.raise)
-                        .map(|epoch| &epoch.key),
-                    ttl_ms,
-                );
-            }
+            let granted = store.checked(epoch.as_ref(), ttl_ms, |store| {
+                store.retake(&key, &token, &value, ttl_ms, now)
+            });
             store.fenced(granted, &fence, now)
         })
     }
