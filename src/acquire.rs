@@ -61,7 +61,7 @@ pub(crate) async fn attempt(
 ) -> crate::Result<Outcome> {
     shared.monitor.ensure_running(shared);
     // A new locker trusts no instance until it has seen which server it is and
-    // measured its clock: the first attempt waits for that (about 100 ms).
+    // measured its clock: the first attempt waits for that (about 85 ms).
     shared.monitor.warmed_up().await;
     let token = match &identity.token {
         Some(token) => Arc::clone(token),

@@ -203,34 +203,38 @@ impl Builder {
         self
     }
 
-    /// How long an instance that restarted (its `run_id` changed) may not vote in
-    /// acquisitions. A Redis server restarted without persistence forgets the locks
-    /// it held, and its vote could hand a second owner a lock that is still held;
-    /// once every lock it could have held has expired, its vote is safe again. Set
-    /// it to the longest TTL any client of these instances uses. Default: the
-    /// [`default_ttl`](Self::default_ttl). Zero turns the check off.
+    /// The least time an instance that lost its keys (restarted without
+    /// persistence, flushed, failed over: its epoch or `run_id` changed) may not
+    /// vote in acquisitions. Its vote could hand a second owner a lock that is
+    /// still held; once every lock it could have held has expired, it is safe
+    /// again. The locker makes it longer by itself where the servers say a
+    /// longer TTL was ever set there (the epoch hash's `ttl`, which every grant
+    /// and extend raises and nothing lowers: after retiring a long lock,
+    /// `HDEL <prefix>quorumlock:epoch ttl` on each server lowers it, once that
+    /// lock's TTL has passed). Default: the [`default_ttl`](Self::default_ttl).
+    /// Zero turns the checks off: no epoch check in grants, no quarantine.
     ///
-    /// The locker learns of a restart from a probe (every
-    /// [`probe_every`](Self::probe_every), and at once after a connection fails);
-    /// until that probe answers, an instance whose connection failed does not vote
-    /// either.
+    /// A grant on a server that lost its keys is refused in its own script; a
+    /// probe (every [`probe_every`](Self::probe_every), and at once after a
+    /// failure) starts the quarantine. Until a probe sent after the failure
+    /// answers, an instance whose request failed does not vote either.
     pub fn restart_quarantine(mut self, quarantine: Duration) -> Self {
         self.restart_quarantine = Some(quarantine);
         self
     }
 
     /// Refuses votes from instances whose clock runs faster than
-    /// `1 / (1 − drift_factor)` times ours (as estimated from probes), so that a
+    /// `1 / (1 − drift_factor)` times ours (as measured by the probes), so that a
     /// lock needs a quorum of trustworthy clocks or fails with
     /// [`Quarantine::ClockDrift`](crate::Quarantine::ClockDrift) in its causes.
     /// Default: off. Even off, a lock's validity is shortened to what its
-    /// granting instances' estimated clock rates allow.
+    /// granting instances' clock-rate bounds allow.
     pub fn quarantine_fast_clocks(mut self, on: bool) -> Self {
         self.quarantine_fast_clocks = on;
         self
     }
 
-    /// Whether a lock's validity is shortened to what the estimated clock rates of
+    /// Whether a lock's validity is shortened to what the clock-rate bounds of
     /// its granting instances allow (see the crate docs, "Clock drift"). Default:
     /// on. Turning it off gives plain Redlock validity, for comparisons.
     pub fn rate_aware_validity(mut self, on: bool) -> Self {
@@ -238,8 +242,9 @@ impl Builder {
         self
     }
 
-    /// How often every instance is probed for its `run_id` and clock (one
-    /// `INFO server` and one `TIME`). Default: [`DEFAULT_PROBE_EVERY`] (1 s).
+    /// How often every instance is probed for its identity and clock (`INFO
+    /// server`, `TIME` and the epoch hash, in one round trip; every 40 ms while
+    /// an instance is not yet measured). Default: [`DEFAULT_PROBE_EVERY`] (1 s).
     /// Must be non-zero.
     pub fn probe_every(mut self, every: Duration) -> Self {
         self.probe_every = every;

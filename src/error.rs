@@ -301,11 +301,12 @@ impl fmt::Display for Quarantine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Restarted { remaining } if remaining.is_zero() => f.write_str(
-                "restarted; quarantined until enough other instances have said how long their locks last",
+                "lost its keys (restart, flush or failover); quarantined until enough other instances have said how long their locks last",
             ),
             Self::Restarted { remaining } => write!(
                 f,
-                "restarted; quarantined for another {remaining:?} in case it forgot a lock"
+                "lost its keys (restart, flush or failover); quarantined for another {:.1?} in case it forgot a lock",
+                remaining
             ),
             Self::Unverified => {
                 f.write_str("its connection failed and it has not been reached since")

@@ -45,7 +45,8 @@ pub struct InstanceHealth {
     /// exact; 2.0 expires keys in half the time), estimated from the probes of the
     /// last few seconds; `None` until they span long enough.
     pub clock_rate: Option<f64>,
-    /// How long it stays out of acquisitions after a restart, if it restarted.
+    /// How long it stays out of acquisitions after it lost its keys (a restart,
+    /// a flush, a failover), if it did.
     pub quarantined_for: Option<Duration>,
 }
 
@@ -145,7 +146,7 @@ impl fmt::Display for Health {
                         write!(f, ", clock rate {rate:.4}")?;
                     }
                     if let Some(left) = instance.quarantined_for {
-                        write!(f, ", quarantined for {left:?} after a restart")?;
+                        write!(f, ", quarantined for {left:?} after losing its keys (restart, flush or failover)")?;
                     }
                     writeln!(f)?;
                 }

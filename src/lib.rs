@@ -115,7 +115,7 @@
 //!
 //! An instance votes only once its clock has a bound: a new locker's first
 //! attempt (or [`QuorumLocker::prepare`]) waits for three probes 40 ms apart,
-//! about 100 ms. The bound starts loose by about the round trip over the
+//! about 85 ms. The bound starts loose by about the round trip over the
 //! probes' span (0.2% of the TTL on loopback, 1% at a 0.5 ms round trip) and
 //! tightens as the span grows to seconds. A clock stepped back (NTP correcting
 //! a fast clock) is measured afresh, without a vote meanwhile, never trusted

@@ -147,7 +147,8 @@ impl QuorumLocker {
     ///
     /// - [`Error::NotAcquired`] when the timeout or the attempt limit is reached;
     ///   it carries every instance's vote in the last attempt;
-    /// - [`Error::EmptyKey`] or [`Error::InvalidTtl`] for bad input, before any I/O.
+    /// - [`Error::EmptyKey`], [`Error::ReservedKey`] or [`Error::InvalidTtl`] for bad input,
+    ///   before any I/O.
     ///
     /// # Cancel safety
     ///
@@ -309,7 +310,7 @@ impl QuorumLocker {
     }
 
     /// Connects to every instance, loads the Lua scripts there, waits for the
-    /// first measurements of each instance's identity and clock (about 100 ms:
+    /// first measurements of each instance's identity and clock (about 85 ms:
     /// an instance votes only once they are in), and reports each instance's
     /// health. The first lock then pays for none of these.
     ///

@@ -80,7 +80,7 @@ async fn quarantine_keeps_the_restarted_instance_from_voting() {
         ),
         "{refused}"
     );
-    assert!(refused.to_string().contains("restarted"), "{refused}");
+    assert!(refused.to_string().contains("lost its keys"), "{refused}");
     let health = b.health().await;
     assert!(health.instances()[0].quarantined_for.is_some());
 

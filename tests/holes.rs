@@ -315,7 +315,7 @@ async fn hole_03_a_server_restarted_behind_a_reconnecting_connection_does_not_vo
             assert!(
                 [
                     "data set or server changed",
-                    "restarted",
+                    "lost its keys",
                     "has not been reached since"
                 ]
                 .iter()

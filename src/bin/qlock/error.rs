@@ -85,6 +85,7 @@ impl From<Error> for CliError {
             | Error::InvalidTtl { .. }
             | Error::InvalidConfig { .. }
             | Error::EmptyKey
+            | Error::ReservedKey { .. }
             | Error::NoInstances
             | Error::DuplicateInstance { .. } => code::USAGE,
             _ => code::FAILURE,
