@@ -142,13 +142,8 @@ async fn run(
             quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
         })
         .await;
-    if quorum::decide(
-        n,
-        quorum,
-        attempt.fanout.tally().granted,
-        attempt.fanout.tally().failed,
-    ) == Decision::Won
-    {
+    let decided = attempt.fanout.tally();
+    if quorum::decide(n, quorum, decided.granted, decided.failed) == Decision::Won {
         await_longer_lifetime(shared, &mut attempt.fanout, ttl, deadline).await;
     }
     let elapsed = start.elapsed();

@@ -18,7 +18,7 @@ use tracing::{debug, trace, warn};
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Member, Reply};
 use crate::locker::Shared;
-use crate::monitor::{Admission, Gate, InFlight, InstanceState};
+use crate::monitor::{Admission, InFlight, InstanceState};
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
@@ -128,12 +128,10 @@ impl Fanout {
         operation: impl Fn(&Member, &Admission) -> BoxFuture<Reply>,
     ) -> Self {
         let mut fanout = Self::new(shared);
-        let policy = &shared.settings.policy;
-        let gate = Gate::new(shared);
         let admissions: Vec<Result<Admission, Vote>> = shared
             .members
             .iter()
-            .map(|member| member.state.admit(policy, &gate, member.index))
+            .map(|member| member.state.admit(shared, member.index))
             .collect();
         let refused = admissions
             .iter()

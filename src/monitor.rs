@@ -48,7 +48,7 @@ struct Standing {
     /// When the locker saw that the server lost its keys (restarted, flushed,
     /// failed over): no votes until the quarantine from then has passed, and
     /// enough other instances were read since to know how long their locks
-    /// last (see [`Gate`]).
+    /// last (see `after_loss`).
     lost_at: Option<Instant>,
     /// When the last probe that answered was sent.
     probed_at: Option<Instant>,
@@ -82,8 +82,9 @@ struct Standing {
 /// How strictly the locker treats instances; from the builder.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Policy {
-    /// How long a restarted instance may not vote at least; zero turns the check
-    /// off. The locker's longest TTL so far is used where it is longer.
+    /// How long an instance that lost its keys may not vote at least; zero turns
+    /// the checks off. The longest TTL set on the servers is used where it is
+    /// longer (`Shared::restart_quarantine`).
     pub(crate) restart_quarantine: Duration,
     /// Refuse votes from an instance whose clock runs faster than this rate.
     pub(crate) max_clock_rate: Option<f64>,
@@ -105,51 +106,36 @@ impl Policy {
     }
 }
 
-/// What an attempt knows of every instance when it asks them: how long a
-/// quarantine lasts now (the longest TTL any locker has set on these servers,
-/// as last read: it grows as readings come in), when each instance was last
-/// read, and how many other instances must have been read since a loss.
-///
+/// Whether instance `index`, which lost its keys at `lost_at`, may vote again:
+/// the quarantine has passed (how long is left, if not; it lasts the longest
+/// TTL any locker has set on these servers as read now, so it grows as
+/// readings come in), and `N − quorum + 1` other instances were read since
+/// (any lock held across the loss was granted by at least `quorum − 1` others,
+/// so that many reads meet one of them, and the quarantine knows its TTL).
 /// Read only where an instance is quarantined: the usual attempt pays nothing.
-pub(crate) struct Gate<'a> {
-    shared: &'a Shared,
-}
-
-impl<'a> Gate<'a> {
-    pub(crate) fn new(shared: &'a Shared) -> Self {
-        Self { shared }
+fn after_loss(shared: &Shared, index: usize, lost_at: Instant) -> Result<(), Duration> {
+    let quarantine = shared.restart_quarantine();
+    let remaining = (lost_at + quarantine).saturating_duration_since(Instant::now());
+    if !remaining.is_zero() {
+        return Err(remaining);
     }
-
-    /// Whether instance `index`, which lost its keys at `lost_at`, may vote
-    /// again: the quarantine has passed (how long is left, if not), and
-    /// `N − quorum + 1` other instances were read since (any lock held across
-    /// the loss was granted by at least `quorum − 1` others, so that many
-    /// reads meet one of them, and the quarantine knows its TTL).
-    fn after_loss(&self, index: usize, lost_at: Instant) -> Result<(), Duration> {
-        let quarantine = self.shared.restart_quarantine();
-        let remaining = (lost_at + quarantine).saturating_duration_since(Instant::now());
-        if !remaining.is_zero() {
-            return Err(remaining);
-        }
-        let reads = self
-            .shared
-            .members
-            .iter()
-            .filter(|member| member.index != index)
-            .filter(|member| {
-                member
-                    .state
-                    .standing()
-                    .probed_at
-                    .is_some_and(|at| at > lost_at)
-            })
-            .count();
-        let needed = self.shared.members.len() - self.shared.quorum + 1;
-        if reads < needed {
-            return Err(Duration::ZERO);
-        }
-        Ok(())
+    let reads = shared
+        .members
+        .iter()
+        .filter(|member| member.index != index)
+        .filter(|member| {
+            member
+                .state
+                .standing()
+                .probed_at
+                .is_some_and(|at| at > lost_at)
+        })
+        .count();
+    let needed = shared.members.len() - shared.quorum + 1;
+    if reads < needed {
+        return Err(Duration::ZERO);
     }
+    Ok(())
 }
 
 /// What an instance may be asked to grant with: the identity its grants must
@@ -186,17 +172,14 @@ impl InstanceState {
 
     /// Whether the instance may be asked to grant a lock now, and with which
     /// epoch; or why it may not.
-    pub(crate) fn admit(
-        &self,
-        policy: &Policy,
-        gate: &Gate<'_>,
-        index: usize,
-    ) -> Result<Admission, Vote> {
+    pub(crate) fn admit(&self, shared: &Shared, index: usize) -> Result<Admission, Vote> {
+        let policy = &shared.settings.policy;
         let refuse = |why| Err(Vote::Quarantined(why));
-        // Read without holding this instance's lock: the gate reads the others'.
+        // Read without holding this instance's lock: `after_loss` reads the
+        // others'.
         let lost_at = self.standing().lost_at;
         if let Some(lost_at) = lost_at {
-            if let Err(remaining) = gate.after_loss(index, lost_at) {
+            if let Err(remaining) = after_loss(shared, index, lost_at) {
                 // Zero: a long lock held across the loss may be known only to
                 // the others not read since.
                 return refuse(Quarantine::Restarted { remaining });

@@ -71,6 +71,25 @@ return 0"#
     ))
 });
 
+/// The grant of `RETAKE` and `FENCED_RETAKE`: `SET NX PX` (KEYS[1], ARGV[1],
+/// ARGV[2]), or where the key holds a value with our token (ARGV[3], then a
+/// space), our value in its place; opens `if granted then`, which the script
+/// closes.
+macro_rules! retake {
+    () => {
+        r#"local granted = redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2])
+if not granted then
+    local held = redis.call("GET", KEYS[1])
+    if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
+        redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
+        granted = true
+    end
+end
+if granted then
+"#
+    };
+}
+
 /// `SET key value NX PX ttl` (KEYS[1], ARGV[1], ARGV[2]) where the server is
 /// the one verified (epoch hash KEYS[2], id ARGV[3], `run_id` ARGV[4]; raise
 /// flag ARGV[5]). Returns
@@ -97,16 +116,7 @@ return 0"#
 pub(crate) static RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         verified!(2, 4, 5),
-        r#"local granted = redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2])
-if not granted then
-    local held = redis.call("GET", KEYS[1])
-    if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
-        redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
-        granted = true
-    end
-end
-if granted then
-"#,
+        retake!(),
         raise_ttl!(2, 6),
         r#"    return 1
 end
@@ -149,21 +159,11 @@ return 0"#
 /// `RETAKE` (ARGV[3] is the token), then `INCR` of the fencing counter KEYS[2]
 /// where it granted. Returns the counter, 0 if refused, or -1 if not the
 /// verified server (epoch hash KEYS[3], id ARGV[4], `run_id` ARGV[5]; raise
-/// flag ARGV[6]): a
-/// re-taken lock gets a new, larger token, like any new holder.
+/// flag ARGV[6]): a re-taken lock gets a new, larger token, like any new holder.
 pub(crate) static FENCED_RETAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         verified!(3, 4, 5),
-        r#"local granted = redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2])
-if not granted then
-    local held = redis.call("GET", KEYS[1])
-    if string.sub(held, 1, #ARGV[3] + 1) == ARGV[3] .. " " then
-        redis.call("SET", KEYS[1], ARGV[1], "PX", ARGV[2])
-        granted = true
-    end
-end
-if granted then
-"#,
+        retake!(),
         raise_ttl!(3, 6),
         r#"    return redis.call("INCR", KEYS[2])
 end

@@ -82,10 +82,8 @@ where
         let mut connection = self.connection.clone();
         let peer = self.peer.clone();
         Box::pin(async move {
-            match explained(peer, call(script, &evalsha, &mut connection).await).await? {
-                -1 => Err(epoch::changed()),
-                answer => Ok(answer == 1),
-            }
+            let answer = explained(peer, call(script, &evalsha, &mut connection).await).await?;
+            Ok(count(answer)? == 1)
         })
     }
 
@@ -101,13 +99,16 @@ where
         let evalsha = evalsha(script, keys, args);
         let peer = self.peer.clone();
         Box::pin(async move {
-            match explained(peer, call(script, &evalsha, &mut connection).await).await? {
-                -1 => Err(epoch::changed()),
-                answer => {
-                    u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer)))
-                }
-            }
+            count(explained(peer, call(script, &evalsha, &mut connection).await).await?)
         })
+    }
+}
+
+/// A script's answer: a count, or -1 where the server is not the one verified.
+fn count(answer: i64) -> Result<u64, RedisError> {
+    match answer {
+        -1 => Err(epoch::changed()),
+        answer => u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer))),
     }
 }
 
