@@ -1,5 +1,6 @@
 //! Heap allocations, bytes allocated and (under callgrind) instructions per
-//! acquire + release cycle at N = 5: ours against the raw floor, and rslock.
+//! acquire + release cycle at N = 5: ours against the raw floor (waits for
+//! every reply), the quorum floor (decided at the quorum-th) and rslock.
 //!
 //! A counting global allocator counts every `alloc`, `alloc_zeroed` and
 //! `realloc` (a `realloc` counts as one allocation of its new size) while
@@ -18,7 +19,7 @@
 //!   collection only inside `measure` (`--toggle-collect`); the outputs are left
 //!   in `target/cost/` for `callgrind_annotate`.
 //!
-//! Options: `--side raw|ours|rslock` (one side only), `--cycles N` (default
+//! Options: `--side raw|quorum|ours|rslock` (one side only), `--cycles N` (default
 //! 2000; 300 per side under callgrind).
 
 mod common;
@@ -29,7 +30,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Pair, RawFloor, Side};
+use common::{Pair, QuorumFloor, RawFloor, Side};
 use quorumlock::QuorumLocker;
 
 /// Counts allocations and their bytes, then defers to the system allocator.
@@ -96,7 +97,7 @@ struct Options {
 
 fn options() -> Options {
     let mut options = Options {
-        sides: Side::ALL.to_vec(),
+        sides: Side::WITH_QUORUM.to_vec(),
         cycles: None,
         callgrind: false,
     };
@@ -104,11 +105,13 @@ fn options() -> Options {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--side" => {
-                let side = args.next().expect("--side needs raw, ours or rslock");
-                let side = Side::ALL
+                let side = args
+                    .next()
+                    .expect("--side needs raw, quorum, ours or rslock");
+                let side = Side::WITH_QUORUM
                     .into_iter()
                     .find(|s| s.name().starts_with(side.as_str()))
-                    .expect("--side must be raw, ours (quorumlock) or rslock");
+                    .expect("--side must be raw, quorum, ours (quorumlock) or rslock");
                 options.sides = vec![side];
             }
             "--cycles" => {
@@ -135,6 +138,7 @@ fn main() {
         Pair {
             n: urls.len(),
             raw: RawFloor::connect(&urls).await,
+            quorum: QuorumFloor::connect(&urls).await,
             ours: locker(&urls).await,
             rslock: common::rslock(&urls).await,
         }
@@ -167,12 +171,15 @@ fn main() {
         costs.push((side, cost));
     }
     let find = |wanted: Side| costs.iter().find(|(side, _)| *side == wanted);
-    if let (Some((_, ours)), Some((_, raw))) = (find(Side::Ours), find(Side::Raw)) {
-        println!(
-            "ours / raw: {:.2}× allocations, {:.2}× bytes",
-            ours.allocations / raw.allocations,
-            ours.bytes / raw.bytes
-        );
+    for floor in [Side::Raw, Side::Quorum] {
+        if let (Some((_, ours)), Some((_, base))) = (find(Side::Ours), find(floor)) {
+            println!(
+                "ours / {}: {:.2}× allocations, {:.2}× bytes",
+                floor.name(),
+                ours.allocations / base.allocations,
+                ours.bytes / base.bytes
+            );
+        }
     }
     drop(pair);
     drop(cluster);
@@ -274,7 +281,9 @@ fn callgrind(options: &Options) {
         }
     }
     let find = |wanted: Side| counts.iter().find(|(side, _)| *side == wanted).map(|c| c.1);
-    if let (Some(ours), Some(raw)) = (find(Side::Ours), find(Side::Raw)) {
-        println!("ours / raw: {:.2}× instructions", ours / raw);
+    for floor in [Side::Raw, Side::Quorum] {
+        if let (Some(ours), Some(base)) = (find(Side::Ours), find(floor)) {
+            println!("ours / {}: {:.2}× instructions", floor.name(), ours / base);
+        }
     }
 }

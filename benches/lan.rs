@@ -24,100 +24,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use common::QuorumFloor;
 use quorumlock::testing::{Direction, FaultProxy};
 use quorumlock::QuorumLocker;
 use redis::aio::MultiplexedConnection;
-use redis::{IntoConnectionInfo, Script, Value};
 
 const LAN_ONE_WAY: Duration = Duration::from_micros(250);
-const TIMEOUT: Duration = Duration::from_millis(50);
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
-const RELEASE: &str = r#"if redis.call("GET", KEYS[1]) == ARGV[1] then
-    return redis.call("DEL", KEYS[1])
-end
-return 0"#;
 const BLOCK: usize = 50;
 const ROUNDS: usize = 5;
 const SIZES: [usize; 3] = [1, 3, 5];
 const TASKS: [usize; 2] = [16, 64];
-
-/// The like-for-like floor of a quorum lock.
-struct QuorumFloor {
-    connections: Vec<MultiplexedConnection>,
-    release_sha: String,
-}
-
-impl QuorumFloor {
-    async fn connect(urls: &[String]) -> Self {
-        let script = Script::new(RELEASE);
-        let mut connections = Vec::new();
-        for url in urls {
-            let info = url.as_str().into_connection_info().expect("valid URL");
-            let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-            let client = redis::Client::open(info.set_tcp_settings(tcp)).expect("client");
-            let mut connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect");
-            script
-                .prepare_invoke()
-                .load_async(&mut connection)
-                .await
-                .expect("SCRIPT LOAD");
-            connections.push(connection);
-        }
-        Self {
-            connections,
-            release_sha: script.get_hash().to_string(),
-        }
-    }
-
-    async fn cycle(&self, key: &str) {
-        let quorum = self.connections.len() / 2 + 1;
-        let mut sets: FuturesUnordered<_> = self
-            .connections
-            .iter()
-            .map(|connection| {
-                let mut connection = connection.clone();
-                let mut set = redis::cmd("SET");
-                set.arg(key).arg(TOKEN).arg("NX").arg("PX").arg(10_000);
-                async move {
-                    tokio::time::timeout(TIMEOUT, set.query_async::<Value>(&mut connection)).await
-                }
-            })
-            .collect();
-        let mut granted = 0;
-        while let Some(reply) = sets.next().await {
-            if matches!(reply, Ok(Ok(Value::Okay))) {
-                granted += 1;
-                if granted == quorum {
-                    break;
-                }
-            }
-        }
-        assert_eq!(granted, quorum, "the floor's SET NX PX was refused");
-        let mut deletes: FuturesUnordered<_> = self
-            .connections
-            .iter()
-            .map(|connection| {
-                let mut connection = connection.clone();
-                let mut delete = redis::cmd("EVALSHA");
-                delete.arg(&self.release_sha).arg(1).arg(key).arg(TOKEN);
-                async move {
-                    tokio::time::timeout(TIMEOUT, delete.query_async::<i64>(&mut connection)).await
-                }
-            })
-            .collect();
-        let mut answered = 0;
-        while deletes.next().await.is_some() {
-            answered += 1;
-            if answered == quorum {
-                break;
-            }
-        }
-    }
-}
 
 #[derive(Clone, Copy)]
 enum Side {
@@ -132,12 +48,14 @@ struct Clients {
     floor: QuorumFloor,
     ours: QuorumLocker,
     rslock: rslock::LockManager,
-    next: AtomicU64,
 }
 
 impl Clients {
     async fn cycle(&self, side: Side) {
-        let key = format!("bench:lan:{}", self.next.fetch_add(1, Ordering::Relaxed));
+        // One counter for the whole run: keys of an earlier row are still held
+        // (TTL 10 s) when the next row starts.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let key = format!("bench:lan:{}", NEXT.fetch_add(1, Ordering::Relaxed));
         match side {
             Side::Floor => self.floor.cycle(&key).await,
             Side::Ours => common::ours_cycle(&self.ours, &key).await,
@@ -159,6 +77,13 @@ fn main() {
     println!("| network | N | floor p50 / p99 | ours p50 / p99 | rslock p50 / p99 | ours/floor p50 / p99 | ours/rslock p50 | 16 tasks: ours/floor, ours/rslock | 64 tasks: ours/floor, ours/rslock |");
     println!("|---|---|---|---|---|---|---|---|---|");
     runtime.block_on(async {
+        // Direct connections for reading the servers' CPU time, past any proxy.
+        let mut admin = Vec::new();
+        for url in cluster.urls() {
+            let client = redis::Client::open(url).expect("client");
+            admin.push(client.get_multiplexed_async_connection().await.expect("connect"));
+        }
+        let mut cpu_rows = Vec::new();
         for lan in [false, true] {
             let mut proxies = Vec::new();
             let mut urls = cluster.urls();
@@ -172,28 +97,42 @@ fn main() {
                     proxies.push(proxy);
                 }
             }
+            let network = if lan { "LAN (0.5 ms)" } else { "loopback" };
             for n in SIZES {
                 let urls = &urls[..n];
                 let clients = Arc::new(Clients {
                     floor: QuorumFloor::connect(urls).await,
                     ours: common::locker(urls).await,
                     rslock: common::rslock(urls).await,
-                    next: AtomicU64::new(0),
                 });
                 let [floor, ours, rsl] = latency(&clients, cycles).await;
                 let mut row = format!(
                     "| {} | {n} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.3} / {:.3} | {:.3} |",
-                    if lan { "LAN (0.5 ms)" } else { "loopback" },
+                    network,
                     floor.0, floor.1, ours.0, ours.1, rsl.0, rsl.1,
                     ours.0 / floor.0, ours.1 / floor.1, ours.0 / rsl.0,
                 );
                 for tasks in TASKS {
-                    let [floor, ours, rsl] = throughput(&clients, tasks, per_round).await;
+                    let ([floor, ours, rsl], [floor_cpu, ours_cpu, rsl_cpu]) =
+                        throughput(&clients, &mut admin[..n], tasks, per_round).await;
                     row.push_str(&format!(" {:.3}, {:.3} ({:.0}/s) |", ours / floor, ours / rsl, ours));
+                    cpu_rows.push(format!(
+                        "| {} | {n} | {tasks} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} / {:.2} |",
+                        network,
+                        floor_cpu.client, ours_cpu.client, rsl_cpu.client,
+                        floor_cpu.servers, ours_cpu.servers, rsl_cpu.servers,
+                        floor_cpu.switches, ours_cpu.switches, rsl_cpu.switches,
+                    ));
                 }
                 println!("{row}");
                 clients.ours.settle().await;
             }
+        }
+        println!("\nPer cycle in the throughput rounds: floor / ours / rslock\n");
+        println!("| network | N | tasks | this process µs | servers µs | context switches |");
+        println!("|---|---|---|---|---|---|");
+        for row in cpu_rows {
+            println!("{row}");
         }
     });
 }
@@ -230,12 +169,19 @@ async fn latency(clients: &Arc<Clients>, cycles: usize) -> [(f64, f64); 3] {
 
 /// Cycles per second of each side from `tasks` tasks: the median of
 /// interleaved rounds.
-async fn throughput(clients: &Arc<Clients>, tasks: usize, per_round: u64) -> [f64; 3] {
+async fn throughput(
+    clients: &Arc<Clients>,
+    servers: &mut [MultiplexedConnection],
+    tasks: usize,
+    per_round: u64,
+) -> ([f64; 3], [Cpu; 3]) {
     let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut cpu = [Cpu::default(); 3];
     for round in 0..ROUNDS {
         for turn in 0..3 {
             let index = (round + turn) % 3;
             let left = Arc::new(AtomicU64::new(per_round));
+            let before = Cpu::now(servers).await;
             let started = Instant::now();
             let handles: Vec<_> = (0..tasks)
                 .map(|_| {
@@ -256,7 +202,74 @@ async fn throughput(clients: &Arc<Clients>, tasks: usize, per_round: u64) -> [f6
                 handle.await.expect("a throughput task panicked");
             }
             rates[index].push(per_round as f64 / started.elapsed().as_secs_f64());
+            cpu[index].add(Cpu::now(servers).await.since(before));
         }
     }
-    rates.map(common::median)
+    let cycles = (ROUNDS as u64 * per_round) as f64;
+    (rates.map(common::median), cpu.map(|cpu| cpu.per(cycles)))
+}
+
+/// CPU time in µs: this process's (the clients, their connections and the
+/// proxies) and the servers' (`INFO cpu`).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    client: f64,
+    servers: f64,
+    /// This process's context switches, voluntary and not.
+    switches: f64,
+}
+
+impl Cpu {
+    async fn now(servers: &mut [MultiplexedConnection]) -> Self {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+        // SAFETY: getrusage writes the whole struct on success, checked below.
+        let usage = unsafe {
+            assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+            usage.assume_init()
+        };
+        let micros = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+        let mut server_micros = 0.0;
+        for server in servers {
+            let info: String = redis::cmd("INFO")
+                .arg("cpu")
+                .query_async(server)
+                .await
+                .expect("INFO cpu");
+            server_micros += info
+                .lines()
+                .filter_map(|line| {
+                    line.strip_prefix("used_cpu_user:")
+                        .or_else(|| line.strip_prefix("used_cpu_sys:"))
+                })
+                .map(|value| value.trim().parse::<f64>().expect("a CPU figure") * 1e6)
+                .sum::<f64>();
+        }
+        Self {
+            client: micros(usage.ru_utime) + micros(usage.ru_stime),
+            servers: server_micros,
+            switches: (usage.ru_nvcsw + usage.ru_nivcsw) as f64,
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            client: self.client - before.client,
+            servers: self.servers - before.servers,
+            switches: self.switches - before.switches,
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.client += other.client;
+        self.servers += other.servers;
+        self.switches += other.switches;
+    }
+
+    fn per(self, cycles: f64) -> Self {
+        Self {
+            client: self.client / cycles,
+            servers: self.servers / cycles,
+            switches: self.switches / cycles,
+        }
+    }
 }

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use quorumlock::testing::RedisCluster;
 use quorumlock::QuorumLocker;
 use redis::aio::MultiplexedConnection;
-use redis::{Script, Value};
+use redis::{IntoConnectionInfo, Script, Value};
 
 /// Servers in the cluster; every N uses the first N of them.
 pub const SERVERS: usize = 5;
@@ -81,6 +82,34 @@ impl Keys {
     }
 }
 
+/// One connection per URL for a floor, multiplexed, with the release script
+/// loaded; and the script's SHA.
+async fn connect_floor(urls: &[String]) -> (Vec<MultiplexedConnection>, String) {
+    let script = Script::new(RELEASE_SCRIPT);
+    let mut connections = Vec::with_capacity(urls.len());
+    for url in urls {
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .expect("valid redis URL");
+        // Ours sets TCP_NODELAY on its connections; so do the floors, or
+        // Nagle's algorithm would hold back their pipelined commands.
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).expect("client");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis-server");
+        script
+            .prepare_invoke()
+            .load_async(&mut connection)
+            .await
+            .expect("SCRIPT LOAD");
+        connections.push(connection);
+    }
+    (connections, script.get_hash().to_string())
+}
+
 /// The raw floor over N servers.
 pub struct RawFloor {
     connections: Vec<MultiplexedConnection>,
@@ -90,24 +119,10 @@ pub struct RawFloor {
 impl RawFloor {
     /// Connects to every URL and loads the release script on each.
     pub async fn connect(urls: &[String]) -> Self {
-        let script = Script::new(RELEASE_SCRIPT);
-        let mut connections = Vec::with_capacity(urls.len());
-        for url in urls {
-            let client = redis::Client::open(url.as_str()).expect("valid redis URL");
-            let mut connection = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect to redis-server");
-            script
-                .prepare_invoke()
-                .load_async(&mut connection)
-                .await
-                .expect("SCRIPT LOAD");
-            connections.push(connection);
-        }
+        let (connections, release_sha) = connect_floor(urls).await;
         Self {
             connections,
-            release_sha: script.get_hash().to_string(),
+            release_sha,
         }
     }
 
@@ -139,6 +154,77 @@ impl RawFloor {
                 1,
                 "raw release deleted nothing"
             );
+        }
+    }
+}
+
+/// The like-for-like floor of a quorum lock: N parallel `SET key token NX PX
+/// ttl` decided at the quorum-th OK, then N parallel compare-and-deletes decided
+/// at the quorum-th reply, each request bounded by [`QUORUM_TIMEOUT`]. Replies
+/// after the decision are left to the connection: no rollback, no bookkeeping.
+pub struct QuorumFloor {
+    connections: Vec<MultiplexedConnection>,
+    release_sha: String,
+}
+
+/// The quorum floor's per-request timeout, ours' default instance timeout.
+pub const QUORUM_TIMEOUT: Duration = Duration::from_millis(50);
+
+impl QuorumFloor {
+    /// Connects to every URL and loads the release script on each.
+    pub async fn connect(urls: &[String]) -> Self {
+        let (connections, release_sha) = connect_floor(urls).await;
+        Self {
+            connections,
+            release_sha,
+        }
+    }
+
+    /// One cycle on `key`, decided at the quorum-th reply each way.
+    pub async fn cycle(&self, key: &str) {
+        let quorum = self.connections.len() / 2 + 1;
+        let mut sets: FuturesUnordered<_> = self
+            .connections
+            .iter()
+            .map(|connection| {
+                let mut connection = connection.clone();
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(RAW_TOKEN).arg("NX").arg("PX").arg(TTL_MS);
+                async move {
+                    tokio::time::timeout(QUORUM_TIMEOUT, set.query_async::<Value>(&mut connection))
+                        .await
+                }
+            })
+            .collect();
+        let mut granted = 0;
+        while let Some(reply) = sets.next().await {
+            if matches!(reply, Ok(Ok(Value::Okay))) {
+                granted += 1;
+                if granted == quorum {
+                    break;
+                }
+            }
+        }
+        assert_eq!(granted, quorum, "the quorum floor's SET NX PX was refused");
+        let mut deletes: FuturesUnordered<_> = self
+            .connections
+            .iter()
+            .map(|connection| {
+                let mut connection = connection.clone();
+                let mut delete = redis::cmd("EVALSHA");
+                delete.arg(&self.release_sha).arg(1).arg(key).arg(RAW_TOKEN);
+                async move {
+                    tokio::time::timeout(QUORUM_TIMEOUT, delete.query_async::<i64>(&mut connection))
+                        .await
+                }
+            })
+            .collect();
+        let mut answered = 0;
+        while deletes.next().await.is_some() {
+            answered += 1;
+            if answered == quorum {
+                break;
+            }
         }
     }
 }
@@ -188,6 +274,8 @@ pub async fn rslock_cycle(manager: &rslock::LockManager, key: &str) {
 pub enum Side {
     /// The raw floor.
     Raw,
+    /// The quorum floor.
+    Quorum,
     /// quorumlock.
     Ours,
     /// rslock.
@@ -195,13 +283,17 @@ pub enum Side {
 }
 
 impl Side {
-    /// All three, in report order.
+    /// The three the `cycle` and `acquire` benches compare, in report order.
     pub const ALL: [Side; 3] = [Side::Raw, Side::Ours, Side::Rslock];
+
+    /// All four, for the `cost` bench.
+    pub const WITH_QUORUM: [Side; 4] = [Side::Raw, Side::Quorum, Side::Ours, Side::Rslock];
 
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
             Side::Raw => "raw_floor",
+            Side::Quorum => "quorum_floor",
             Side::Ours => "quorumlock",
             Side::Rslock => "rslock",
         }
@@ -209,6 +301,7 @@ impl Side {
 }
 
 static RAW_KEYS: Keys = Keys::new("rawf");
+static QUORUM_KEYS: Keys = Keys::new("qrmf");
 static OURS_KEYS: Keys = Keys::new("ours");
 static RSLOCK_KEYS: Keys = Keys::new("rslk");
 
@@ -218,6 +311,8 @@ pub struct Pair {
     pub n: usize,
     /// The raw floor over them.
     pub raw: RawFloor,
+    /// The quorum floor over them.
+    pub quorum: QuorumFloor,
     /// Our locker over them.
     pub ours: QuorumLocker,
     /// rslock over them.
@@ -231,6 +326,10 @@ impl Pair {
             Side::Raw => {
                 let key = RAW_KEYS.next();
                 self.raw.cycle(&key).await;
+            }
+            Side::Quorum => {
+                let key = QUORUM_KEYS.next();
+                self.quorum.cycle(&key).await;
             }
             Side::Ours => {
                 let key = OURS_KEYS.next();
@@ -247,12 +346,14 @@ impl Pair {
     pub async fn timed_cycle(&self, side: Side) -> Duration {
         let key = match side {
             Side::Raw => RAW_KEYS.next(),
+            Side::Quorum => QUORUM_KEYS.next(),
             Side::Ours => OURS_KEYS.next(),
             Side::Rslock => RSLOCK_KEYS.next(),
         };
         let started = Instant::now();
         match side {
             Side::Raw => self.raw.cycle(&key).await,
+            Side::Quorum => self.quorum.cycle(&key).await,
             Side::Ours => ours_cycle(&self.ours, &key).await,
             Side::Rslock => rslock_cycle(&self.rslock, &key).await,
         }
@@ -296,6 +397,7 @@ pub async fn pairs(cluster: &RedisCluster) -> Vec<Pair> {
         pairs.push(Pair {
             n,
             raw: RawFloor::connect(urls).await,
+            quorum: QuorumFloor::connect(urls).await,
             ours: locker(urls).await,
             rslock: rslock(urls).await,
         });
