@@ -204,6 +204,13 @@ impl FaultProxy {
     /// slower one. The new delay applies to bytes read after this call; bytes already
     /// held keep the delay they were given. A round trip pays the `ToServer` and the
     /// `ToClient` latency.
+    ///
+    /// Precision: on Linux a chunk is released within some tens of microseconds after
+    /// its time (a timerfd per connection), so sub-millisecond latencies such as a
+    /// LAN's 250 µs hold; a busy runtime can add to that. Elsewhere Tokio's timer
+    /// rounds each delay up to its next millisecond tick, so a delay under 1 ms costs
+    /// about 1 to 2 ms. Under Tokio's paused clock (`start_paused`,
+    /// `tokio::time::pause`) delays are virtual time, as Tokio's own timers are.
     pub fn set_latency(&self, direction: Direction, latency: Duration) {
         self.shared.faults.send_modify(|faults| {
             for &i in direction.indices() {
@@ -452,6 +459,9 @@ enum Event {
     Read(usize, io::Result<usize>),
     Wrote(usize, io::Result<usize>),
     Timer,
+    /// The precise timer failed (it cannot, short of a kernel bug): Tokio's timer
+    /// carries on alone.
+    TimerFailed(io::Error),
 }
 
 struct Connection {
@@ -466,6 +476,9 @@ struct Connection {
     bufs: [Vec<u8>; 2],
     /// Bytes were discarded by a black hole: the streams can no longer be trusted.
     lost: bool,
+    /// Wakes the task at the next release time to the microsecond; `None` off
+    /// Linux, or if it could not be made (Tokio's timer is then the only one).
+    timer: Option<PreciseTimer>,
     rng: XorShift,
     shared: Arc<Shared>,
     _live: Live,
@@ -489,6 +502,7 @@ impl Connection {
             pipes: [Pipe::new(), Pipe::new()],
             bufs: [vec![0; CHUNK], vec![0; CHUNK]],
             lost: false,
+            timer: PreciseTimer::new(id),
             rng: XorShift::new(shared.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             _live: Live::new(Arc::clone(shared)),
             shared: Arc::clone(shared),
@@ -555,6 +569,10 @@ impl Connection {
             let faults = *self.faults.borrow();
             match event {
                 Event::Changed(true) | Event::Timer => {}
+                Event::TimerFailed(error) => {
+                    tracing::debug!(id, %error, "fault proxy: timerfd failed, latency in whole ms");
+                    self.timer = None;
+                }
                 Event::Changed(false) => return,
                 Event::Read(dir, Ok(0)) => {
                     if dir == UP && faults.blackhole {
@@ -615,6 +633,21 @@ impl Connection {
             None => (None, None),
         };
         let [up_buf, down_buf] = &mut self.bufs;
+        // Two timers for the next release, whichever fires first. Tokio's rounds up
+        // to its next 1 ms tick, so a 250 µs latency would take over 1 ms; the timerfd
+        // fires within microseconds of the release, on the same clock while Tokio's
+        // time runs (CLOCK_MONOTONIC, `std`'s `Instant`'s, which Tokio's wraps). Tokio's
+        // stays for other targets, and for Tokio's paused clock (`start_paused`,
+        // `time::pause`): there a release is virtual time, which only Tokio's timer
+        // follows (the runtime auto-advances to it when idle), while the timerfd,
+        // armed for the same span in real time, would fire later to no effect.
+        let precise = match (self.timer.as_mut(), wake) {
+            (Some(timer), Some(release)) => match timer.arm(release) {
+                Ok(()) => Some(timer),
+                Err(error) => return Event::TimerFailed(error),
+            },
+            _ => None,
+        };
         tokio::select! {
             biased;
             changed = self.faults.changed() => Event::Changed(changed.is_ok()),
@@ -629,6 +662,10 @@ impl Connection {
                 Event::Read(DOWN, read)
             }
             () = sleep_until(wake.unwrap_or(now)), if wake.is_some() => Event::Timer,
+            fired = expired(precise), if wake.is_some() => match fired {
+                Ok(()) => Event::Timer,
+                Err(error) => Event::TimerFailed(error),
+            },
         }
     }
 
@@ -659,6 +696,112 @@ async fn write_some<W: AsyncWrite + Unpin>(
     match (half, data) {
         (Some(mut half), Some(data)) => half.write(data).await,
         _ => pending().await,
+    }
+}
+
+/// Waits for `timer` to fire, or forever without one.
+async fn expired(timer: Option<&mut PreciseTimer>) -> io::Result<()> {
+    match timer {
+        Some(timer) => timer.expired().await,
+        None => pending().await,
+    }
+}
+
+/// A one-shot timerfd on `CLOCK_MONOTONIC`, registered with the runtime's I/O
+/// driver: it wakes the task within microseconds of its deadline, where Tokio's
+/// timer wheel has millisecond ticks.
+#[cfg(target_os = "linux")]
+struct PreciseTimer {
+    fd: tokio::io::unix::AsyncFd<rustix::fd::OwnedFd>,
+    /// The release it is armed for, until it fires: re-arming for the same one,
+    /// as every turn of the connection's loop asks, is skipped.
+    armed: Option<Instant>,
+}
+
+#[cfg(target_os = "linux")]
+impl PreciseTimer {
+    /// A new timer, or `None` (logged) if the kernel gives none, e.g. out of file
+    /// descriptors.
+    fn new(id: u64) -> Option<Self> {
+        Self::create()
+            .inspect_err(|error| {
+                tracing::debug!(id, %error, "fault proxy: no timerfd, latency in whole ms");
+            })
+            .ok()
+    }
+
+    fn create() -> io::Result<Self> {
+        use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+        let flags = TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC;
+        let fd = timerfd_create(TimerfdClockId::Monotonic, flags)?;
+        // `AsyncFd::register_with_interest` needs tokio 1.51.6 or 1.53.3; the manifest
+        // allows 1.40. What the deprecation is about cannot happen here: the `OwnedFd`
+        // is owned by the `AsyncFd` and stays open, the same fd, until it is dropped.
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)?;
+        Ok(Self { fd, armed: None })
+    }
+
+    /// Arms the timer to fire at `release`, replacing any earlier deadline.
+    fn arm(&mut self, release: Instant) -> io::Result<()> {
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags, Timespec};
+        if self.armed == Some(release) {
+            return Ok(());
+        }
+        // Relative to now rather than absolute: neither `std` nor Tokio tells the
+        // CLOCK_MONOTONIC reading of an `Instant`, and the syscall follows within a
+        // microsecond. Never zero, which would disarm the timer instead.
+        let wait = release
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        let value = Itimerspec {
+            it_interval: Timespec::default(),
+            it_value: Timespec {
+                tv_sec: wait.as_secs().try_into().unwrap_or(i64::MAX),
+                // Under a billion: fits whatever `Nsecs` is (a C long on some targets).
+                tv_nsec: wait.subsec_nanos() as _,
+            },
+        };
+        timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::empty(), &value)?;
+        self.armed = Some(release);
+        Ok(())
+    }
+
+    /// Waits until the armed deadline passes. Cancel safe: an expiry not yet read
+    /// stays in the timerfd (and `armed` with it) for the next call.
+    async fn expired(&mut self) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            // Eight bytes, the number of expiries; `WouldBlock` (the readiness was
+            // stale, e.g. from before a re-arm) clears the readiness and waits again.
+            let read = guard.try_io(|fd| {
+                let mut count = [0; 8];
+                rustix::io::read(fd.get_ref(), &mut count).map_err(io::Error::from)
+            });
+            if let Ok(read) = read {
+                self.armed = None;
+                return read.map(drop);
+            }
+        }
+    }
+}
+
+/// Never made off Linux, where Tokio's timer is the only one.
+#[cfg(not(target_os = "linux"))]
+enum PreciseTimer {}
+
+#[cfg(not(target_os = "linux"))]
+impl PreciseTimer {
+    fn new(_id: u64) -> Option<Self> {
+        None
+    }
+
+    fn arm(&mut self, _release: Instant) -> io::Result<()> {
+        match *self {}
+    }
+
+    async fn expired(&mut self) -> io::Result<()> {
+        match *self {}
     }
 }
 
