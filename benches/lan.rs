@@ -15,7 +15,11 @@
 //! For N = 1, 3, 5 it prints one-task latency (p50 / p99 of acquire + release,
 //! the three sides in interleaved blocks) and uncontended throughput from 16
 //! and 64 tasks (median of interleaved rounds), then the ratios ours / floor
-//! and ours / rslock. `cargo bench --bench lan` (`LAN_CYCLES` sets the latency
+//! and ours / rslock. A second table gives, per throughput cell, each side's
+//! p50 cycle time against its one-task p50 (how far concurrency stretches one
+//! cycle), and CPU and context switches per cycle: this process's (clients,
+//! connections, proxies; `getrusage`) and the servers' (`INFO cpu`), which on
+//! a shared 2-core machine is what throughput is made of. `cargo bench --bench lan` (`LAN_CYCLES` sets the latency
 //! samples per side, default 1000); without `--bench` it smoke-tests.
 
 mod common;
@@ -105,7 +109,7 @@ fn main() {
                     ours: common::locker(urls).await,
                     rslock: common::rslock(urls).await,
                 });
-                let [floor, ours, rsl] = latency(&clients, cycles).await;
+                let one_task @ [floor, ours, rsl] = latency(&clients, cycles).await;
                 let mut row = format!(
                     "| {} | {n} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.3} / {:.3} | {:.3} |",
                     network,
@@ -113,12 +117,16 @@ fn main() {
                     ours.0 / floor.0, ours.1 / floor.1, ours.0 / rsl.0,
                 );
                 for tasks in TASKS {
-                    let ([floor, ours, rsl], [floor_cpu, ours_cpu, rsl_cpu]) =
-                        throughput(&clients, &mut admin[..n], tasks, per_round).await;
+                    let measured = throughput(&clients, &mut admin[..n], tasks, per_round).await;
+                    let [floor, ours, rsl] = measured.rates;
+                    let [floor_cpu, ours_cpu, rsl_cpu] = measured.cpu;
+                    let [floor_p50, ours_p50, rsl_p50] = measured.p50;
+                    let [floor_one, ours_one, rsl_one] = one_task;
                     row.push_str(&format!(" {:.3}, {:.3} ({:.0}/s) |", ours / floor, ours / rsl, ours));
                     cpu_rows.push(format!(
-                        "| {} | {n} | {tasks} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} / {:.2} |",
+                        "| {} | {n} | {tasks} | {:.2} / {:.2} / {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} / {:.2} |",
                         network,
+                        floor_p50 / floor_one.0, ours_p50 / ours_one.0, rsl_p50 / rsl_one.0,
                         floor_cpu.client, ours_cpu.client, rsl_cpu.client,
                         floor_cpu.servers, ours_cpu.servers, rsl_cpu.servers,
                         floor_cpu.switches, ours_cpu.switches, rsl_cpu.switches,
@@ -129,8 +137,8 @@ fn main() {
             }
         }
         println!("\nPer cycle in the throughput rounds: floor / ours / rslock\n");
-        println!("| network | N | tasks | this process µs | servers µs | context switches |");
-        println!("|---|---|---|---|---|---|");
+        println!("| network | N | tasks | p50 / one task's p50 | this process µs | servers µs | context switches |");
+        println!("|---|---|---|---|---|---|---|");
         for row in cpu_rows {
             println!("{row}");
         }
@@ -174,9 +182,10 @@ async fn throughput(
     servers: &mut [MultiplexedConnection],
     tasks: usize,
     per_round: u64,
-) -> ([f64; 3], [Cpu; 3]) {
+) -> Throughput {
     let mut rates: [Vec<f64>; 3] = Default::default();
     let mut cpu = [Cpu::default(); 3];
+    let mut cycle_times: [Vec<Duration>; 3] = Default::default();
     for round in 0..ROUNDS {
         for turn in 0..3 {
             let index = (round + turn) % 3;
@@ -187,26 +196,48 @@ async fn throughput(
                 .map(|_| {
                     let (clients, left) = (Arc::clone(clients), Arc::clone(&left));
                     tokio::spawn(async move {
+                        let mut times = Vec::new();
                         while left
                             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                                 n.checked_sub(1)
                             })
                             .is_ok()
                         {
+                            let started = Instant::now();
                             clients.cycle(SIDES[index]).await;
+                            times.push(started.elapsed());
                         }
+                        times
                     })
                 })
                 .collect();
             for handle in handles {
-                handle.await.expect("a throughput task panicked");
+                let times = handle.await.expect("a throughput task panicked");
+                cycle_times[index].extend(times);
             }
             rates[index].push(per_round as f64 / started.elapsed().as_secs_f64());
             cpu[index].add(Cpu::now(servers).await.since(before));
         }
     }
     let cycles = (ROUNDS as u64 * per_round) as f64;
-    (rates.map(common::median), cpu.map(|cpu| cpu.per(cycles)))
+    Throughput {
+        rates: rates.map(common::median),
+        cpu: cpu.map(|cpu| cpu.per(cycles)),
+        p50: cycle_times.map(|mut times| {
+            times.sort_unstable();
+            common::percentile(&times, 50)
+        }),
+    }
+}
+
+/// What the throughput rounds measured, per side.
+struct Throughput {
+    /// Cycles per second, the median round.
+    rates: [f64; 3],
+    /// CPU per cycle.
+    cpu: [Cpu; 3],
+    /// The p50 of one cycle, µs, over every round.
+    p50: [f64; 3],
 }
 
 /// CPU time in µs: this process's (the clients, their connections and the
