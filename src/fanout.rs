@@ -16,9 +16,10 @@ use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
 use crate::error::{InstanceVote, Vote};
-use crate::instance::{BoxFuture, Member, Reply};
-use crate::locker::Shared;
-use crate::monitor::{Admission, InFlight, InstanceState};
+use crate::instance::{BoxFuture, Reply};
+use crate::shared::Shared;
+use crate::standing::member::Member;
+use crate::standing::state::{Admission, InFlight, InstanceState};
 
 /// One instance's reply, tagged with the instance's index.
 pub(crate) struct Tagged {
@@ -131,7 +132,11 @@ impl Fanout {
         let admissions: Vec<Result<Admission, Vote>> = shared
             .members
             .iter()
-            .map(|member| member.state.admit(shared, member.index))
+            .map(|member| {
+                member.state.admit(&shared.settings.policy, |lost_at| {
+                    shared.after_loss(member.index, lost_at)
+                })
+            })
             .collect();
         let refused = admissions
             .iter()

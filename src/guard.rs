@@ -10,11 +10,12 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::extend;
+use crate::lease::check_interval;
 use crate::lock::Lock;
-use crate::locker::Shared;
-use crate::request::check_interval;
-use crate::status::{Held, LockStatus};
+use crate::ops::extend;
+use crate::ops::held::Held;
+use crate::shared::Shared;
+use crate::status::LockStatus;
 
 /// A lock kept alive by a watchdog task that extends it while the guard lives.
 ///
@@ -188,4 +189,31 @@ fn due(started: Instant, valid_until: Instant, every: Duration) -> Instant {
 /// pass, short next to the interval.
 fn retry_pause(shared: &Shared, every: Duration) -> Duration {
     (every / 10).max(shared.settings.instance_timeout)
+}
+
+// Defined here rather than in `lock`: the guard is built on the lock, and the
+// lock knows nothing of its watchdog.
+impl Lock {
+    /// Hands the lock to a watchdog that extends it by its TTL every third of the
+    /// TTL while the returned guard lives; see [`LockGuard`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime (the watchdog needs one).
+    pub fn auto_extend(self) -> crate::Result<LockGuard> {
+        let every = self.ttl() / 3;
+        LockGuard::start(self, every)
+    }
+
+    /// As [`auto_extend`](Self::auto_extend), extending every `every` instead.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `every` is zero
+    /// or more than half the validity the lock has after an extend (one failed
+    /// extend would let it lapse); [`Error::NoRuntime`](crate::Error::NoRuntime)
+    /// outside a Tokio runtime.
+    pub fn auto_extend_every(self, every: Duration) -> crate::Result<LockGuard> {
+        LockGuard::start(self, every)
+    }
 }

@@ -15,7 +15,8 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::instance::{Member, PubSubSource};
+use crate::instance::PubSubSource;
+use crate::standing::member::Member;
 
 /// Prefix of the channel a release of a key publishes on; the key (with the
 /// locker's prefix) follows.

@@ -9,9 +9,10 @@ use futures_util::future::join_all;
 
 use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Vote};
-use crate::locker::Shared;
-use crate::monitor;
+use crate::monitor::probe::probe_once;
 use crate::peer;
+use crate::shared::Shared;
+use crate::standing::identities::check_identities;
 use crate::token;
 
 /// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
@@ -195,7 +196,7 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
                     }
                 }
             }
-            monitor::probe_once(shared, member).await
+            probe_once(shared, member).await
         };
         match tokio::time::timeout(timeout, probe).await {
             Ok(Ok((probe, latency))) => {
@@ -212,7 +213,7 @@ pub(crate) async fn check(shared: &Shared, timeout: Duration, load_scripts: bool
         health
     });
     let instances = join_all(checks).await;
-    monitor::check_identities(&shared.members);
+    check_identities(&shared.members);
     Health {
         instances,
         quorum: shared.quorum,

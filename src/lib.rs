@@ -275,34 +275,45 @@
 #![deny(missing_docs, unreachable_pub)]
 #![deny(unsafe_code)]
 
-mod acquire;
+// The layers, bottom up (tests/layers.rs checks that imports only go down):
+// arithmetic and values; the instance seam; each instance's standing; the
+// state a locker shares; the monitor and the fan-out over it; the operations;
+// the handles; the public front.
 mod address;
-mod background;
-mod builder;
 mod clock;
-mod epoch;
 mod error;
-mod extend;
-mod fanout;
-mod fencing;
-mod guard;
-mod handoff;
-mod health;
-mod instance;
-mod lock;
-mod locker;
-mod monitor;
-mod peer;
+mod lease;
 mod quorum;
-mod release;
-mod request;
 mod retry;
-mod scripts;
-mod status;
-#[cfg(feature = "tls")]
-mod tls;
 mod token;
 mod value;
+
+mod epoch;
+mod instance;
+mod peer;
+mod scripts;
+#[cfg(feature = "tls")]
+mod tls;
+
+mod standing;
+
+mod background;
+mod handoff;
+mod shared;
+
+mod fanout;
+mod monitor;
+
+mod ops;
+
+mod guard;
+mod lock;
+mod status;
+
+mod builder;
+mod health;
+mod locker;
+mod request;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -318,13 +329,14 @@ pub use builder::{
 };
 pub use epoch::EPOCH_KEY;
 pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};
-pub use fencing::FENCE_SUFFIX;
 pub use guard::LockGuard;
 pub use handoff::RELEASE_CHANNEL_PREFIX;
 pub use health::{Health, InstanceHealth};
 pub use instance::memory::MemoryInstance;
+pub use lease::MAX_TTL;
 pub use lock::Lock;
-pub use locker::{QuorumLocker, MAX_TTL};
+pub use locker::QuorumLocker;
+pub use ops::fencing::FENCE_SUFFIX;
 pub use request::{LockRequest, MAX_METADATA_LEN, MAX_TOKEN_LEN};
 pub use retry::RetryPolicy;
 pub use status::LockStatus;

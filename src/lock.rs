@@ -9,9 +9,10 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::fanout::Straggler;
-use crate::guard::LockGuard;
-use crate::locker::Shared;
-use crate::status::{Held, LockStatus};
+use crate::ops::acquire::Grant;
+use crate::ops::held::Held;
+use crate::shared::Shared;
+use crate::status::LockStatus;
 use crate::token;
 
 /// A lock held on a quorum of instances, returned by
@@ -39,20 +40,14 @@ pub struct Lock {
 }
 
 impl Lock {
-    pub(crate) fn new(shared: Arc<Shared>, held: Held, stragglers: Vec<Straggler>) -> Self {
+    /// The handle of a won attempt: from here its drop releases.
+    pub(crate) fn new(shared: Arc<Shared>, grant: Grant) -> Self {
         Self {
             shared,
-            held: Arc::new(held),
-            stragglers: stragglers.into(),
+            held: grant.held,
+            stragglers: grant.stragglers,
             release_on_drop: true,
         }
-    }
-
-    pub(crate) fn fenced(self, fencing_token: Option<u64>) -> Self {
-        if let Some(token) = fencing_token {
-            self.held.set_fencing_token(token);
-        }
-        self
     }
 
     /// The key as given to `acquire` (without the locker's key prefix).
@@ -192,30 +187,7 @@ impl Lock {
     /// lock run one at a time: a second waits for the first, and dropping it
     /// while it waits sends nothing.
     pub async fn extend(&self, ttl: Duration) -> crate::Result<Duration> {
-        crate::extend::extend(&self.shared, &self.held, ttl).await
-    }
-
-    /// Hands the lock to a watchdog that extends it by its TTL every third of the
-    /// TTL while the returned guard lives; see [`LockGuard`].
-    ///
-    /// # Errors
-    ///
-    /// [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime (the watchdog needs one).
-    pub fn auto_extend(self) -> crate::Result<LockGuard> {
-        let every = self.ttl() / 3;
-        LockGuard::start(self, every)
-    }
-
-    /// As [`auto_extend`](Self::auto_extend), extending every `every` instead.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) when `every` is zero
-    /// or more than half the validity the lock has after an extend (one failed
-    /// extend would let it lapse); [`Error::NoRuntime`](crate::Error::NoRuntime)
-    /// outside a Tokio runtime.
-    pub fn auto_extend_every(self, every: Duration) -> crate::Result<LockGuard> {
-        LockGuard::start(self, every)
+        crate::ops::extend::extend(&self.shared, &self.held, ttl).await
     }
 
     /// Lets the lock go without releasing it: the keys stay until their TTL
@@ -246,7 +218,7 @@ impl Lock {
     ///
     /// Dropping the future drops the lock, which releases it in the background.
     pub async fn release(mut self) -> crate::Result<usize> {
-        let released = crate::release::release(
+        let released = crate::ops::release::release(
             &self.shared,
             &self.held.key,
             &self.held.value,
@@ -277,7 +249,7 @@ impl Drop for Lock {
         if !self.release_on_drop {
             return;
         }
-        let release = crate::release::release_until_expired(
+        let release = crate::ops::release::release_until_expired(
             Arc::clone(&self.shared),
             Arc::clone(&self.held),
             Arc::clone(&self.stragglers),

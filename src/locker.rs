@@ -1,31 +1,19 @@
-//! The locker: N instances in order, a quorum, and the acquire loop.
+//! The locker, the public front: N instances in order, a quorum, and the
+//! calls that take locks and report on the instances.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use crate::acquire::{self, Identity, Outcome};
-use crate::background::Background;
-use crate::builder::{Builder, CHECK_TIMEOUT};
-use crate::epoch::EPOCH_KEY;
+use crate::builder::Builder;
 use crate::error::Error;
-use crate::handoff::{self, Handoff};
 use crate::health::{self, Health};
-use crate::instance::{Member, PubSubSource};
+use crate::instance::PubSubSource;
 use crate::lock::Lock;
-use crate::monitor::{Monitor, Policy};
-use crate::quorum;
+use crate::monitor::probe::ensure_running;
 use crate::request::LockRequest;
-use crate::retry::RetryPolicy;
+use crate::shared::{Shared, CHECK_TIMEOUT};
 use crate::status::LockStatus;
-
-/// The largest TTL accepted: `2³² − 1` seconds, about 136 years. Far below what
-/// `PX` (milliseconds in a signed 64-bit count from the epoch) allows, and far from
-/// any overflow in instant arithmetic.
-pub const MAX_TTL: Duration = Duration::from_secs(u32::MAX as u64);
 
 /// Distributed locks over N Redis instances with the Redlock quorum algorithm.
 ///
@@ -34,70 +22,6 @@ pub const MAX_TTL: Duration = Duration::from_secs(u32::MAX as u64);
 #[derive(Clone)]
 pub struct QuorumLocker {
     shared: Arc<Shared>,
-}
-
-/// What a locker and its locks share.
-pub(crate) struct Shared {
-    pub(crate) members: Vec<Member>,
-    pub(crate) quorum: usize,
-    pub(crate) settings: Settings,
-    pub(crate) background: Background,
-    /// Wakes waits at releases, with `Builder::wake_waiters`.
-    pub(crate) handoff: Option<Handoff>,
-    /// The task that probes the instances.
-    pub(crate) monitor: Monitor,
-    /// The longest TTL this locker has sent, in milliseconds: a restarted
-    /// instance may have held a lock that long.
-    pub(crate) longest_ttl_ms: AtomicU64,
-}
-
-impl Shared {
-    /// Notes a TTL about to be sent to the instances.
-    pub(crate) fn note_ttl(&self, ttl: Duration) {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        self.longest_ttl_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// How long an instance that lost its keys may not vote: the configured
-    /// quarantine, or the longest TTL any locker has set on these servers where
-    /// that is longer (zero when the check is off).
-    pub(crate) fn restart_quarantine(&self) -> Duration {
-        let configured = self.settings.policy.restart_quarantine;
-        if configured.is_zero() {
-            return Duration::ZERO;
-        }
-        // Ours, and every other locker's as the servers keep it (the restarted
-        // one has lost its own count; the others have theirs).
-        let ours = Duration::from_millis(self.longest_ttl_ms.load(Ordering::Relaxed));
-        let theirs = self
-            .members
-            .iter()
-            .map(|member| member.state.longest_ttl())
-            .max()
-            .unwrap_or_default();
-        configured.max(ours).max(theirs)
-    }
-}
-
-/// The builder's settings, validated.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) default_ttl: Duration,
-    pub(crate) drift_factor: f64,
-    pub(crate) instance_timeout: Duration,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) acquire_timeout: Duration,
-    pub(crate) key_prefix: String,
-    /// The key prefix followed by [`EPOCH_KEY`].
-    pub(crate) epoch_key: Arc<str>,
-    pub(crate) policy: Policy,
-}
-
-/// A key as the caller gave it, and as stored in Redis (with the prefix).
-#[derive(Debug, Clone)]
-pub(crate) struct LockKey {
-    pub(crate) user: Arc<str>,
-    pub(crate) redis: Arc<str>,
 }
 
 impl QuorumLocker {
@@ -123,20 +47,16 @@ impl QuorumLocker {
         Builder::new()
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     /// Wraps the shared state and starts the instance monitor, which ends when the
     /// last clone of the locker (and every lock) is dropped.
     pub(crate) fn start(shared: Shared) -> Self {
         let shared = Arc::new(shared);
-        shared.monitor.ensure_running(&shared);
+        ensure_running(&shared);
         Self { shared }
     }
 
     /// Takes `key` for `ttl`, retrying with randomised delays (the
-    /// [`RetryPolicy`]) until the acquire timeout. For a caller-chosen token,
+    /// [`RetryPolicy`](crate::RetryPolicy)) until the acquire timeout. For a caller-chosen token,
     /// metadata or a different wait, use [`lock`](Self::lock).
     ///
     /// Each attempt sends `SET key token NX PX ttl` to every instance at once and
@@ -214,90 +134,7 @@ impl QuorumLocker {
     /// Starts a lock request for `key` with per-call options: TTL, your own token,
     /// metadata, how long to wait, the auto-extend interval.
     pub fn lock(&self, key: impl Into<String>) -> LockRequest<'_> {
-        LockRequest::new(self, key.into())
-    }
-
-    /// The attempt loop behind every acquire.
-    pub(crate) async fn acquire_loop(
-        &self,
-        request: &LockRequest<'_>,
-        wait: Duration,
-        retry: RetryPolicy,
-    ) -> crate::Result<Lock> {
-        let key = self.lock_key(request.key(), request.ttl)?;
-        request.validate()?;
-        let identity = Identity {
-            token: request.token.as_deref().map(Arc::from),
-            metadata: request.metadata.as_deref().map(Arc::from),
-            fenced: request.fenced,
-        };
-        let deadline = Instant::now().checked_add(wait);
-        let handoff = self.shared.handoff.as_ref();
-        let mut pacing = handoff::Pacing::new();
-        let mut woken = false;
-        let mut watch: Option<handoff::Watch> = None;
-        let mut attempts = 0u32;
-        loop {
-            attempts = attempts.saturating_add(1);
-            // A new acquire of a key we just released: let woken waiters
-            // (elsewhere) try first.
-            let courtesy = handoff
-                .filter(|_| attempts == 1)
-                .and_then(|handoff| handoff.courtesy_until(&key.redis));
-            if let Some(until) = courtesy {
-                tokio::time::sleep_until(until).await;
-            }
-            let seen = match (&mut watch, handoff) {
-                (Some(watch), _) => {
-                    watch.mark();
-                    None
-                }
-                (None, Some(handoff)) if retry.delay(attempts).is_some() => {
-                    handoff.peek(&key.redis)
-                }
-                _ => None,
-            };
-            let attempt =
-                acquire::attempt(&self.shared, &key, request.ttl, &identity, attempts).await?;
-            let (shortfall, causes) = match attempt {
-                Outcome::Won(lock) => return Ok(lock),
-                Outcome::Lost { shortfall, causes } => (shortfall, causes),
-            };
-            if std::mem::take(&mut woken) {
-                pacing.lost();
-            }
-            let retry_at = retry
-                .delay(attempts)
-                .and_then(|delay| Instant::now().checked_add(delay))
-                .filter(|at| deadline.is_none_or(|deadline| *at < deadline));
-            let Some(retry_at) = retry_at else {
-                return Err(Error::NotAcquired {
-                    key: key.user.to_string(),
-                    attempts,
-                    shortfall,
-                    causes,
-                });
-            };
-            if watch.is_none() {
-                watch = handoff.map(|handoff| handoff.watch(&key.redis, seen));
-            }
-            let Some(watch) = &mut watch else {
-                tokio::time::sleep_until(retry_at).await;
-                continue;
-            };
-            tokio::select! {
-                () = tokio::time::sleep_until(retry_at) => {}
-                () = watch.woken() => {
-                    // A random pause, shorter the longer we have waited: long
-                    // waits go first, and a woken crowd does not split the votes.
-                    woken = true;
-                    let pause = pacing.pause();
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
-            }
-        }
+        LockRequest::new(&self.shared, key.into())
     }
 
     /// Releases `lock`; the same as [`Lock::release`].
@@ -328,7 +165,7 @@ impl QuorumLocker {
         let health = self.check_health(true).await;
         // The first measurements every instance needs before it votes; without
         // this the first acquire waits for them.
-        self.shared.monitor.ensure_running(&self.shared);
+        ensure_running(&self.shared);
         self.shared.monitor.warmed_up().await;
         if !health.has_quorum() {
             return Err(Error::Unavailable {
@@ -437,44 +274,6 @@ impl QuorumLocker {
     pub fn default_ttl(&self) -> Duration {
         self.shared.settings.default_ttl
     }
-
-    /// Validates a key and TTL before any I/O.
-    fn lock_key(&self, key: &str, ttl: Duration) -> crate::Result<LockKey> {
-        if key.is_empty() {
-            return Err(Error::EmptyKey);
-        }
-        check_ttl(ttl, self.shared.settings.drift_factor)?;
-        let redis = format!("{}{key}", self.shared.settings.key_prefix);
-        // Under any prefix: another locker's epoch hash may live there.
-        if redis.ends_with(EPOCH_KEY) {
-            return Err(Error::ReservedKey {
-                key: key.to_string(),
-            });
-        }
-        Ok(LockKey {
-            user: key.into(),
-            redis: redis.into(),
-        })
-    }
-}
-
-/// A TTL must be at least one millisecond, at most [`MAX_TTL`], and longer than its
-/// drift allowance (or no attempt could ever be valid). `PX` counts whole
-/// milliseconds, so a fraction is dropped before these checks, as the attempt
-/// drops it.
-pub(crate) fn check_ttl(ttl: Duration, drift_factor: f64) -> crate::Result<()> {
-    let invalid = |reason| Err(Error::InvalidTtl { ttl, reason });
-    if ttl > MAX_TTL {
-        return invalid("longer than quorumlock::MAX_TTL");
-    }
-    let whole = Duration::from_millis(ttl.as_millis() as u64);
-    if whole.is_zero() {
-        return invalid("shorter than the 1 ms resolution of PX");
-    }
-    if whole <= quorum::drift(whole, drift_factor) {
-        return invalid("not longer than its clock-drift allowance (ttl × drift factor + 2 ms)");
-    }
-    Ok(())
 }
 
 impl std::fmt::Debug for QuorumLocker {

@@ -3,15 +3,19 @@
 use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use tracing::warn;
 
 use crate::error::Error;
+use crate::lease::check_interval;
 use crate::lock::Lock;
-use crate::locker::QuorumLocker;
+use crate::ops::acquire::Identity;
+use crate::ops::attempts;
 use crate::retry::RetryPolicy;
+use crate::shared::Shared;
 use crate::status::LockStatus;
 
 /// The longest token accepted.
@@ -19,7 +23,7 @@ pub const MAX_TOKEN_LEN: usize = 256;
 /// The longest metadata accepted, in bytes.
 pub const MAX_METADATA_LEN: usize = 4096;
 
-/// One lock request, made by [`QuorumLocker::lock`]: set the options, then
+/// One lock request, made by [`QuorumLocker::lock`](crate::QuorumLocker::lock): set the options, then
 /// [`acquire`](Self::acquire), [`try_acquire`](Self::try_acquire) or
 /// [`run`](Self::run).
 ///
@@ -39,25 +43,25 @@ pub const MAX_METADATA_LEN: usize = 4096;
 /// # Ok(()) }
 /// ```
 #[must_use = "a lock request does nothing until acquired"]
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LockRequest<'a> {
-    locker: &'a QuorumLocker,
+    shared: &'a Arc<Shared>,
     key: String,
-    pub(crate) ttl: Duration,
-    pub(crate) token: Option<String>,
-    pub(crate) metadata: Option<String>,
-    pub(crate) fenced: bool,
+    ttl: Duration,
+    token: Option<String>,
+    metadata: Option<String>,
+    fenced: bool,
     wait: Option<Duration>,
     retry: Option<RetryPolicy>,
     extend_every: Option<Duration>,
 }
 
 impl<'a> LockRequest<'a> {
-    pub(crate) fn new(locker: &'a QuorumLocker, key: String) -> Self {
+    pub(crate) fn new(shared: &'a Arc<Shared>, key: String) -> Self {
         Self {
-            locker,
+            shared,
             key,
-            ttl: locker.default_ttl(),
+            ttl: shared.settings.default_ttl,
             token: None,
             metadata: None,
             fenced: false,
@@ -67,7 +71,7 @@ impl<'a> LockRequest<'a> {
         }
     }
 
-    /// The lock's TTL. Default: the locker's [`default_ttl`](QuorumLocker::default_ttl).
+    /// The lock's TTL. Default: the locker's [`default_ttl`](crate::QuorumLocker::default_ttl).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -155,36 +159,47 @@ impl<'a> LockRequest<'a> {
     }
 
     /// Takes the lock, retrying until the wait is over; see
-    /// [`QuorumLocker::acquire`].
+    /// [`QuorumLocker::acquire`](crate::QuorumLocker::acquire).
     ///
     /// # Errors
     ///
-    /// As [`QuorumLocker::acquire`], and [`Error::InvalidConfig`] for a bad token or
+    /// As [`QuorumLocker::acquire`](crate::QuorumLocker::acquire), and [`Error::InvalidConfig`] for a bad token or
     /// metadata.
     pub async fn acquire(&self) -> crate::Result<Lock> {
-        let settings = &self.locker.shared().settings;
+        let settings = &self.shared.settings;
         let wait = self.wait.unwrap_or(settings.acquire_timeout);
         let retry = self.retry.unwrap_or(settings.retry);
-        self.locker.acquire_loop(self, wait, retry).await
+        self.take(wait, retry).await
     }
 
-    /// Makes one attempt; see [`QuorumLocker::try_acquire`].
+    /// Makes one attempt; see [`QuorumLocker::try_acquire`](crate::QuorumLocker::try_acquire).
     ///
     /// # Errors
     ///
     /// As [`acquire`](Self::acquire), after one attempt.
     pub async fn try_acquire(&self) -> crate::Result<Lock> {
-        self.locker
-            .acquire_loop(self, Duration::ZERO, RetryPolicy::never())
-            .await
+        self.take(Duration::ZERO, RetryPolicy::never()).await
+    }
+
+    /// Checks the request, then attempts until won or the wait is over.
+    async fn take(&self, wait: Duration, retry: RetryPolicy) -> crate::Result<Lock> {
+        let key = self.shared.lock_key(&self.key, self.ttl)?;
+        self.validate()?;
+        let identity = Identity {
+            token: self.token.as_deref().map(Arc::from),
+            metadata: self.metadata.as_deref().map(Arc::from),
+            fenced: self.fenced,
+        };
+        let grant = attempts::acquire(self.shared, &key, self.ttl, &identity, wait, retry).await?;
+        Ok(Lock::new(Arc::clone(self.shared), grant))
     }
 
     /// Takes the lock, runs `work` while a watchdog extends it, and releases it;
-    /// see [`QuorumLocker::with_lock`].
+    /// see [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock).
     ///
     /// # Errors
     ///
-    /// As [`QuorumLocker::with_lock`].
+    /// As [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock).
     pub async fn run<F, Fut, T>(&self, work: F) -> crate::Result<T>
     where
         F: FnOnce(LockStatus) -> Fut,
@@ -192,7 +207,7 @@ impl<'a> LockRequest<'a> {
     {
         let every = self.extend_every.unwrap_or(self.ttl / 3);
         // Checked before taking the lock: bad input must cost no I/O.
-        check_interval(every, self.ttl, self.locker.shared().settings.drift_factor)?;
+        check_interval(every, self.ttl, self.shared.settings.drift_factor)?;
         let guard = self.acquire().await?.auto_extend_every(every)?;
         let status = guard.status();
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));
@@ -224,12 +239,8 @@ impl<'a> LockRequest<'a> {
         }
     }
 
-    pub(crate) fn key(&self) -> &str {
-        &self.key
-    }
-
     /// Checks the token and metadata before any I/O.
-    pub(crate) fn validate(&self) -> crate::Result<()> {
+    fn validate(&self) -> crate::Result<()> {
         if let Some(token) = &self.token {
             check_token(token)?;
         }
@@ -244,25 +255,6 @@ impl<'a> LockRequest<'a> {
             _ => Ok(()),
         }
     }
-}
-
-/// An auto-extend interval must be above zero and at most half the validity an
-/// extend leaves, so that a failed extend still has time for another try.
-pub(crate) fn check_interval(
-    every: Duration,
-    ttl: Duration,
-    drift_factor: f64,
-) -> crate::Result<()> {
-    let validity = ttl.saturating_sub(crate::quorum::drift(ttl, drift_factor));
-    if every.is_zero() || every > validity / 2 {
-        return Err(Error::InvalidConfig {
-            setting: "auto_extend_every",
-            reason: format!(
-                "{every:?} must be above zero and at most half the lock's validity after an extend ({validity:?})"
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// A token must be printable ASCII without spaces: the space separates it from
@@ -285,4 +277,19 @@ fn check_token(token: &str) -> crate::Result<()> {
         return invalid("not printable ASCII without spaces");
     }
     Ok(())
+}
+
+impl std::fmt::Debug for LockRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockRequest")
+            .field("key", &self.key)
+            .field("ttl", &self.ttl)
+            .field("token", &self.token)
+            .field("metadata", &self.metadata)
+            .field("fenced", &self.fenced)
+            .field("wait", &self.wait)
+            .field("retry", &self.retry)
+            .field("extend_every", &self.extend_every)
+            .finish()
+    }
 }

@@ -154,12 +154,3 @@ pub(crate) trait Instance: Send + Sync + 'static {
         candidate: &Arc<str>,
     ) -> BoxFuture<Result<Probe, ::redis::RedisError>>;
 }
-
-/// An instance in the locker's order, with the name it is shown by and what the
-/// locker knows about it.
-pub(crate) struct Member {
-    pub(crate) index: usize,
-    pub(crate) address: Arc<str>,
-    pub(crate) instance: Box<dyn Instance>,
-    pub(crate) state: Arc<crate::monitor::InstanceState>,
-}

@@ -10,9 +10,9 @@ use tracing::{debug, debug_span, Instrument, Span};
 use crate::error::{Error, Vote};
 use crate::fanout::{Asked, Fanout, Straggler};
 use crate::handoff;
-use crate::locker::{LockKey, Shared};
+use crate::ops::held::Held;
 use crate::quorum;
-use crate::status::Held;
+use crate::shared::{LockKey, Shared};
 use crate::value::LockValue;
 
 /// The first pause between the releases of a dropped lock that met errors.

@@ -11,24 +11,33 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, debug_span, warn, Instrument, Span};
 
+use super::lifetime::{granted_lifetime, potential_lifetime};
 use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
-use crate::fencing;
-use crate::lock::Lock;
-use crate::locker::{LockKey, Shared};
+use crate::monitor::probe::ensure_running;
+use crate::ops::fencing;
+use crate::ops::held::Held;
 use crate::quorum::{self, Decision};
-use crate::status::Held;
+use crate::shared::{LockKey, Shared};
 use crate::token;
 use crate::value;
 
 /// How an attempt ended.
 pub(crate) enum Outcome {
-    Won(Lock),
+    Won(Grant),
     Lost {
         shortfall: Shortfall,
         causes: Vec<InstanceVote>,
     },
+}
+
+/// A won attempt: the held lock's state, and the replies still in flight
+/// that its release must wait for. The caller wraps it in a `Lock` at once,
+/// with no await between: its drop releases.
+pub(crate) struct Grant {
+    pub(crate) held: Arc<Held>,
+    pub(crate) stragglers: Arc<[Straggler]>,
 }
 
 /// Who is asking: the caller's own token, if chosen, and the metadata to store.
@@ -59,7 +68,7 @@ pub(crate) async fn attempt(
     identity: &Identity,
     number: u32,
 ) -> crate::Result<Outcome> {
-    shared.monitor.ensure_running(shared);
+    ensure_running(shared);
     // A new locker trusts no instance until it has seen which server it is and
     // measured its clock: the first attempt waits for that (about 85 ms).
     shared.monitor.warmed_up().await;
@@ -248,37 +257,13 @@ fn won(
         start + lifetime,
         attempt.fanout.asked(),
     );
-    Outcome::Won(Lock::new(Arc::clone(shared), held, stragglers).fenced(fencing_token))
-}
-
-/// How long the lock lasts from the attempt's start, given the bounds on the
-/// clock rates of the instances that granted it; see
-/// [`quorum::granted_lifetime`].
-pub(crate) fn granted_lifetime(shared: &Shared, fanout: &Fanout, ttl: Duration) -> Duration {
-    lifetime_among(shared, ttl, |index| {
-        matches!(fanout.vote(index), Some(Vote::Granted))
-    })
-}
-
-/// As [`granted_lifetime`] if every instance still out granted too.
-fn potential_lifetime(shared: &Shared, fanout: &Fanout, ttl: Duration) -> Duration {
-    lifetime_among(shared, ttl, |index| {
-        fanout.is_pending(index) || matches!(fanout.vote(index), Some(Vote::Granted))
-    })
-}
-
-fn lifetime_among(shared: &Shared, ttl: Duration, counts: impl Fn(usize) -> bool) -> Duration {
-    if !shared.settings.policy.rate_aware_validity {
-        return ttl;
+    if let Some(fencing_token) = fencing_token {
+        held.set_fencing_token(fencing_token);
     }
-    let rates = shared
-        .members
-        .iter()
-        .filter(|member| counts(member.index))
-        // An instance measured again since it was asked (a restart, a clock
-        // stepped back) could drop the key at any time.
-        .map(|member| Some(member.state.clock_rate_bound().unwrap_or(f64::INFINITY)));
-    quorum::granted_lifetime(ttl, rates, shared.members.len(), shared.quorum)
+    Outcome::Won(Grant {
+        held: Arc::new(held),
+        stragglers: stragglers.into(),
+    })
 }
 
 /// A won attempt whose first grants include fast clocks holds for less than the

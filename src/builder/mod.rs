@@ -7,18 +7,26 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::ConnectionAddr;
 
+#[cfg(feature = "tls")]
+mod tls;
+
 use crate::address;
 use crate::background::Background;
 use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::instance::redis::RedisInstance;
-use crate::instance::{Instance, Member};
-use crate::locker::{check_ttl, QuorumLocker, Settings, Shared, MAX_TTL};
-use crate::monitor::{InstanceState, Monitor, Policy};
-use crate::peer::{self, Peer};
+use crate::instance::Instance;
+use crate::lease::{check_ttl, MAX_TTL};
+use crate::locker::QuorumLocker;
+use crate::monitor::handle::Monitor;
+use crate::peer::Peer;
 use crate::quorum;
 use crate::retry::RetryPolicy;
+use crate::shared::{Settings, Shared, CONNECT_TIMEOUT};
+use crate::standing::member::Member;
+use crate::standing::policy::Policy;
+use crate::standing::state::InstanceState;
 
 /// The per-instance timeout unless set: a LAN round trip is well under a
 /// millisecond, so 50 ms means the instance is in trouble, and it is short next
@@ -38,13 +46,6 @@ pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 /// How often each instance's `run_id` and clock are probed unless set.
 pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a new connection to an instance may take to open (TLS handshake
-/// included).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The bound on a probe or health check, which may include connecting and, when
-/// that fails, asking the peer what it speaks ([`peer`]): long enough for the
-/// connection's own error, explained, to arrive first.
-pub(crate) const CHECK_TIMEOUT: Duration = CONNECT_TIMEOUT.saturating_add(peer::SNIFF_TIMEOUT);
 /// Idle time before TCP keep-alive probes start, and between them.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use crate::error::Vote;
 use crate::fanout::{Asked, Fanout, Tally};
 use crate::instance::{BoxFuture, Counter, Reply};
-use crate::locker::Shared;
 use crate::quorum::{self, Decision};
+use crate::shared::Shared;
 
 /// Appended to a lock's key (after the locker's prefix) to name its fencing
 /// counter: `locks:job` counts in `locks:job:fence`.

@@ -8,12 +8,13 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::{debug, debug_span, Instrument, Span};
 
-use crate::acquire::granted_lifetime;
 use crate::error::{Error, Shortfall, Vote};
 use crate::fanout::{Asked, Fanout};
-use crate::locker::{check_ttl, Shared};
+use crate::lease::check_ttl;
+use crate::ops::held::Held;
+use crate::ops::lifetime::granted_lifetime;
 use crate::quorum::{self, Decision};
-use crate::status::Held;
+use crate::shared::Shared;
 use crate::token;
 
 /// A failed extend, and whether the lock is certainly gone.

@@ -1,0 +1,138 @@
+//! What a locker, its locks and its background tasks share: the members, the
+//! quorum, the validated settings, and the locker-wide facts the quorum's
+//! defences read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::background::Background;
+use crate::epoch::EPOCH_KEY;
+use crate::error::Error;
+use crate::handoff::Handoff;
+use crate::lease::check_ttl;
+use crate::monitor::handle::Monitor;
+use crate::peer;
+use crate::retry::RetryPolicy;
+use crate::standing::member::Member;
+use crate::standing::policy::Policy;
+
+/// How long a new connection to an instance may take to open (TLS handshake
+/// included).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The bound on a probe or health check, which may include connecting and, when
+/// that fails, asking the peer what it speaks ([`peer`]): long enough for the
+/// connection's own error, explained, to arrive first.
+pub(crate) const CHECK_TIMEOUT: Duration = CONNECT_TIMEOUT.saturating_add(peer::SNIFF_TIMEOUT);
+
+/// What a locker and its locks share.
+pub(crate) struct Shared {
+    pub(crate) members: Vec<Member>,
+    pub(crate) quorum: usize,
+    pub(crate) settings: Settings,
+    pub(crate) background: Background,
+    /// Wakes waits at releases, with `Builder::wake_waiters`.
+    pub(crate) handoff: Option<Handoff>,
+    /// The task that probes the instances.
+    pub(crate) monitor: Monitor,
+    /// The longest TTL this locker has sent, in milliseconds: a restarted
+    /// instance may have held a lock that long.
+    pub(crate) longest_ttl_ms: AtomicU64,
+}
+
+impl Shared {
+    /// Notes a TTL about to be sent to the instances.
+    pub(crate) fn note_ttl(&self, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.longest_ttl_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long an instance that lost its keys may not vote: the configured
+    /// quarantine, or the longest TTL any locker has set on these servers where
+    /// that is longer (zero when the check is off).
+    pub(crate) fn restart_quarantine(&self) -> Duration {
+        let configured = self.settings.policy.restart_quarantine;
+        if configured.is_zero() {
+            return Duration::ZERO;
+        }
+        // Ours, and every other locker's as the servers keep it (the restarted
+        // one has lost its own count; the others have theirs).
+        let ours = Duration::from_millis(self.longest_ttl_ms.load(Ordering::Relaxed));
+        let theirs = self
+            .members
+            .iter()
+            .map(|member| member.state.longest_ttl())
+            .max()
+            .unwrap_or_default();
+        configured.max(ours).max(theirs)
+    }
+
+    /// Validates a key and TTL before any I/O; the key as stored, with the
+    /// prefix.
+    pub(crate) fn lock_key(&self, key: &str, ttl: Duration) -> crate::Result<LockKey> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        check_ttl(ttl, self.settings.drift_factor)?;
+        let redis = format!("{}{key}", self.settings.key_prefix);
+        // Under any prefix: another locker's epoch hash may live there.
+        if redis.ends_with(EPOCH_KEY) {
+            return Err(Error::ReservedKey {
+                key: key.to_string(),
+            });
+        }
+        Ok(LockKey {
+            user: key.into(),
+            redis: redis.into(),
+        })
+    }
+
+    /// Whether instance `index`, which lost its keys at `lost_at`, may vote again:
+    /// the quarantine has passed (how long is left, if not; it lasts the longest
+    /// TTL any locker has set on these servers as read now, so it grows as
+    /// readings come in), and `N − quorum + 1` other instances were read since
+    /// (any lock held across the loss was granted by at least `quorum − 1` others,
+    /// so that many reads meet one of them, and the quarantine knows its TTL).
+    /// Read only where an instance is quarantined: the usual attempt pays nothing.
+    pub(crate) fn after_loss(&self, index: usize, lost_at: Instant) -> Result<(), Duration> {
+        let quarantine = self.restart_quarantine();
+        let remaining = (lost_at + quarantine).saturating_duration_since(Instant::now());
+        if !remaining.is_zero() {
+            return Err(remaining);
+        }
+        let reads = self
+            .members
+            .iter()
+            .filter(|member| member.index != index)
+            .filter(|member| member.state.read_since(lost_at))
+            .count();
+        let needed = self.members.len() - self.quorum + 1;
+        if reads < needed {
+            return Err(Duration::ZERO);
+        }
+        Ok(())
+    }
+}
+
+/// The builder's settings, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) default_ttl: Duration,
+    pub(crate) drift_factor: f64,
+    pub(crate) instance_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) key_prefix: String,
+    /// The key prefix followed by [`EPOCH_KEY`].
+    pub(crate) epoch_key: Arc<str>,
+    pub(crate) policy: Policy,
+}
+
+/// A key as the caller gave it, and as stored in Redis (with the prefix).
+#[derive(Debug, Clone)]
+pub(crate) struct LockKey {
+    pub(crate) user: Arc<str>,
+    pub(crate) redis: Arc<str>,
+}
