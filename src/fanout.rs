@@ -17,6 +17,7 @@ use tracing::{debug, trace, warn};
 
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Reply};
+use crate::quorum::{self, Decision};
 use crate::shared::Shared;
 use crate::standing::member::Member;
 use crate::standing::state::{Admission, InFlight, InstanceState};
@@ -197,6 +198,23 @@ impl Fanout {
     /// The vote of each instance so far; `None` while it has not answered.
     pub(crate) fn vote(&self, index: usize) -> Option<&Vote> {
         self.votes.get(index).and_then(Option::as_ref)
+    }
+
+    /// Collects replies until the quorum is decided (won, or out of reach),
+    /// every instance has answered, or `deadline` passes; see
+    /// [`collect`](Self::collect).
+    pub(crate) async fn collect_until_decided(&mut self, deadline: Instant, timeout: Duration) {
+        let (n, quorum) = (self.shared.members.len(), self.shared.quorum);
+        self.collect(deadline, timeout, |tally| {
+            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
+        })
+        .await;
+    }
+
+    /// The quorum's decision on the replies so far.
+    pub(crate) fn decision(&self) -> Decision {
+        let (n, quorum) = (self.shared.members.len(), self.shared.quorum);
+        quorum::decide(n, quorum, self.tally.granted, self.tally.failed)
     }
 
     /// Collects replies until `done(tally)` holds, every instance has answered, or

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::lease::check_interval;
+use crate::lease::default_extend_every;
 use crate::lock::Lock;
 use crate::ops::extend;
 use crate::ops::held::Held;
@@ -51,7 +51,7 @@ pub struct LockGuard {
 
 impl LockGuard {
     pub(crate) fn start(lock: Lock, every: Duration) -> crate::Result<Self> {
-        check_interval(every, lock.ttl(), lock.shared().settings.drift_factor)?;
+        lock.held().lease().check_interval(every)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (stop, stopped) = oneshot::channel();
         let watchdog = watch(
@@ -201,7 +201,7 @@ impl Lock {
     ///
     /// [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime (the watchdog needs one).
     pub fn auto_extend(self) -> crate::Result<LockGuard> {
-        let every = self.ttl() / 3;
+        let every = default_extend_every(self.ttl());
         LockGuard::start(self, every)
     }
 

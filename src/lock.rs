@@ -222,7 +222,7 @@ impl Lock {
             &self.shared,
             &self.held.key,
             &self.held.value,
-            self.held.ttl(),
+            self.held.lease(),
             self.held.asked,
             &self.stragglers,
         )

@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use tracing::warn;
 
 use crate::error::Error;
-use crate::lease::check_interval;
+use crate::lease::default_extend_every;
 use crate::lock::Lock;
 use crate::ops::acquire::Identity;
 use crate::ops::attempts;
@@ -183,14 +183,15 @@ impl<'a> LockRequest<'a> {
 
     /// Checks the request, then attempts until won or the wait is over.
     async fn take(&self, wait: Duration, retry: RetryPolicy) -> crate::Result<Lock> {
-        let key = self.shared.lock_key(&self.key, self.ttl)?;
+        let key = self.shared.lock_key(&self.key)?;
+        let lease = self.shared.lease(self.ttl)?;
         self.validate()?;
         let identity = Identity {
             token: self.token.as_deref().map(Arc::from),
             metadata: self.metadata.as_deref().map(Arc::from),
             fenced: self.fenced,
         };
-        let grant = attempts::acquire(self.shared, &key, self.ttl, &identity, wait, retry).await?;
+        let grant = attempts::acquire(self.shared, &key, lease, &identity, wait, retry).await?;
         Ok(Lock::new(Arc::clone(self.shared), grant))
     }
 
@@ -205,9 +206,9 @@ impl<'a> LockRequest<'a> {
         F: FnOnce(LockStatus) -> Fut,
         Fut: Future<Output = T>,
     {
-        let every = self.extend_every.unwrap_or(self.ttl / 3);
+        let every = self.extend_every.unwrap_or(default_extend_every(self.ttl));
         // Checked before taking the lock: bad input must cost no I/O.
-        check_interval(every, self.ttl, self.shared.settings.drift_factor)?;
+        self.shared.lease(self.ttl)?.check_interval(every)?;
         let guard = self.acquire().await?.auto_extend_every(every)?;
         let status = guard.status();
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));

@@ -12,7 +12,7 @@ use crate::background::Background;
 use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::Handoff;
-use crate::lease::check_ttl;
+use crate::lease::Lease;
 use crate::monitor::handle::Monitor;
 use crate::peer;
 use crate::retry::RetryPolicy;
@@ -69,13 +69,16 @@ impl Shared {
         configured.max(ours).max(theirs)
     }
 
-    /// Validates a key and TTL before any I/O; the key as stored, with the
-    /// prefix.
-    pub(crate) fn lock_key(&self, key: &str, ttl: Duration) -> crate::Result<LockKey> {
+    /// Validates a TTL before any I/O, with this locker's drift factor.
+    pub(crate) fn lease(&self, ttl: Duration) -> crate::Result<Lease> {
+        Lease::new(ttl, self.settings.drift_factor)
+    }
+
+    /// Validates a key before any I/O; the key as stored, with the prefix.
+    pub(crate) fn lock_key(&self, key: &str) -> crate::Result<LockKey> {
         if key.is_empty() {
             return Err(Error::EmptyKey);
         }
-        check_ttl(ttl, self.settings.drift_factor)?;
         let redis = format!("{}{key}", self.settings.key_prefix);
         // Under any prefix: another locker's epoch hash may live there.
         if redis.ends_with(EPOCH_KEY) {

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::instance::redis::RedisInstance;
 use crate::instance::Instance;
-use crate::lease::{check_ttl, MAX_TTL};
+use crate::lease::{Lease, MAX_TTL};
 use crate::locker::QuorumLocker;
 use crate::monitor::handle::Monitor;
 use crate::peer::Peer;
@@ -367,7 +367,7 @@ impl Builder {
                 reason: "zero would fail every vote".to_string(),
             });
         }
-        check_ttl(self.default_ttl, self.drift_factor)?;
+        Lease::new(self.default_ttl, self.drift_factor)?;
         let n = self.sources.len();
         let quorum = self.quorum.unwrap_or(quorum::majority(n));
         if !quorum::quorum_in_range(n, quorum) {

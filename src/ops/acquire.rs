@@ -15,10 +15,11 @@ use super::lifetime::{granted_lifetime, potential_lifetime};
 use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
+use crate::lease::Lease;
 use crate::monitor::probe::ensure_running;
 use crate::ops::fencing;
 use crate::ops::held::Held;
-use crate::quorum::{self, Decision};
+use crate::quorum::Decision;
 use crate::shared::{LockKey, Shared};
 use crate::token;
 use crate::value;
@@ -54,17 +55,17 @@ struct Attempt {
     shared: Arc<Shared>,
     key: Arc<str>,
     value: Arc<str>,
-    ttl: Duration,
+    lease: Lease,
     fanout: Fanout,
     /// Won, or already rolled back: nothing left for `Drop`.
     settled: bool,
 }
 
-/// Makes attempt number `number` to take `key` for `ttl`.
+/// Makes attempt number `number` to take `key` for `lease`.
 pub(crate) async fn attempt(
     shared: &Arc<Shared>,
     key: &LockKey,
-    ttl: Duration,
+    lease: Lease,
     identity: &Identity,
     number: u32,
 ) -> crate::Result<Outcome> {
@@ -88,7 +89,7 @@ pub(crate) async fn attempt(
         failed = Empty,
         validity_ms = Empty,
     );
-    run(shared, key, ttl, identity, token, value)
+    run(shared, key, lease, identity, token, value)
         .instrument(span)
         .await
 }
@@ -96,7 +97,7 @@ pub(crate) async fn attempt(
 async fn run(
     shared: &Arc<Shared>,
     key: &LockKey,
-    ttl: Duration,
+    lease: Lease,
     identity: &Identity,
     token: Arc<str>,
     value: Arc<str>,
@@ -104,9 +105,7 @@ async fn run(
     let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
-    // PX counts whole milliseconds; the validity must not count the fraction.
-    let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
-    let ttl = Duration::from_millis(ttl_ms);
+    let (ttl, ttl_ms) = (lease.ttl(), lease.px());
     let retake = identity.token.is_some();
     let fence = identity.fenced.then(|| fencing::fence_key(&key.redis));
     let counters = fencing::Counters::new(n);
@@ -141,19 +140,16 @@ async fn run(
             }
         }),
         value,
-        ttl,
+        lease,
         settled: false,
     };
     let deadline = start + timeout;
     attempt
         .fanout
-        .collect(deadline, timeout, |tally| {
-            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
-        })
+        .collect_until_decided(deadline, timeout)
         .await;
-    let decided = attempt.fanout.tally();
-    if quorum::decide(n, quorum, decided.granted, decided.failed) == Decision::Won {
-        await_longer_lifetime(shared, &mut attempt.fanout, ttl, deadline).await;
+    if attempt.fanout.decision() == Decision::Won {
+        await_longer_lifetime(shared, &mut attempt.fanout, lease, deadline).await;
     }
     let elapsed = start.elapsed();
     let tally = attempt.fanout.tally();
@@ -162,11 +158,10 @@ async fn run(
     span.record("failed", tally.failed);
 
     let mut causes = None;
-    let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
+    let shortfall = match attempt.fanout.decision() {
         Decision::Won => {
-            let drift = quorum::drift(ttl, shared.settings.drift_factor);
             let lifetime = granted_lifetime(shared, &attempt.fanout, ttl);
-            match quorum::validity(lifetime, elapsed, drift) {
+            match lease.validity(lifetime, elapsed) {
                 Some(_) => {
                     // A fenced attempt has a second round; its validity still
                     // counts from the first round's start.
@@ -188,7 +183,7 @@ async fn run(
                                 &granted,
                             )
                             .await;
-                            let valid = quorum::validity(lifetime, start.elapsed(), drift);
+                            let valid = lease.validity(lifetime, start.elapsed());
                             if written && valid.is_some() && candidate > 0 {
                                 Ok(Some(candidate))
                             } else {
@@ -208,7 +203,7 @@ async fn run(
                                 key,
                                 token,
                                 start,
-                                lifetime - drift,
+                                lifetime,
                                 fencing_token,
                             ))
                         }
@@ -232,7 +227,7 @@ async fn run(
     Ok(Outcome::Lost { shortfall, causes })
 }
 
-/// Settles a won attempt into a lock valid for `lifetime` from `start`.
+/// Settles a won attempt into a lock whose keys last `lifetime` from `start`.
 fn won(
     shared: &Arc<Shared>,
     attempt: &mut Attempt,
@@ -244,17 +239,18 @@ fn won(
 ) -> Outcome {
     attempt.settled = true;
     let span = Span::current();
-    let validity = (start + lifetime).saturating_duration_since(Instant::now());
+    let valid_until = attempt.lease.valid_until(start, lifetime);
+    let validity = valid_until.saturating_duration_since(Instant::now());
     span.record("validity_ms", validity.as_millis() as u64);
     debug!(elapsed = ?start.elapsed(), fencing_token, "lock acquired");
-    let stragglers = finish_in_background(shared, attempt.fanout.take_pending(), attempt.ttl);
+    let stragglers = finish_in_background(shared, attempt.fanout.take_pending(), attempt.lease);
     let held = Held::new(
         key.clone(),
         token,
         Arc::clone(&attempt.value),
-        attempt.ttl,
+        attempt.lease,
         start,
-        start + lifetime,
+        valid_until,
         attempt.fanout.asked(),
     );
     if let Some(fencing_token) = fencing_token {
@@ -275,10 +271,10 @@ fn won(
 async fn await_longer_lifetime(
     shared: &Shared,
     fanout: &mut Fanout,
-    ttl: Duration,
+    lease: Lease,
     deadline: Instant,
 ) {
-    let worth = quorum::drift(ttl, shared.settings.drift_factor);
+    let (ttl, worth) = (lease.ttl(), lease.drift());
     let timeout = shared.settings.instance_timeout;
     loop {
         let current = granted_lifetime(shared, fanout, ttl);
@@ -325,7 +321,7 @@ impl Attempt {
             Arc::clone(&self.shared),
             Arc::clone(&self.key),
             Arc::clone(&self.value),
-            self.ttl,
+            self.lease,
             may_hold,
             in_flight,
         );
@@ -348,7 +344,7 @@ impl Drop for Attempt {
 fn finish_in_background(
     shared: &Arc<Shared>,
     in_flight: FuturesUnordered<Tagged>,
-    ttl: Duration,
+    lease: Lease,
 ) -> Vec<Straggler> {
     let stragglers: Vec<Straggler> = in_flight
         .into_iter()
@@ -360,7 +356,7 @@ fn finish_in_background(
     if !stragglers.is_empty() {
         let finish: Vec<_> = stragglers
             .iter()
-            .map(|straggler| tokio::time::timeout(ttl, straggler.reply.clone()))
+            .map(|straggler| tokio::time::timeout(lease.ttl(), straggler.reply.clone()))
             .collect();
         shared.background.spawn(async move {
             join_all(finish).await;
@@ -377,13 +373,13 @@ async fn roll_back(
     shared: Arc<Shared>,
     key: Arc<str>,
     value: Arc<str>,
-    ttl: Duration,
+    lease: Lease,
     may_hold: Vec<usize>,
     in_flight: FuturesUnordered<Tagged>,
 ) {
     // Past the TTL a set that did land has expired by itself: waiting longer buys
     // nothing. Never wait less than one instance timeout.
-    let bound = ttl.max(shared.settings.instance_timeout);
+    let bound = lease.bound(shared.settings.instance_timeout);
     let delete = |index: usize| {
         let shared = Arc::clone(&shared);
         let key = Arc::clone(&key);

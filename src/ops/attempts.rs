@@ -9,16 +9,17 @@ use tokio::time::Instant;
 use super::acquire::{self, Grant, Identity, Outcome};
 use crate::error::Error;
 use crate::handoff;
+use crate::lease::Lease;
 use crate::retry::RetryPolicy;
 use crate::shared::{LockKey, Shared};
 
-/// Attempts to take `key` for `ttl` until one is won, the retry policy has no
+/// Attempts to take `key` for `lease` until one is won, the retry policy has no
 /// more delays, or the next retry would come after `wait`; between attempts,
 /// with `Builder::wake_waiters`, a release of the key wakes the wait early.
 pub(crate) async fn acquire(
     shared: &Arc<Shared>,
     key: &LockKey,
-    ttl: Duration,
+    lease: Lease,
     identity: &Identity,
     wait: Duration,
     retry: RetryPolicy,
@@ -47,7 +48,7 @@ pub(crate) async fn acquire(
             (None, Some(handoff)) if retry.delay(attempts).is_some() => handoff.peek(&key.redis),
             _ => None,
         };
-        let attempt = acquire::attempt(shared, key, ttl, identity, attempts).await?;
+        let attempt = acquire::attempt(shared, key, lease, identity, attempts).await?;
         let (shortfall, causes) = match attempt {
             Outcome::Won(grant) => return Ok(grant),
             Outcome::Lost { shortfall, causes } => (shortfall, causes),

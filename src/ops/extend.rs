@@ -10,10 +10,10 @@ use tracing::{debug, debug_span, Instrument, Span};
 
 use crate::error::{Error, Shortfall, Vote};
 use crate::fanout::{Asked, Fanout};
-use crate::lease::check_ttl;
+use crate::lease::Lease;
 use crate::ops::held::Held;
 use crate::ops::lifetime::granted_lifetime;
-use crate::quorum::{self, Decision};
+use crate::quorum::Decision;
 use crate::shared::Shared;
 use crate::token;
 
@@ -69,7 +69,7 @@ async fn extend_round(
         error,
         certain: true,
     };
-    check_ttl(ttl, shared.settings.drift_factor).map_err(|error| Failure {
+    let lease = Lease::new(ttl, shared.settings.drift_factor).map_err(|error| Failure {
         error,
         certain: false,
     })?;
@@ -91,18 +91,16 @@ async fn extend_round(
     let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
-    let ttl_ms = ttl.as_millis().try_into().unwrap_or(u64::MAX);
-    let ttl = Duration::from_millis(ttl_ms);
-    let drift = quorum::drift(ttl, shared.settings.drift_factor);
+    let (ttl, ttl_ms) = (lease.ttl(), lease.px());
     shared.note_ttl(ttl);
 
     let start = Instant::now();
-    held.sending(start, ttl);
+    held.sending(start, lease);
     if ttl < held.ttl() {
         // A shorter TTL may land on some instances even if this call is dropped
         // or fails: believe no more than the shortest it can leave there.
         let shortest = shortest_lifetime(shared, held.asked, ttl);
-        held.cap((start + shortest).checked_sub(drift).unwrap_or(start));
+        held.cap(lease.valid_until(start, shortest));
     }
     // Every locker learns the longest TTL on each server from there.
     let epoch_key = shared
@@ -115,23 +113,20 @@ async fn extend_round(
             .instance
             .extend(&held.key.redis, &held.value, ttl_ms, epoch_key)
     });
-    fanout
-        .collect(start + timeout, timeout, |tally| {
-            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
-        })
-        .await;
+    fanout.collect_until_decided(start + timeout, timeout).await;
     let elapsed = start.elapsed();
     let tally = fanout.tally();
     let span = Span::current();
     span.record("granted", tally.granted);
     span.record("failed", tally.failed);
-    fanout.finish_in_background(&held.key.redis, timeout.max(ttl), "extend");
+    fanout.finish_in_background(&held.key.redis, lease.bound(timeout), "extend");
 
-    let shortfall = match quorum::decide(n, quorum, tally.granted, tally.failed) {
+    let shortfall = match fanout.decision() {
         Decision::Won => {
-            match quorum::validity(granted_lifetime(shared, &fanout, ttl), elapsed, drift) {
+            let lifetime = granted_lifetime(shared, &fanout, ttl);
+            match lease.validity(lifetime, elapsed) {
                 Some(validity) => {
-                    held.renew(ttl, start + elapsed + validity);
+                    held.renew(lease, lease.valid_until(start, lifetime));
                     span.record("validity_ms", validity.as_millis() as u64);
                     debug!("lock extended");
                     return Ok(validity);

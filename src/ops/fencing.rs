@@ -12,7 +12,6 @@ use tokio::time::Instant;
 use crate::error::Vote;
 use crate::fanout::{Asked, Fanout, Tally};
 use crate::instance::{BoxFuture, Counter, Reply};
-use crate::quorum::{self, Decision};
 use crate::shared::Shared;
 
 /// Appended to a lock's key (after the locker's prefix) to name its fencing
@@ -68,7 +67,6 @@ pub(crate) async fn write_back(
     token: u64,
     granted: &[usize],
 ) -> (bool, Fanout) {
-    let n = shared.members.len();
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
     let start = Instant::now();
@@ -80,11 +78,7 @@ pub(crate) async fn write_back(
             Box::pin(async { Ok(false) })
         }
     });
-    fanout
-        .collect(start + timeout, timeout, |tally| {
-            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
-        })
-        .await;
+    fanout.collect_until_decided(start + timeout, timeout).await;
     let Tally { granted: acks, .. } = fanout.tally();
     (acks >= quorum, fanout)
 }

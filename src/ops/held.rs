@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::fanout::Asked;
+use crate::lease::Lease;
 use crate::shared::LockKey;
 use crate::value::LockValue;
 
@@ -36,8 +37,8 @@ pub(crate) struct Held {
 /// The part of a lock's state that changes.
 #[derive(Debug, Clone, Copy)]
 struct Tenure {
-    /// The TTL last set on the instances.
-    ttl: Duration,
+    /// The lease last set on the instances.
+    lease: Lease,
     valid_until: Instant,
     /// The latest moment any TTL sent for this lock (an extend's included, even
     /// one dropped or failed) runs out, counted from when it left.
@@ -51,7 +52,7 @@ impl Held {
         key: LockKey,
         token: Arc<str>,
         value: Arc<str>,
-        ttl: Duration,
+        lease: Lease,
         acquired_at: Instant,
         valid_until: Instant,
         asked: Asked,
@@ -64,9 +65,9 @@ impl Held {
             asked,
             extending: tokio::sync::Mutex::new(()),
             tenure: watch::Sender::new(Tenure {
-                ttl,
+                lease,
                 valid_until,
-                sent_until: acquired_at + ttl,
+                sent_until: acquired_at + lease.ttl(),
                 lost: false,
             }),
             loss: Mutex::new(None),
@@ -86,8 +87,13 @@ impl Held {
         LockValue::parse(&self.value).and_then(|value| value.metadata)
     }
 
+    /// The lease last set on the instances.
+    pub(crate) fn lease(&self) -> Lease {
+        self.tenure.borrow().lease
+    }
+
     pub(crate) fn ttl(&self) -> Duration {
-        self.tenure.borrow().ttl
+        self.lease().ttl()
     }
 
     pub(crate) fn valid_until(&self) -> Instant {
@@ -101,10 +107,10 @@ impl Held {
         self.tenure.borrow().sent_until
     }
 
-    /// Notes an extend to `ttl` about to leave at `start`.
-    pub(crate) fn sending(&self, start: Instant, ttl: Duration) {
+    /// Notes an extend to `lease` about to leave at `start`.
+    pub(crate) fn sending(&self, start: Instant, lease: Lease) {
         self.tenure.send_if_modified(|tenure| {
-            tenure.sent_until = tenure.sent_until.max(start + ttl);
+            tenure.sent_until = tenure.sent_until.max(start + lease.ttl());
             false
         });
     }
@@ -136,14 +142,14 @@ impl Held {
     }
 
     /// Records a successful extend, valid until `valid_until`.
-    pub(crate) fn renew(&self, ttl: Duration, valid_until: Instant) {
+    pub(crate) fn renew(&self, lease: Lease, valid_until: Instant) {
         self.tenure.send_if_modified(|tenure| {
             // A lost lock stays lost: someone may have been told so and acted on it.
             if tenure.lost {
                 return false;
             }
             *tenure = Tenure {
-                ttl,
+                lease,
                 valid_until,
                 sent_until: tenure.sent_until,
                 lost: false,

@@ -10,8 +10,8 @@ use tracing::{debug, debug_span, Instrument, Span};
 use crate::error::{Error, Vote};
 use crate::fanout::{Asked, Fanout, Straggler};
 use crate::handoff;
+use crate::lease::Lease;
 use crate::ops::held::Held;
-use crate::quorum;
 use crate::shared::{LockKey, Shared};
 use crate::value::LockValue;
 
@@ -38,12 +38,12 @@ pub(crate) async fn release(
     shared: &Arc<Shared>,
     key: &LockKey,
     value: &Arc<str>,
-    ttl: Duration,
+    lease: Lease,
     asked: Asked,
     stragglers: &[Straggler],
 ) -> Released {
     let span = debug_span!("release", key = %key.user, released = Empty);
-    release_round(shared, key, value, ttl, asked, stragglers)
+    release_round(shared, key, value, lease, asked, stragglers)
         .instrument(span)
         .await
 }
@@ -52,7 +52,7 @@ async fn release_round(
     shared: &Arc<Shared>,
     key: &LockKey,
     value: &Arc<str>,
-    ttl: Duration,
+    lease: Lease,
     asked: Asked,
     stragglers: &[Straggler],
 ) -> Released {
@@ -60,7 +60,7 @@ async fn release_round(
     let quorum = shared.quorum;
     let timeout = shared.settings.instance_timeout;
     let start = Instant::now();
-    let bound = ttl.max(timeout);
+    let bound = lease.bound(timeout);
     // With hand-off, the release also tells waiters; the message is the nonce,
     // never the token (which may be a caller's reusable secret).
     let publish = shared.handoff.as_ref().map(|_| {
@@ -131,17 +131,15 @@ pub(crate) async fn release_until_expired(
 ) {
     // A key expires `ttl` after the server applied the last set or extend, which is
     // after the request left: allow for its trip and for a fast server clock.
-    let ttl = held.ttl();
-    let expired = held.expires_at()
-        + shared.settings.instance_timeout
-        + quorum::drift(ttl, shared.settings.drift_factor);
+    let lease = held.lease();
+    let expired = held.expires_at() + shared.settings.instance_timeout + lease.drift();
     let mut pause = FIRST_RETRY;
     for round in 0..=RETRIES {
         let released = release(
             &shared,
             &held.key,
             &held.value,
-            ttl,
+            lease,
             held.asked,
             &stragglers,
         )
