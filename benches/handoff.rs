@@ -39,7 +39,7 @@ async fn run_case(urls: &[String], wake: bool, contenders: usize, run: Duration)
             .urls(urls.iter().cloned())
             .wake_waiters(wake)
             .instance_timeout(Duration::from_millis(200))
-            .acquire_timeout(Duration::from_secs(60))
+            .default_wait(Duration::from_secs(60))
             .build()
             .await
             .expect("build locker");

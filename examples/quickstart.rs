@@ -30,7 +30,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let service_a = instances.builder().build().await?;
     let service_b = instances
         .builder()
-        .acquire_timeout(Duration::from_millis(500))
+        .default_wait(Duration::from_millis(500))
         .build()
         .await?;
     // Fails now, with each instance's answer, rather than at the first lock.

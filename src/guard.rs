@@ -1,7 +1,7 @@
 //! The auto-extend watchdog and the guard that owns it.
 
 use std::fmt;
-use std::future::Future;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +24,12 @@ use crate::status::LockStatus;
 /// (a third of the TTL by default) the watchdog extends the lock by its TTL. An
 /// extend that fails because instances did not answer is retried while validity is
 /// left; once the lock is lost — a quorum of instances no longer hold the token, or
-/// the validity ran out — the watchdog stops and [`lost`](Self::lost) resolves.
+/// the validity ran out — the watchdog stops and [`lost`](LockStatus::lost) resolves.
 ///
 /// Dropping the guard stops the watchdog and releases the lock in the background;
-/// [`release`](Self::release) does it in the foreground.
+/// [`release`](Self::release) does it in the foreground. A guard dereferences
+/// to its [`LockStatus`] (`guard.key()`, `guard.remaining()`, `guard.lost()`,
+/// …), as a [`Lock`] does.
 ///
 /// ```no_run
 /// # async fn demo(locker: quorumlock::QuorumLocker) -> quorumlock::Result<()> {
@@ -66,49 +68,10 @@ impl LockGuard {
         Ok(Self { lock, _stop: stop })
     }
 
-    /// The key as given to `acquire`.
-    pub fn key(&self) -> &str {
-        self.lock.key()
-    }
-
-    /// The lock's token.
-    pub fn token(&self) -> &str {
-        self.lock.token()
-    }
-
-    /// The metadata stored beside the token, if any.
-    pub fn metadata(&self) -> Option<&str> {
-        self.lock.metadata()
-    }
-
-    /// The fencing token of a fenced lock; see [`Lock::fencing_token`].
-    pub fn fencing_token(&self) -> Option<u64> {
-        self.lock.fencing_token()
-    }
-
-    /// The end of the current validity; each extend moves it.
-    pub fn valid_until(&self) -> Instant {
-        self.lock.valid_until()
-    }
-
-    /// The validity left now: zero once the lock is lost.
-    pub fn remaining(&self) -> Duration {
-        self.lock.remaining()
-    }
-
-    /// Whether the lock is still valid.
-    pub fn is_valid(&self) -> bool {
-        self.lock.is_valid()
-    }
-
-    /// A cloneable view of the lock's validity.
+    /// A cloneable view of the lock, to move into another task: the same
+    /// methods this guard dereferences to.
     pub fn status(&self) -> LockStatus {
         self.lock.status()
-    }
-
-    /// Resolves when the lock is lost; see [`Lock::lost`].
-    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.lock.lost()
     }
 
     /// Why the lock was lost, when a failed extend is the reason; taken once.
@@ -125,6 +88,14 @@ impl LockGuard {
         let Self { lock, _stop } = self;
         drop(_stop);
         lock.release().await
+    }
+}
+
+impl Deref for LockGuard {
+    type Target = LockStatus;
+
+    fn deref(&self) -> &LockStatus {
+        &self.lock
     }
 }
 

@@ -56,8 +56,9 @@
 //!   every third of its TTL, cancels the work if the lock is lost, and releases the
 //!   lock when the work ends (also on an error or a panic). [`Lock::auto_extend`]
 //!   gives the same watchdog as a [`LockGuard`] for code that runs its own loop.
-//! - [`Lock::lost`], [`LockGuard::lost`] and [`LockStatus::lost`] resolve when the
-//!   lock is no longer valid.
+//! - [`LockStatus::lost`] resolves when the lock is no longer valid; a [`Lock`]
+//!   and a [`LockGuard`] dereference to their [`LockStatus`], so `lock.lost()`
+//!   and `guard.lost()` are the same call.
 //! - Dropping a [`Lock`] or [`LockGuard`] without releasing it starts the release in
 //!   the background, retried while the keys may still exist.
 //! - [`QuorumLocker::lock`] takes per-call options: your own token (so a
@@ -84,7 +85,7 @@
 //!   quorumlock bounds each server's clock rate from above and shortens the
 //!   validity to match (see *Clock drift* below), which leaves a clock that
 //!   speeds up between two probes, or steps forward, while a lock is held;
-//! - the holder does not pause past [`Lock::valid_until`] (garbage collection, swap
+//! - the holder does not pause past [`LockStatus::valid_until`] (garbage collection, swap
 //!   or a stopped VM would let it work on after the lock passed on);
 //! - an instance that loses its keys (a restart without persistence, a flush, a
 //!   failover to a replica that lacked them) does not vote until the longest TTL
@@ -162,7 +163,7 @@
 //! A lock alone cannot stop a holder that paused past its validity (a GC pause,
 //! a stopped VM) from writing after the lock passed on. A fencing token can, if
 //! the storage you protect helps: request the lock with
-//! [`fenced()`](LockRequest::fenced), send [`Lock::fencing_token`] with every
+//! [`fenced()`](LockRequest::fenced), send [`LockStatus::fencing_token`] with every
 //! write, and have the storage refuse a write whose token is lower than the
 //! highest it has accepted.
 //!
@@ -324,8 +325,8 @@ pub mod testing;
 pub struct ReadmeDoctests;
 
 pub use builder::{
-    Builder, DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT,
-    DEFAULT_PROBE_EVERY, DEFAULT_TTL,
+    Builder, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT, DEFAULT_PROBE_EVERY, DEFAULT_TTL,
+    DEFAULT_WAIT,
 };
 pub use epoch::EPOCH_KEY;
 pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};

@@ -1,11 +1,10 @@
 //! The lock handle: proof of ownership of one key.
 
 use std::fmt;
-use std::future::Future;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tracing::warn;
 
 use crate::fanout::Straggler;
@@ -19,8 +18,11 @@ use crate::token;
 /// [`QuorumLocker::acquire`](crate::QuorumLocker::acquire) and
 /// [`try_acquire`](crate::QuorumLocker::try_acquire).
 ///
-/// The lock is yours until [`valid_until`](Self::valid_until) on this process's
-/// monotonic clock, provided the timing assumptions in the crate docs hold.
+/// The lock is yours until [`valid_until`](LockStatus::valid_until) on this
+/// process's monotonic clock, provided the timing assumptions in the crate docs
+/// hold. A lock dereferences to its [`LockStatus`]: `lock.key()`,
+/// `lock.token()`, `lock.fencing_token()`, `lock.remaining()`, `lock.lost()`
+/// and the rest are documented there.
 /// [`extend`](Self::extend) it to keep it longer, or hand it to a watchdog with
 /// [`auto_extend`](Self::auto_extend); [`release`](Self::release) it when the work is
 /// done.
@@ -32,7 +34,8 @@ use crate::token;
 #[must_use = "dropping a lock releases it at once; keep it while the work runs"]
 pub struct Lock {
     shared: Arc<Shared>,
-    held: Arc<Held>,
+    /// The lock's state, seen through the same view as every `LockStatus`.
+    status: LockStatus,
     /// Sets of the winning attempt that were still in flight when it was decided.
     stragglers: Arc<[Straggler]>,
     /// Cleared once a release has run to an answer, so `Drop` has nothing to do.
@@ -44,101 +47,16 @@ impl Lock {
     pub(crate) fn new(shared: Arc<Shared>, grant: Grant) -> Self {
         Self {
             shared,
-            held: grant.held,
+            status: LockStatus::new(grant.held),
             stragglers: grant.stragglers,
             release_on_drop: true,
         }
     }
 
-    /// The key as given to `acquire` (without the locker's key prefix).
-    pub fn key(&self) -> &str {
-        &self.held.key.user
-    }
-
-    /// The token that marks this owner's value in Redis: 32 random hex digits, or
-    /// the token chosen with [`LockRequest::token`](crate::LockRequest::token).
-    pub fn token(&self) -> &str {
-        &self.held.token
-    }
-
-    /// The fencing token of a lock requested with
-    /// [`LockRequest::fenced`](crate::LockRequest::fenced); `None` otherwise.
-    ///
-    /// Tokens of successive holders of a key strictly increase (under the
-    /// conditions in the crate docs, "Fencing tokens"). Send it with every write
-    /// to the storage this lock protects, and have the storage refuse a write
-    /// whose token is lower than the highest it has seen: a holder that paused
-    /// past its validity is then refused once its successor has written. An
-    /// extend keeps the token.
-    pub fn fencing_token(&self) -> Option<u64> {
-        self.held.fencing_token()
-    }
-
-    /// The metadata stored beside the token (see
-    /// [`LockRequest::metadata`](crate::LockRequest::metadata)), if any.
-    pub fn metadata(&self) -> Option<&str> {
-        self.held.metadata()
-    }
-
-    /// The TTL last set on the instances: the acquire's, or the last extend's.
-    pub fn ttl(&self) -> Duration {
-        self.held.ttl()
-    }
-
-    /// When the winning attempt started.
-    pub fn acquired_at(&self) -> Instant {
-        self.held.acquired_at
-    }
-
-    /// The end of the validity: `start + lifetime − drift allowance`, where
-    /// `start` is when the acquire (or the last successful extend) started and
-    /// `lifetime` is how long the granting instances keep the key by their
-    /// clocks' rate bounds (`ttl` when they run true; see the crate docs, *Clock
-    /// drift*). Past it, the lock may be held by someone else.
-    ///
-    /// Once the lock is lost or released it promises no more time: this is then
-    /// no later than when the loss was noticed. An extend to a shorter TTL
-    /// moves it earlier before its requests leave.
-    pub fn valid_until(&self) -> Instant {
-        self.held.valid_until()
-    }
-
-    /// The validity left now: zero once it has run out or the lock was lost.
-    pub fn remaining(&self) -> Duration {
-        self.held.remaining()
-    }
-
-    /// Whether validity is left and no extend has failed.
-    pub fn is_valid(&self) -> bool {
-        !self.held.is_lost()
-    }
-
-    /// A cloneable view of this lock's validity, with [`LockStatus::lost`].
+    /// A cloneable view of this lock, to move into another task: the same
+    /// methods this lock dereferences to.
     pub fn status(&self) -> LockStatus {
-        LockStatus::new(Arc::clone(&self.held))
-    }
-
-    /// Resolves when the lock is no longer valid: its validity ran out or an extend
-    /// failed. For a loop of your own:
-    ///
-    /// ```no_run
-    /// # async fn demo(lock: quorumlock::Lock) {
-    /// let mut batches = tokio::time::interval(std::time::Duration::from_millis(100));
-    /// loop {
-    ///     tokio::select! {
-    ///         () = lock.lost() => break, // stop: someone else may hold it now
-    ///         _ = batches.tick() => { /* one batch of work, then extend */ }
-    ///     }
-    /// }
-    /// # }
-    /// ```
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel-safe: it only waits.
-    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
-        let held = Arc::clone(&self.held);
-        async move { held.lost().await }
+        self.status.clone()
     }
 
     /// Sets the key's TTL to `ttl` on every instance where it still holds this
@@ -151,7 +69,7 @@ impl Lock {
     /// - [`Error::LockLost`](crate::Error::LockLost) when the validity had already run out or an earlier
     ///   extend failed: no request is sent;
     /// - [`Error::NotExtended`](crate::Error::NotExtended) when fewer than a quorum extended or no validity was
-    ///   left; the lock is then marked lost (see [`lost`](Self::lost));
+    ///   left; the lock is then marked lost (see [`lost`](LockStatus::lost));
     /// - [`Error::InvalidTtl`](crate::Error::InvalidTtl) for a bad TTL, before any request; the lock is kept.
     ///
     /// An extend never deletes or creates a key: a lock that expired stays with
@@ -187,7 +105,7 @@ impl Lock {
     /// lock run one at a time: a second waits for the first, and dropping it
     /// while it waits sends nothing.
     pub async fn extend(&self, ttl: Duration) -> crate::Result<Duration> {
-        crate::ops::extend::extend(&self.shared, &self.held, ttl).await
+        crate::ops::extend::extend(&self.shared, self.status.held(), ttl).await
     }
 
     /// Lets the lock go without releasing it: the keys stay until their TTL
@@ -220,14 +138,14 @@ impl Lock {
     pub async fn release(mut self) -> crate::Result<usize> {
         let released = crate::ops::release::release(
             &self.shared,
-            &self.held.key,
-            &self.held.value,
-            self.held.lease(),
-            self.held.asked,
+            &self.status.held().key,
+            &self.status.held().value,
+            self.status.held().lease(),
+            self.status.held().asked,
             &self.stragglers,
         )
         .await;
-        self.held.lose(None);
+        self.status.held().lose(None);
         // Instances that answered with an error may still hold the key: `Drop`
         // tries them again in the background.
         self.release_on_drop = released.incomplete;
@@ -235,7 +153,7 @@ impl Lock {
     }
 
     pub(crate) fn held(&self) -> &Arc<Held> {
-        &self.held
+        self.status.held()
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -245,18 +163,26 @@ impl Lock {
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        self.held.lose(None);
+        self.status.held().lose(None);
         if !self.release_on_drop {
             return;
         }
         let release = crate::ops::release::release_until_expired(
             Arc::clone(&self.shared),
-            Arc::clone(&self.held),
+            Arc::clone(self.status.held()),
             Arc::clone(&self.stragglers),
         );
         if self.shared.background.spawn(release).is_none() {
-            warn!(key = %self.held.key.user, "lock dropped outside a Tokio runtime: not released, the key expires by its TTL");
+            warn!(key = %self.status.held().key.user, "lock dropped outside a Tokio runtime: not released, the key expires by its TTL");
         }
+    }
+}
+
+impl Deref for Lock {
+    type Target = LockStatus;
+
+    fn deref(&self) -> &LockStatus {
+        &self.status
     }
 }
 

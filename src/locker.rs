@@ -128,22 +128,13 @@ impl QuorumLocker {
         F: FnOnce(LockStatus) -> Fut,
         Fut: Future<Output = T>,
     {
-        self.lock(key).ttl(ttl).run(work).await
+        self.lock(key).ttl(ttl).with_lock(work).await
     }
 
     /// Starts a lock request for `key` with per-call options: TTL, your own token,
     /// metadata, how long to wait, the auto-extend interval.
     pub fn lock(&self, key: impl Into<String>) -> LockRequest<'_> {
         LockRequest::new(&self.shared, key.into())
-    }
-
-    /// Releases `lock`; the same as [`Lock::release`].
-    ///
-    /// # Errors
-    ///
-    /// As [`Lock::release`].
-    pub async fn release(&self, lock: Lock) -> crate::Result<usize> {
-        lock.release().await
     }
 
     /// Connects to every instance, loads the Lua scripts there, waits for the

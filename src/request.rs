@@ -25,7 +25,7 @@ pub const MAX_METADATA_LEN: usize = 4096;
 
 /// One lock request, made by [`QuorumLocker::lock`](crate::QuorumLocker::lock): set the options, then
 /// [`acquire`](Self::acquire), [`try_acquire`](Self::try_acquire) or
-/// [`run`](Self::run).
+/// [`with_lock`](Self::with_lock).
 ///
 /// ```no_run
 /// # async fn demo(locker: quorumlock::QuorumLocker) -> quorumlock::Result<()> {
@@ -53,7 +53,7 @@ pub struct LockRequest<'a> {
     fenced: bool,
     wait: Option<Duration>,
     retry: Option<RetryPolicy>,
-    extend_every: Option<Duration>,
+    auto_extend_every: Option<Duration>,
 }
 
 impl<'a> LockRequest<'a> {
@@ -67,7 +67,7 @@ impl<'a> LockRequest<'a> {
             fenced: false,
             wait: None,
             retry: None,
-            extend_every: None,
+            auto_extend_every: None,
         }
     }
 
@@ -101,7 +101,7 @@ impl<'a> LockRequest<'a> {
         self
     }
 
-    /// Gives the lock a fencing token ([`Lock::fencing_token`]): a number that
+    /// Gives the lock a fencing token ([`LockStatus::fencing_token`]): a number that
     /// grows with every holder of this key, for the storage you protect to reject
     /// writes from a holder whose lock has passed on. Costs a second round trip
     /// per won attempt, and leaves one counter key per lock key on each instance
@@ -137,8 +137,8 @@ impl<'a> LockRequest<'a> {
         self
     }
 
-    /// How long [`acquire`](Self::acquire) and [`run`](Self::run) keep retrying.
-    /// Default: the locker's [`acquire_timeout`](crate::Builder::acquire_timeout).
+    /// How long [`acquire`](Self::acquire) and [`with_lock`](Self::with_lock) keep retrying.
+    /// Default: the locker's [`default_wait`](crate::Builder::default_wait).
     pub fn wait(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
         self
@@ -151,10 +151,10 @@ impl<'a> LockRequest<'a> {
         self
     }
 
-    /// How often [`run`](Self::run)'s watchdog extends the lock. Default: a third of
+    /// How often [`with_lock`](Self::with_lock)'s watchdog extends the lock. Default: a third of
     /// the TTL.
-    pub fn extend_every(mut self, every: Duration) -> Self {
-        self.extend_every = Some(every);
+    pub fn auto_extend_every(mut self, every: Duration) -> Self {
+        self.auto_extend_every = Some(every);
         self
     }
 
@@ -167,7 +167,7 @@ impl<'a> LockRequest<'a> {
     /// metadata.
     pub async fn acquire(&self) -> crate::Result<Lock> {
         let settings = &self.shared.settings;
-        let wait = self.wait.unwrap_or(settings.acquire_timeout);
+        let wait = self.wait.unwrap_or(settings.default_wait);
         let retry = self.retry.unwrap_or(settings.retry);
         self.take(wait, retry).await
     }
@@ -201,12 +201,14 @@ impl<'a> LockRequest<'a> {
     /// # Errors
     ///
     /// As [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock).
-    pub async fn run<F, Fut, T>(&self, work: F) -> crate::Result<T>
+    pub async fn with_lock<F, Fut, T>(&self, work: F) -> crate::Result<T>
     where
         F: FnOnce(LockStatus) -> Fut,
         Fut: Future<Output = T>,
     {
-        let every = self.extend_every.unwrap_or(default_extend_every(self.ttl));
+        let every = self
+            .auto_extend_every
+            .unwrap_or(default_extend_every(self.ttl));
         // Checked before taking the lock: bad input must cost no I/O.
         self.shared.lease(self.ttl)?.check_interval(every)?;
         let guard = self.acquire().await?.auto_extend_every(every)?;
@@ -290,7 +292,7 @@ impl std::fmt::Debug for LockRequest<'_> {
             .field("fenced", &self.fenced)
             .field("wait", &self.wait)
             .field("retry", &self.retry)
-            .field("extend_every", &self.extend_every)
+            .field("auto_extend_every", &self.auto_extend_every)
             .finish()
     }
 }

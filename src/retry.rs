@@ -8,7 +8,7 @@ use std::time::Duration;
 /// Every delay is randomised by the jitter fraction `j`: a nominal delay `d`
 /// becomes a uniform draw from `[d × (1 − j), d × (1 + j)]`, so clients that lost to
 /// the same owner do not retry in lock-step. The overall time limit is the
-/// locker's [`acquire_timeout`](crate::Builder::acquire_timeout).
+/// locker's [`default_wait`](crate::Builder::default_wait).
 ///
 /// # Default
 ///

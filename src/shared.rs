@@ -126,7 +126,7 @@ pub(crate) struct Settings {
     pub(crate) drift_factor: f64,
     pub(crate) instance_timeout: Duration,
     pub(crate) retry: RetryPolicy,
-    pub(crate) acquire_timeout: Duration,
+    pub(crate) default_wait: Duration,
     pub(crate) key_prefix: String,
     /// The key prefix followed by [`EPOCH_KEY`].
     pub(crate) epoch_key: Arc<str>,

@@ -1,6 +1,7 @@
 //! The public, cloneable view of a held lock's state.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,9 +10,14 @@ use tokio::time::Instant;
 use crate::ops::held::Held;
 use crate::token;
 
-/// A cloneable live view of a held lock: its key, token and validity, and a future
-/// that resolves when the lock is lost. [`QuorumLocker::with_lock`] hands one to the
-/// work it runs; [`Lock::status`] and [`LockGuard::status`] make more.
+/// A live view of a held lock: its key, token and validity, and a future that
+/// resolves when the lock is lost. The one place these are read: [`Lock`] and
+/// [`LockGuard`] dereference to it, [`QuorumLocker::with_lock`] hands one to
+/// the work it runs, and [`Lock::status`] and [`LockGuard::status`] make
+/// clones to move into other tasks.
+///
+/// [`Lock`]: crate::Lock
+/// [`LockGuard`]: crate::LockGuard
 ///
 /// [`QuorumLocker::with_lock`]: crate::QuorumLocker::with_lock
 /// [`Lock::status`]: crate::Lock::status
@@ -26,50 +32,97 @@ impl LockStatus {
         Self { held }
     }
 
+    pub(crate) fn held(&self) -> &Arc<Held> {
+        &self.held
+    }
+
     /// The key as given to `acquire` (without the locker's key prefix).
     pub fn key(&self) -> &str {
         &self.held.key.user
     }
 
-    /// The token that marks this owner's value in Redis.
+    /// The token that marks this owner's value in Redis: 32 random hex digits, or
+    /// the token chosen with [`LockRequest::token`](crate::LockRequest::token).
     pub fn token(&self) -> &str {
         &self.held.token
     }
 
-    /// The metadata stored beside the token, if any.
-    pub fn metadata(&self) -> Option<&str> {
-        self.held.metadata()
-    }
-
-    /// The fencing token of a fenced lock; see [`Lock::fencing_token`](crate::Lock::fencing_token).
+    /// The fencing token of a lock requested with
+    /// [`LockRequest::fenced`](crate::LockRequest::fenced); `None` otherwise.
+    ///
+    /// Tokens of successive holders of a key strictly increase (under the
+    /// conditions in the crate docs, "Fencing tokens"). Send it with every write
+    /// to the storage this lock protects, and have the storage refuse a write
+    /// whose token is lower than the highest it has seen: a holder that paused
+    /// past its validity is then refused once its successor has written. An
+    /// extend keeps the token.
     pub fn fencing_token(&self) -> Option<u64> {
         self.held.fencing_token()
     }
 
-    /// The end of the validity on this process's monotonic clock; extends move it.
+    /// The metadata stored beside the token (see
+    /// [`LockRequest::metadata`](crate::LockRequest::metadata)), if any.
+    pub fn metadata(&self) -> Option<&str> {
+        self.held.metadata()
+    }
+
+    /// The TTL last set on the instances: the acquire's, or the last extend's.
+    pub fn ttl(&self) -> Duration {
+        self.held.ttl()
+    }
+
+    /// When the winning attempt started.
+    pub fn acquired_at(&self) -> Instant {
+        self.held.acquired_at
+    }
+
+    /// The end of the validity: `start + lifetime − drift allowance`, where
+    /// `start` is when the acquire (or the last successful extend) started and
+    /// `lifetime` is how long the granting instances keep the key by their
+    /// clocks' rate bounds (`ttl` when they run true; see the crate docs, *Clock
+    /// drift*). Past it, the lock may be held by someone else.
+    ///
+    /// Once the lock is lost or released it promises no more time: this is then
+    /// no later than when the loss was noticed. An extend to a shorter TTL
+    /// moves it earlier before its requests leave.
     pub fn valid_until(&self) -> Instant {
         self.held.valid_until()
     }
 
-    /// The validity left now: zero once it has run out, or once the lock was lost
-    /// or released.
+    /// The validity left now: zero once it has run out, or once the lock was
+    /// lost or released.
     pub fn remaining(&self) -> Duration {
         self.held.remaining()
     }
 
-    /// Whether the lock is still valid.
+    /// Whether validity is left and no extend has failed (nor a release run).
     pub fn is_valid(&self) -> bool {
         !self.held.is_lost()
     }
 
-    /// Resolves when the lock is no longer valid: its validity ran out, an extend
-    /// failed, or it was released. Resolves at once if that has already happened.
+    /// Resolves when the lock is no longer valid: its validity ran out, an
+    /// extend failed, or it was released; at once if that has already
+    /// happened. The future owns what it needs, so it can be moved into
+    /// another task. For a loop of your own:
+    ///
+    /// ```no_run
+    /// # async fn demo(lock: quorumlock::Lock) {
+    /// let mut batches = tokio::time::interval(std::time::Duration::from_millis(100));
+    /// loop {
+    ///     tokio::select! {
+    ///         () = lock.lost() => break, // stop: someone else may hold it now
+    ///         _ = batches.tick() => { /* one batch of work, then extend */ }
+    ///     }
+    /// }
+    /// # }
+    /// ```
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: it only waits.
-    pub async fn lost(&self) {
-        self.held.lost().await;
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let held = Arc::clone(&self.held);
+        async move { held.lost().await }
     }
 }
 

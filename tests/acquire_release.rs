@@ -129,6 +129,6 @@ async fn releasing_through_the_locker_is_the_same() {
     let cluster = cluster(2);
     let locker = locker(&cluster).await;
     let lock = locker.acquire("job", TTL).await.unwrap();
-    assert!(locker.release(lock).await.unwrap() >= 1);
+    assert!(lock.release().await.unwrap() >= 1);
     assert!(locker.try_acquire("job", TTL).await.is_ok());
 }

@@ -181,7 +181,7 @@ async fn bad_settings_are_refused_at_build() {
     let absurd = Duration::MAX;
     let settings: [(&str, SetDuration); 4] = [
         ("instance_timeout", |b, d| b.instance_timeout(d)),
-        ("acquire_timeout", |b, d| b.acquire_timeout(d)),
+        ("default_wait", |b, d| b.default_wait(d)),
         ("probe_every", |b, d| b.probe_every(d)),
         ("restart_quarantine", |b, d| b.restart_quarantine(d)),
     ];
@@ -193,7 +193,7 @@ async fn bad_settings_are_refused_at_build() {
     }
     // The longest accepted ones work without overflow.
     let locker = builder(&cluster)
-        .acquire_timeout(MAX_TTL)
+        .default_wait(MAX_TTL)
         .restart_quarantine(MAX_TTL)
         .instance_timeout(MAX_TTL)
         .build()

@@ -499,16 +499,16 @@ async fn contended_random_drops_leave_only_the_holder(n: usize, iterations: usiz
     let latency = uncontended_latency(&probe, "probe-").await;
     // Several attempts fit in the acquire timeout, and some acquires run out of it
     // (and complete with NotAcquired) inside the window.
-    let acquire_timeout = (latency * 4).max(Duration::from_millis(3));
+    let default_wait = (latency * 4).max(Duration::from_millis(3));
     let waiter = common::builder(&cluster)
         .retry(RetryPolicy::fixed(Duration::from_micros(200)).with_jitter(0.5))
-        .acquire_timeout(acquire_timeout)
+        .default_wait(default_wait)
         .build()
         .await
         .unwrap();
     waiter.prepare().await.unwrap();
     assert_eq!(waiter.quorum(), quorum);
-    let mut window = Window::new(acquire_timeout + latency * 2);
+    let mut window = Window::new(default_wait + latency * 2);
     let mut log = Vec::with_capacity(iterations);
     let mut held = Vec::with_capacity(iterations);
     let started = Instant::now();

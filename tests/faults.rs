@@ -208,12 +208,12 @@ async fn two_lockers_contend_and_exactly_one_wins() {
     for n in SIZES {
         let cluster = cluster(n);
         let a = builder(&cluster)
-            .acquire_timeout(Duration::from_millis(600))
+            .default_wait(Duration::from_millis(600))
             .build()
             .await
             .unwrap();
         let b = builder(&cluster)
-            .acquire_timeout(Duration::from_millis(600))
+            .default_wait(Duration::from_millis(600))
             .build()
             .await
             .unwrap();
@@ -268,7 +268,7 @@ async fn split_votes_at_even_n_never_hang_or_leak() {
 async fn all_instances_down_is_not_acquired_with_every_failure() {
     let mut cluster = cluster(3);
     let locker = builder(&cluster)
-        .acquire_timeout(Duration::from_millis(300))
+        .default_wait(Duration::from_millis(300))
         .build()
         .await
         .unwrap();

@@ -231,7 +231,7 @@ async fn lockers_for(urls: Vec<String>) -> Vec<QuorumLocker> {
         lockers.push(
             QuorumLocker::builder()
                 .urls(urls.clone())
-                .acquire_timeout(Duration::from_secs(5))
+                .default_wait(Duration::from_secs(5))
                 .instance_timeout(ms(500))
                 .retry(quorumlock::RetryPolicy::fixed(ms(10)).with_jitter(0.5))
                 .build()

@@ -25,7 +25,7 @@ fn waking(cluster: &RedisCluster, fallback: Duration) -> Builder {
         .instance_timeout(ms(500))
         .wake_waiters(true)
         .retry(RetryPolicy::fixed(fallback))
-        .acquire_timeout(Duration::from_secs(30))
+        .default_wait(Duration::from_secs(30))
 }
 
 /// Spawns a wait for `KEY` on `locker`; resolves to when it got the lock.

@@ -44,7 +44,7 @@ impl Phase {
         let (old, new) = (&urls[0], &urls[1]);
         let builder = QuorumLocker::builder()
             .instance_timeout(INSTANCE_TIMEOUT)
-            .acquire_timeout(Duration::from_secs(3))
+            .default_wait(Duration::from_secs(3))
             // Quick retries: more hand-overs between phases per second of test.
             .retry(RetryPolicy::fixed(Duration::from_millis(4)).with_jitter(0.75));
         let builder = match self {

@@ -73,7 +73,7 @@ async fn proxied_locker(
     let locker = QuorumLocker::builder()
         .urls(proxies.iter().map(FaultProxy::url))
         .instance_timeout(instance_timeout)
-        .acquire_timeout(Duration::from_secs(5))
+        .default_wait(Duration::from_secs(5))
         .build()
         .await
         .expect("build locker");

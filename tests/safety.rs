@@ -19,7 +19,7 @@ async fn restart_while_held(quarantine: Duration) -> Checker {
     let a = common::builder(&cluster).build().await.unwrap();
     let b = common::builder(&cluster)
         .restart_quarantine(quarantine)
-        .acquire_timeout(Duration::from_secs(1))
+        .default_wait(Duration::from_secs(1))
         .build()
         .await
         .unwrap();

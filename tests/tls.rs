@@ -27,7 +27,7 @@ where
     QuorumLocker::builder()
         .urls(urls)
         .instance_timeout(TIMEOUT)
-        .acquire_timeout(Duration::from_secs(5))
+        .default_wait(Duration::from_secs(5))
 }
 
 /// Takes, extends and releases a lock, checking the keys through the plain

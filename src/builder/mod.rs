@@ -37,7 +37,7 @@ pub const DEFAULT_INSTANCE_TIMEOUT: Duration = Duration::from_millis(50);
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
 /// How long `acquire` keeps retrying unless set.
-pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 
 /// The clock-drift factor unless set: 1% of the TTL (plus 2 ms), as in the Redlock
 /// description.
@@ -62,7 +62,7 @@ pub struct Builder {
     drift_factor: f64,
     instance_timeout: Duration,
     retry: RetryPolicy,
-    acquire_timeout: Duration,
+    default_wait: Duration,
     key_prefix: String,
     restart_quarantine: Option<Duration>,
     quarantine_fast_clocks: bool,
@@ -90,7 +90,7 @@ impl Builder {
             drift_factor: DEFAULT_DRIFT_FACTOR,
             instance_timeout: DEFAULT_INSTANCE_TIMEOUT,
             retry: RetryPolicy::default(),
-            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            default_wait: DEFAULT_WAIT,
             key_prefix: String::new(),
             restart_quarantine: None,
             quarantine_fast_clocks: false,
@@ -192,8 +192,8 @@ impl Builder {
 
     /// How long `acquire` keeps retrying before giving up. Default: 10 s. At
     /// least one attempt is always made.
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
+    pub fn default_wait(mut self, timeout: Duration) -> Self {
+        self.default_wait = timeout;
         self
     }
 
@@ -341,7 +341,7 @@ impl Builder {
         // the instant arithmetic it feeds.
         for (setting, duration) in [
             ("instance_timeout", self.instance_timeout),
-            ("acquire_timeout", self.acquire_timeout),
+            ("default_wait", self.default_wait),
             ("probe_every", self.probe_every),
             (
                 "restart_quarantine",
@@ -439,7 +439,7 @@ impl Builder {
                 drift_factor: self.drift_factor,
                 instance_timeout: self.instance_timeout,
                 retry: self.retry,
-                acquire_timeout: self.acquire_timeout,
+                default_wait: self.default_wait,
                 epoch_key: format!("{}{EPOCH_KEY}", self.key_prefix).into(),
                 key_prefix: self.key_prefix,
                 policy,

@@ -25,7 +25,7 @@ pub fn builder(cluster: &RedisCluster) -> Builder {
     QuorumLocker::builder()
         .urls(cluster.urls())
         .instance_timeout(TIMEOUT)
-        .acquire_timeout(Duration::from_secs(5))
+        .default_wait(Duration::from_secs(5))
 }
 
 pub async fn locker(cluster: &RedisCluster) -> QuorumLocker {
