@@ -36,47 +36,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// long before its own next attempt on the key: without it the releaser,
 /// already running, would win most hand-offs back (barging).
 pub(crate) const COURTESY: Duration = Duration::from_millis(2);
-/// A woken waiter retries after a random pause of up to its spread: at first
-/// this, doubled after each woken attempt it lost (up to [`MAX_SPREAD`]), so a
-/// crowd woken by one release does not split the votes among itself.
-const FIRST_SPREAD: Duration = Duration::from_millis(1);
-const MAX_SPREAD: Duration = Duration::from_millis(16);
-/// The spread shrinks with the time waited, `spread / (1 + waited / this)`: a
-/// waiter that has waited long retries almost at once and beats the newer ones.
-const PRIORITY_AGE: Duration = Duration::from_millis(50);
-
-/// How a waiter paces the retries it makes on wake-ups.
-pub(crate) struct Pacing {
-    since: Instant,
-    spread: Duration,
-}
-
-impl Pacing {
-    pub(crate) fn new() -> Self {
-        Self {
-            since: Instant::now(),
-            spread: FIRST_SPREAD,
-        }
-    }
-
-    /// A woken attempt was lost: spread wider next time.
-    pub(crate) fn lost(&mut self) {
-        self.spread = (self.spread * 2).min(MAX_SPREAD);
-    }
-
-    /// The pause before the retry of a wake-up.
-    pub(crate) fn pause(&self) -> Duration {
-        let draw = getrandom::u64().map_or(0.5, |bits| (bits >> 11) as f64 / (1u64 << 53) as f64);
-        self.pause_with(draw)
-    }
-
-    /// As `pause`, given a uniform draw in [0, 1).
-    fn pause_with(&self, draw: f64) -> Duration {
-        let age = self.since.elapsed().as_secs_f64() / PRIORITY_AGE.as_secs_f64();
-        self.spread.div_f64(1.0 + age).mul_f64(draw.clamp(0.0, 1.0))
-    }
-}
-
 /// The channel a release of `redis_key` publishes on.
 pub(crate) fn channel(redis_key: &str) -> Arc<str> {
     format!("{RELEASE_CHANNEL_PREFIX}{redis_key}").into()

@@ -155,36 +155,9 @@ fn seed() -> u64 {
     parsed.unwrap_or_else(|_| panic!("QUORUMLOCK_CANCEL_SEED={text:?} is not a u64"))
 }
 
-/// xorshift64*: small, deterministic, good enough to spread timeouts.
-struct XorShift(u64);
-
-impl XorShift {
-    /// An independent-looking stream per test from one seed.
-    fn stream(seed: u64, salt: u64) -> Self {
-        let mut rng = Self((seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1));
-        for _ in 0..8 {
-            rng.next();
-        }
-        rng
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..bound`.
-    fn below(&mut self, bound: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(bound)) >> 64) as u64
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next() >> 63 == 1
-    }
+/// An independent-looking stream of draws per test from one seed.
+fn stream(seed: u64, salt: u64) -> fastrand::Rng {
+    fastrand::Rng::with_seed(seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -214,18 +187,18 @@ struct Call {
 }
 
 impl Call {
-    fn draw(rng: &mut XorShift, window: &Window) -> Self {
-        let op = if rng.coin() {
+    fn draw(rng: &mut fastrand::Rng, window: &Window) -> Self {
+        let op = if rng.bool() {
             Op::Acquire
         } else {
             Op::TryAcquire
         };
-        let trigger = if rng.coin() {
+        let trigger = if rng.bool() {
             Trigger::Timeout
         } else {
             Trigger::Signal
         };
-        let after = Duration::from_nanos(rng.below(window.upper.as_nanos() as u64));
+        let after = Duration::from_nanos(rng.u64(0..(window.upper.as_nanos() as u64).max(1)));
         Self { op, trigger, after }
     }
 
@@ -427,7 +400,7 @@ async fn assert_swept(cluster: &RedisCluster, prefix: &str, log: &[Entry], conte
 async fn random_drops_leave_no_key(n: usize, iterations: usize) {
     let seed = seed();
     let name = format!("uncontended n = {n}");
-    let mut rng = XorShift::stream(seed, n as u64);
+    let mut rng = stream(seed, n as u64);
     let cluster = cluster(n);
     let locker = common::locker(&cluster).await;
     locker.prepare().await.unwrap();
@@ -482,7 +455,7 @@ async fn acquires_dropped_at_random_times_leave_no_key_on_5() {
 async fn contended_random_drops_leave_only_the_holder(n: usize, iterations: usize) {
     let seed = seed();
     let name = format!("contended n = {n}");
-    let mut rng = XorShift::stream(seed, 0x100 + n as u64);
+    let mut rng = stream(seed, 0x100 + n as u64);
     let cluster = cluster(n);
     let quorum = n / 2 + 1;
     let blocking = n - quorum + 1;
@@ -580,12 +553,12 @@ async fn contended_acquires_dropped_at_random_times_leave_only_the_holder_on_5()
 async fn paused_random_drops_leave_no_key(n: usize, iterations: usize) {
     let seed = seed();
     let name = format!("paused n = {n}");
-    let mut rng = XorShift::stream(seed, 0x200 + n as u64);
+    let mut rng = stream(seed, 0x200 + n as u64);
     let mut cluster = cluster(n);
     let locker = common::locker(&cluster).await;
     locker.prepare().await.unwrap();
     let latency = uncontended_latency(&locker, "probe-").await;
-    let paused = rng.below(n as u64) as usize;
+    let paused = rng.usize(0..n);
     let name = format!("{name}, instance {paused} paused");
     cluster.pause(paused).unwrap();
     let mut window = Window::new(latency * 2);

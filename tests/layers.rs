@@ -59,6 +59,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "ops::fencing",
             "ops::held",
             "ops::lifetime",
+            "ops::pacing",
             "ops::release",
         ],
     ),

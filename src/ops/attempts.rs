@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::acquire::{self, Grant, Identity, Outcome};
+use super::pacing::Pacing;
 use crate::error::Error;
 use crate::handoff;
 use crate::lease::Lease;
@@ -26,7 +27,7 @@ pub(crate) async fn acquire(
 ) -> crate::Result<Grant> {
     let deadline = Instant::now().checked_add(wait);
     let handoff = shared.handoff.as_ref();
-    let mut pacing = handoff::Pacing::new();
+    let mut pacing = Pacing::new();
     let mut woken = false;
     let mut watch: Option<handoff::Watch> = None;
     let mut attempts = 0u32;

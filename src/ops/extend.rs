@@ -18,7 +18,7 @@ use crate::shared::Shared;
 use crate::token;
 
 /// A failed extend, and whether the lock is certainly gone.
-pub(crate) struct Failure {
+pub(crate) struct ExtendError {
     pub(crate) error: Error,
     /// More than `N − quorum` instances refused: the key is no longer ours on
     /// enough of them for any later extend to succeed. Otherwise the shortfall came
@@ -34,7 +34,7 @@ pub(crate) async fn extend(
 ) -> crate::Result<Duration> {
     match try_extend(shared, held, ttl).await {
         Ok(validity) => Ok(validity),
-        Err(Failure { error, .. }) => {
+        Err(ExtendError { error, .. }) => {
             if matches!(error, Error::NotExtended { .. }) {
                 held.lose(None);
             }
@@ -48,7 +48,7 @@ pub(crate) async fn try_extend(
     shared: &Arc<Shared>,
     held: &Held,
     ttl: Duration,
-) -> Result<Duration, Failure> {
+) -> Result<Duration, ExtendError> {
     let span = debug_span!(
         "extend",
         key = %held.key.user,
@@ -64,12 +64,12 @@ async fn extend_round(
     shared: &Arc<Shared>,
     held: &Held,
     ttl: Duration,
-) -> Result<Duration, Failure> {
-    let refuse = |error| Failure {
+) -> Result<Duration, ExtendError> {
+    let refuse = |error| ExtendError {
         error,
         certain: true,
     };
-    let lease = Lease::new(ttl, shared.settings.drift_factor).map_err(|error| Failure {
+    let lease = Lease::new(ttl, shared.settings.drift_factor).map_err(|error| ExtendError {
         error,
         certain: false,
     })?;
@@ -146,7 +146,7 @@ async fn extend_round(
         .count();
     span.record("validity_ms", 0u64);
     debug!(%shortfall, refused, "extend fell short");
-    Err(Failure {
+    Err(ExtendError {
         error: Error::NotExtended {
             key: held.key.user.to_string(),
             shortfall,

@@ -27,7 +27,7 @@ pub(crate) struct Held {
     /// each instance applies them in the order they were sent, and the last
     /// one to finish is the last one each instance applied.
     pub(crate) extending: tokio::sync::Mutex<()>,
-    tenure: watch::Sender<Tenure>,
+    validity: watch::Sender<Validity>,
     /// Why the lock was lost, when a failed extend is the reason.
     loss: Mutex<Option<Error>>,
     /// The fencing token of a fenced lock, set once when it is handed out.
@@ -36,7 +36,7 @@ pub(crate) struct Held {
 
 /// The part of a lock's state that changes.
 #[derive(Debug, Clone, Copy)]
-struct Tenure {
+struct Validity {
     /// The lease last set on the instances.
     lease: Lease,
     valid_until: Instant,
@@ -64,7 +64,7 @@ impl Held {
             acquired_at,
             asked,
             extending: tokio::sync::Mutex::new(()),
-            tenure: watch::Sender::new(Tenure {
+            validity: watch::Sender::new(Validity {
                 lease,
                 valid_until,
                 sent_until: acquired_at + lease.ttl(),
@@ -89,7 +89,7 @@ impl Held {
 
     /// The lease last set on the instances.
     pub(crate) fn lease(&self) -> Lease {
-        self.tenure.borrow().lease
+        self.validity.borrow().lease
     }
 
     pub(crate) fn ttl(&self) -> Duration {
@@ -97,30 +97,32 @@ impl Held {
     }
 
     pub(crate) fn valid_until(&self) -> Instant {
-        self.tenure.borrow().valid_until
+        self.validity.borrow().valid_until
     }
 
     /// When the keys expire by their TTL at the latest, counted from when the
     /// request left (the server applied it a little later): an extend that was
     /// dropped or failed may still have set its TTL on some instances.
     pub(crate) fn expires_at(&self) -> Instant {
-        self.tenure.borrow().sent_until
+        self.validity.borrow().sent_until
     }
 
     /// Notes an extend to `lease` about to leave at `start`.
     pub(crate) fn sending(&self, start: Instant, lease: Lease) {
-        self.tenure.send_if_modified(|tenure| {
-            tenure.sent_until = tenure.sent_until.max(start + lease.ttl());
+        self.validity.send_if_modified(|validity| {
+            validity.sent_until = validity.sent_until.max(start + lease.ttl());
             false
         });
     }
 
     pub(crate) fn remaining(&self) -> Duration {
-        let tenure = self.tenure.borrow();
-        if tenure.lost {
+        let validity = self.validity.borrow();
+        if validity.lost {
             Duration::ZERO
         } else {
-            tenure.valid_until.saturating_duration_since(Instant::now())
+            validity
+                .valid_until
+                .saturating_duration_since(Instant::now())
         }
     }
 
@@ -132,26 +134,26 @@ impl Held {
     /// shorter TTL, about to be sent, may land on some instances and not be
     /// heard of (its future dropped), and they then drop the key sooner.
     pub(crate) fn cap(&self, until: Instant) {
-        self.tenure.send_if_modified(|tenure| {
-            if tenure.valid_until <= until {
+        self.validity.send_if_modified(|validity| {
+            if validity.valid_until <= until {
                 return false;
             }
-            tenure.valid_until = until;
+            validity.valid_until = until;
             true
         });
     }
 
     /// Records a successful extend, valid until `valid_until`.
     pub(crate) fn renew(&self, lease: Lease, valid_until: Instant) {
-        self.tenure.send_if_modified(|tenure| {
+        self.validity.send_if_modified(|validity| {
             // A lost lock stays lost: someone may have been told so and acted on it.
-            if tenure.lost {
+            if validity.lost {
                 return false;
             }
-            *tenure = Tenure {
+            *validity = Validity {
                 lease,
                 valid_until,
-                sent_until: tenure.sent_until,
+                sent_until: validity.sent_until,
                 lost: false,
             };
             true
@@ -162,16 +164,16 @@ impl Held {
     pub(crate) fn lose(&self, reason: Option<Error>) {
         if let Some(reason) = reason {
             let mut loss = self.loss.lock().unwrap_or_else(PoisonError::into_inner);
-            if loss.is_none() && !self.tenure.borrow().lost {
+            if loss.is_none() && !self.validity.borrow().lost {
                 *loss = Some(reason);
             }
         }
-        self.tenure.send_if_modified(|tenure| {
-            if std::mem::replace(&mut tenure.lost, true) {
+        self.validity.send_if_modified(|validity| {
+            if std::mem::replace(&mut validity.lost, true) {
                 return false;
             }
             // A lost lock promises no more time.
-            tenure.valid_until = tenure.valid_until.min(Instant::now());
+            validity.valid_until = validity.valid_until.min(Instant::now());
             true
         });
     }
@@ -186,11 +188,11 @@ impl Held {
 
     /// Resolves once the validity has run out or the lock was marked lost.
     pub(crate) async fn lost(&self) {
-        let mut tenure = self.tenure.subscribe();
+        let mut validity = self.validity.subscribe();
         loop {
-            let Tenure {
+            let Validity {
                 valid_until, lost, ..
-            } = *tenure.borrow_and_update();
+            } = *validity.borrow_and_update();
             if lost {
                 return;
             }
@@ -201,7 +203,7 @@ impl Held {
                         return;
                     }
                 }
-                changed = tenure.changed() => {
+                changed = validity.changed() => {
                     // The sender lives in `self`: this cannot fail while we run.
                     if changed.is_err() {
                         return;

@@ -8,4 +8,5 @@ pub(crate) mod extend;
 pub(crate) mod fencing;
 pub(crate) mod held;
 pub(crate) mod lifetime;
+pub(crate) mod pacing;
 pub(crate) mod release;

@@ -64,7 +64,7 @@ struct Faults {
     resets: u64,
 }
 
-struct Shared {
+struct ProxyState {
     upstream: SocketAddr,
     faults: watch::Sender<Faults>,
     live: AtomicUsize,
@@ -132,8 +132,8 @@ struct Shared {
 /// runtime next runs (see [`Drop`](#impl-Drop-for-FaultProxy)).
 pub struct FaultProxy {
     addr: SocketAddr,
-    shared: Arc<Shared>,
-    /// Shared with the accept task so that `drop` can close the port synchronously.
+    shared: Arc<ProxyState>,
+    /// ProxyState with the accept task so that `drop` can close the port synchronously.
     listener: Arc<Mutex<Option<TcpListener>>>,
     accept: JoinHandle<()>,
 }
@@ -157,7 +157,7 @@ impl FaultProxy {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let (faults, _) = watch::channel(Faults::default());
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ProxyState {
             upstream,
             faults,
             live: AtomicUsize::new(0),
@@ -326,7 +326,7 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(listener: Arc<Mutex<Option<TcpListener>>>, shared: Arc<Shared>) {
+async fn accept_loop(listener: Arc<Mutex<Option<TcpListener>>>, shared: Arc<ProxyState>) {
     let mut connections = JoinSet::new();
     let mut next_id = 0_u64;
     loop {
@@ -364,10 +364,10 @@ fn poll_accept(
 }
 
 /// Counts a connection as live for as long as its task (running or not) exists.
-struct Live(Arc<Shared>);
+struct Live(Arc<ProxyState>);
 
 impl Live {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<ProxyState>) -> Self {
         shared.live.fetch_add(1, Ordering::Relaxed);
         Self(shared)
     }
@@ -479,13 +479,13 @@ struct Connection {
     /// Wakes the task at the next release time to the microsecond; `None` off
     /// Linux, or if it could not be made (Tokio's timer is then the only one).
     timer: Option<PreciseTimer>,
-    rng: XorShift,
-    shared: Arc<Shared>,
+    rng: fastrand::Rng,
+    shared: Arc<ProxyState>,
     _live: Live,
 }
 
 impl Connection {
-    fn new(id: u64, client: TcpStream, shared: &Arc<Shared>) -> Self {
+    fn new(id: u64, client: TcpStream, shared: &Arc<ProxyState>) -> Self {
         // Small writes (one command) must not wait for Nagle: that would add its own
         // latency on top of the injected one.
         let _ = client.set_nodelay(true);
@@ -503,7 +503,7 @@ impl Connection {
             bufs: [vec![0; CHUNK], vec![0; CHUNK]],
             lost: false,
             timer: PreciseTimer::new(id),
-            rng: XorShift::new(shared.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            rng: fastrand::Rng::with_seed(shared.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             _live: Live::new(Arc::clone(shared)),
             shared: Arc::clone(shared),
         }
@@ -584,7 +584,7 @@ impl Connection {
                     if faults.blackhole {
                         self.lost = true;
                     } else {
-                        let delay = faults.latency[dir] + self.rng.up_to(faults.jitter[dir]);
+                        let delay = faults.latency[dir] + up_to(&mut self.rng, faults.jitter[dir]);
                         let data = self.bufs[dir][..n].to_vec();
                         self.pipes[dir].push(data, Instant::now() + delay);
                     }
@@ -805,32 +805,10 @@ impl PreciseTimer {
     }
 }
 
-/// xorshift64: plenty for jitter, which needs spread, not secrecy.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        // Zero is xorshift's one fixed point.
-        Self(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// Uniform in `[0, max]` (up to a negligible modulo bias).
-    fn up_to(&mut self, max: Duration) -> Duration {
-        if max.is_zero() {
-            return Duration::ZERO;
-        }
-        let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(self.next() % nanos.saturating_add(1))
-    }
+/// Uniform in `[0, max]`: jitter needs spread, not secrecy.
+fn up_to(rng: &mut fastrand::Rng, max: Duration) -> Duration {
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rng.u64(0..=nanos))
 }
 
 fn seed() -> u64 {
@@ -847,13 +825,13 @@ mod tests {
 
     #[test]
     fn jitter_stays_in_range_and_varies() {
-        let mut rng = XorShift::new(0);
+        let mut rng = fastrand::Rng::with_seed(0);
         let max = Duration::from_millis(5);
-        let draws: Vec<_> = (0..1000).map(|_| rng.up_to(max)).collect();
+        let draws: Vec<_> = (0..1000).map(|_| up_to(&mut rng, max)).collect();
         assert!(draws.iter().all(|&d| d <= max));
         assert!(draws.iter().any(|&d| d < max / 4));
         assert!(draws.iter().any(|&d| d > max * 3 / 4));
-        assert_eq!(rng.up_to(Duration::ZERO), Duration::ZERO);
+        assert_eq!(up_to(&mut rng, Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

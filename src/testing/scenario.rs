@@ -509,10 +509,11 @@ async fn work<C: ScenarioClient>(
     stats: Arc<Mutex<Stats>>,
     deadline: Instant,
 ) {
-    let mut random = Random::new(holder as u64 + 1);
+    // Seeded per holder: a run repeats its workload.
+    let mut random = fastrand::Rng::with_seed(holder as u64 + 1);
     let wait = scenario.ttl * 2;
     while Instant::now() < deadline && lock(&stats).acquired.len() < scenario.acquisitions {
-        let key = format!("k{}", random.below(scenario.keys.max(1) as u64));
+        let key = format!("k{}", random.usize(0..scenario.keys.max(1)));
         let called = Instant::now();
         let fresh = if scenario.fresh_lockers {
             C::connect(&scenario, &urls).await
@@ -554,10 +555,10 @@ async fn work<C: ScenarioClient>(
         let start = Instant::now();
         // Tenures that run to the end of the validity show an early expiry on the
         // servers as an overlap; short ones keep the lock changing hands.
-        let hold = if (random.below(1000) as f64) < scenario.hold_to_validity * 1000.0 {
+        let hold = if random.f64() < scenario.hold_to_validity {
             remaining()
         } else {
-            remaining().mul_f64(random.below(100) as f64 / 400.0)
+            remaining().mul_f64(random.f64() / 4.0)
         };
         tokio::time::sleep(hold).await;
         let end = Instant::now().min(valid_until);
@@ -601,22 +602,6 @@ async fn sweep(urls: &[String], live: &[bool]) -> usize {
             .count();
     }
     left
-}
-
-/// A small deterministic PRNG (xorshift): the workload needs variety, not quality.
-struct Random(u64);
-
-impl Random {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
 }
 
 /// Percentiles of some durations.
