@@ -1,201 +1,39 @@
 //! One Redis server on a loopback port, with fault controls.
+//!
+//! Here, the fixture and its controls; in `builder`, its settings; in
+//! `process` and `container`, the two ways a server runs; in `ports` and
+//! `ready`, how a server is given a port and known to be up.
 
-use std::ffi::OsString;
+mod builder;
+#[cfg(feature = "testcontainers")]
+mod container;
+mod ports;
+mod process;
+mod ready;
+
 use std::fmt;
-use std::fs::OpenOptions;
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tempfile::TempDir;
-
+pub use self::builder::RedisServerBuilder;
+use self::ports::{free_port, DEFAULT_REDIS_PORT};
+use self::process::{Launch, Process};
+use self::ready::{answers_ping, poll_until};
 use super::clock::{self, ClockSetting};
 use super::HarnessError;
 
 /// Fresh ports tried before giving up. A clash needs another process to bind the port
 /// between our probe and the server's own bind, so a few retries are plenty.
 const START_ATTEMPTS: usize = 20;
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `restart_empty` keeps trying to rebind a port that is briefly still in use.
 const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
-const PING_TIMEOUT: Duration = Duration::from_millis(200);
-const MAX_POLL_PAUSE: Duration = Duration::from_millis(50);
-/// The default Redis port may belong to a real server on the developer's machine.
-const DEFAULT_REDIS_PORT: u16 = 6379;
-const LOG_FILE: &str = "redis.log";
-const LOG_TAIL_LINES: usize = 30;
 
-/// Extra arguments, environment and clock for a [`RedisServer`]; see
-/// [`RedisServer::builder`].
-///
-/// The settings are kept by the server and re-applied by [`RedisServer::restart_empty`].
-#[derive(Debug, Clone, Default)]
-pub struct RedisServerBuilder {
-    pub(super) args: Vec<OsString>,
-    pub(super) envs: Vec<(OsString, OsString)>,
-    /// `None`: no shim, the server reads the real clocks.
-    pub(super) clock: Option<ClockSetting>,
-    /// `Some`: a TLS port beside the plain one. Boxed: most servers have none.
-    pub(super) tls: Option<Box<TlsFiles>>,
-}
-
-/// The PEM files a TLS server runs with; see [`RedisServerBuilder::tls`].
-#[derive(Debug, Clone)]
-pub(super) struct TlsFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    ca: PathBuf,
-}
-
+// Here rather than in `builder`: the settings then depend on nothing of the
+// fixture, and `process` and `container` read them without an import loop.
 impl RedisServerBuilder {
-    /// Appends a `redis-server` argument, e.g. `--requirepass`.
-    ///
-    /// Arguments follow the fixture's own, so they override its defaults (`--save`,
-    /// `--appendonly`); do not change `--port`, `--bind`, `--dir` or `--logfile`.
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
-    /// Appends several `redis-server` arguments; see [`arg`](Self::arg).
-    pub fn args<I>(mut self, args: I) -> Self
-    where
-        I: IntoIterator,
-        I::Item: Into<OsString>,
-    {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// Sets an environment variable for the server process, e.g. `LD_PRELOAD`.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.envs.push((key.into(), value.into()));
-        self
-    }
-
-    /// Runs the server's clocks `rate` times as fast as real time, through an
-    /// `LD_PRELOAD` shim of this crate's: at 2.0 a key set with `PX 2000` expires after
-    /// about one real second, and `TIME` advances two seconds per real second. The rate
-    /// can be changed while the server runs with [`RedisServer::set_clock_rate`].
-    ///
-    /// A server needs the shim from the start to have its clock changed later, so
-    /// `clock_rate(1.0)` is how to start a server at the normal rate that may drift
-    /// later; without it the server reads the real clocks, at no cost.
-    ///
-    /// What the shim changes, and what it does not:
-    ///
-    /// - Wall clocks (`gettimeofday`, `time`, `CLOCK_REALTIME`: key expiry, `TIME`) and
-    ///   monotonic clocks (`CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`: Redis's timers) are
-    ///   scaled, each continuing from its value at the last change, so neither jumps.
-    ///   CPU-time clocks are not.
-    /// - Waiting is real: Redis computes its timer deadlines (the `hz` cron, active
-    ///   expiry, blocking-command timeouts) on the scaled clocks but sleeps in real
-    ///   time, so its background work runs at a somewhat different pace; commands answer
-    ///   as usual.
-    /// - A restart ([`RedisServer::restart_empty`]) keeps the shim and the current rate
-    ///   and offset; the new process's clocks start from the real time (plus the
-    ///   offset).
-    ///
-    /// The shim is compiled from C the first time a process needs it, with `cc` (or
-    /// `gcc`), into `$TMPDIR/quorumlock-clock-shim-<uid>/`, and reused after that. It
-    /// needs Linux and a local `redis-server`: not the Docker fallback.
-    ///
-    /// # Errors
-    ///
-    /// [`start`](Self::start) fails with [`HarnessError::InvalidClockRate`] unless `rate`
-    /// is finite and within `0.001..=1000`, with [`HarnessError::ClockShim`] when the
-    /// shim cannot be built (no C compiler, say), and with [`HarnessError::Unsupported`]
-    /// on the Docker fallback.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
-    /// use quorumlock::testing::RedisServer;
-    ///
-    /// let mut server = RedisServer::builder().clock_rate(2.0).start()?;
-    /// assert_eq!(server.clock_rate(), Some(2.0));
-    /// server.set_clock_rate(0.5)?; // now half as fast, continuing from where it was
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn clock_rate(mut self, rate: f64) -> Self {
-        self.clock.get_or_insert_with(ClockSetting::default).rate = rate;
-        self
-    }
-
-    /// Shifts the server's wall clocks by `offset_ms` milliseconds (negative: behind),
-    /// through the same shim as [`clock_rate`](Self::clock_rate) (at rate 1.0 unless set).
-    /// The monotonic clocks are not shifted.
-    ///
-    /// Changed while running with [`RedisServer::set_clock_offset_ms`], it steps the
-    /// wall clock like an NTP correction: a forward step expires keys early.
-    ///
-    /// # Errors
-    ///
-    /// [`start`](Self::start) fails with [`HarnessError::InvalidClockOffset`] beyond
-    /// ±10^12 ms, and otherwise as for [`clock_rate`](Self::clock_rate).
-    pub fn clock_offset_ms(mut self, offset_ms: i64) -> Self {
-        self.clock
-            .get_or_insert_with(ClockSetting::default)
-            .offset_ms = offset_ms;
-        self
-    }
-
-    /// Also serves TLS, on a port of its own ([`RedisServer::tls_port`],
-    /// [`RedisServer::tls_url`]), with this certificate and key (PEM files)
-    /// and this CA for client certificates (`--tls-cert-file`,
-    /// `--tls-key-file`, `--tls-ca-cert-file`).
-    ///
-    /// Redis then asks clients for a certificate signed by the CA (its
-    /// `tls-auth-clients` defaults to `yes`); add `.arg("--tls-auth-clients").arg("no")`
-    /// for servers that do not. The plain port stays open: the fixture checks
-    /// readiness on it, and [`RedisCluster::connection`](super::RedisCluster::connection)
-    /// and [`keys`](super::RedisCluster::keys) inspect keys through it, so that
-    /// only the locker under test speaks TLS. The server's certificate must
-    /// name `127.0.0.1` (or `localhost`, for URLs that use it).
-    ///
-    /// # Errors
-    ///
-    /// [`start`](Self::start) fails with [`HarnessError::NotReady`] when Redis
-    /// refuses the files (its log tail says why, e.g. a key that is not the
-    /// certificate's) or was built without TLS, and with
-    /// [`HarnessError::Unsupported`] on the Docker fallback.
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), quorumlock::testing::HarnessError> {
-    /// use quorumlock::testing::RedisServer;
-    ///
-    /// let server = RedisServer::builder()
-    ///     .tls("tests/tls/server.crt", "tests/tls/server.key", "tests/tls/ca.crt")
-    ///     .arg("--tls-auth-clients")
-    ///     .arg("no")
-    ///     .start()?;
-    /// let url = server.tls_url().expect("started with tls"); // rediss://127.0.0.1:PORT
-    /// # drop(url);
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn tls(
-        mut self,
-        cert: impl Into<PathBuf>,
-        key: impl Into<PathBuf>,
-        ca: impl Into<PathBuf>,
-    ) -> Self {
-        self.tls = Some(Box::new(TlsFiles {
-            cert: cert.into(),
-            key: key.into(),
-            ca: ca.into(),
-        }));
-        self
-    }
-
     /// Starts a server with these settings and waits until it answers `PING`.
     pub fn start(&self) -> Result<RedisServer, HarnessError> {
         if let Some(setting) = self.clock {
@@ -233,7 +71,7 @@ enum Backend {
         run: Option<Process>,
     },
     #[cfg(feature = "testcontainers")]
-    Container(Box<super::container::RedisContainer>),
+    Container(Box<container::RedisContainer>),
 }
 
 impl RedisServer {
@@ -304,7 +142,7 @@ impl RedisServer {
                 "a TLS server (it needs a local redis-server)",
             ));
         }
-        let (port, container) = super::container::RedisContainer::start(config)?;
+        let (port, container) = container::RedisContainer::start(config)?;
         Ok(Self {
             port,
             tls_port: None,
@@ -349,7 +187,7 @@ impl RedisServer {
     /// The server's process id; `None` once killed, or when it runs in a container.
     pub fn pid(&self) -> Option<u32> {
         match &self.backend {
-            Backend::Process { run, .. } => run.as_ref().map(|run| run.child.id()),
+            Backend::Process { run, .. } => run.as_ref().map(Process::pid),
             #[cfg(feature = "testcontainers")]
             Backend::Container(_) => None,
         }
@@ -359,7 +197,7 @@ impl RedisServer {
     /// `None` once killed (the file is deleted with it), or when it runs in a container.
     pub fn log_path(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Process { run, .. } => run.as_ref().map(|run| run.log.as_path()),
+            Backend::Process { run, .. } => run.as_ref().map(Process::log),
             #[cfg(feature = "testcontainers")]
             Backend::Container(_) => None,
         }
@@ -529,7 +367,7 @@ impl RedisServer {
             return Err(HarnessError::NoClockShim { port });
         };
         let new = change(current).validate()?;
-        let control = run.as_ref().and_then(|run| run.clock_control.as_deref());
+        let control = run.as_ref().and_then(Process::clock_control);
         if let Some(control) = control {
             clock::write_control(control, new)?;
         }
@@ -547,7 +385,7 @@ impl RedisServer {
     #[cfg(test)]
     pub(super) fn clock_control_path(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Process { run, .. } => run.as_ref()?.clock_control.as_deref(),
+            Backend::Process { run, .. } => run.as_ref()?.clock_control(),
             #[cfg(feature = "testcontainers")]
             Backend::Container(_) => None,
         }
@@ -568,334 +406,5 @@ impl fmt::Debug for RedisServer {
             .field("paused", &self.paused)
             .field("clock_rate", &self.clock_rate())
             .finish()
-    }
-}
-
-/// A running `redis-server` child and its private directory, killed and reaped on drop.
-struct Process {
-    child: Child,
-    log: PathBuf,
-    /// The clock shim's control file, when the server runs with it.
-    clock_control: Option<PathBuf>,
-    /// Removed after the child is dead (fields drop after `Drop::drop`).
-    _dir: TempDir,
-}
-
-enum Launch {
-    Ready(Process),
-    /// The server exited during startup; retrying on another port may help.
-    Exited(HarnessError),
-}
-
-impl Process {
-    fn launch(
-        bin: &Path,
-        config: &RedisServerBuilder,
-        port: u16,
-        tls_port: Option<u16>,
-    ) -> Result<Launch, HarnessError> {
-        let dir = tempfile::Builder::new()
-            .prefix("quorumlock-redis-")
-            .tempdir()?;
-        let log_path = dir.path().join(LOG_FILE);
-        // Argument errors go to stderr before the log file is opened: appending both to
-        // one file gives a single log to quote when startup fails.
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let (clock_control, clock_env) = match config.clock {
-            Some(setting) => {
-                let (control, env) = clock::launch_env(dir.path(), setting, &config.envs)?;
-                (Some(control), env)
-            }
-            None => (None, Vec::new()),
-        };
-        let mut command = Command::new(bin);
-        command
-            .arg("--port")
-            .arg(port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--logfile")
-            .arg(&log_path);
-        if let (Some(files), Some(tls_port)) = (&config.tls, tls_port) {
-            command
-                .arg("--tls-port")
-                .arg(tls_port.to_string())
-                .arg("--tls-cert-file")
-                .arg(&files.cert)
-                .arg("--tls-key-file")
-                .arg(&files.key)
-                .arg("--tls-ca-cert-file")
-                .arg(&files.ca);
-        }
-        command
-            .args(&config.args)
-            .envs(config.envs.iter().map(|(key, value)| (key, value)))
-            // After the caller's: the shim's LD_PRELOAD already includes theirs.
-            .envs(clock_env)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        die_with_parent(&mut command);
-        let child = spawn(command).map_err(|source| HarnessError::Spawn {
-            bin: bin.to_owned(),
-            source,
-        })?;
-        let mut run = Process {
-            child,
-            log: log_path,
-            clock_control,
-            _dir: dir,
-        };
-
-        let outcome = poll_until(READY_TIMEOUT, || match run.child.try_wait() {
-            Ok(Some(status)) => Some(Err(format!("exited during startup ({status})"))),
-            Err(error) => Some(Err(format!("could not check the process: {error}"))),
-            // PONG could come from another process that won the race for this port.
-            // Redis listens on every port before it serves any, so the TLS
-            // port is ready once the plain one answers.
-            Ok(None) => (answers_ping(port)
-                && owns_port(run.child.id(), port)
-                && tls_port.is_none_or(|tls| owns_port(run.child.id(), tls)))
-            .then_some(Ok(())),
-        });
-        let (exited, reason) = match outcome {
-            Some(Ok(())) => return Ok(Launch::Ready(run)),
-            Some(Err(reason)) => (true, reason),
-            None => (false, format!("no answer to PING within {READY_TIMEOUT:?}")),
-        };
-        // Kill before reading the log so the tail is complete.
-        let _ = run.kill();
-        let error = HarnessError::NotReady {
-            port,
-            reason,
-            log_tail: log_tail(&run.log),
-        };
-        if exited {
-            Ok(Launch::Exited(error))
-        } else {
-            Err(error)
-        }
-    }
-
-    fn kill(&mut self) -> Result<(), HarnessError> {
-        let pid = self.child.id();
-        self.child.kill().map_err(|source| HarnessError::Signal {
-            signal: "SIGKILL",
-            pid,
-            source,
-        })?;
-        self.child.wait()?;
-        Ok(())
-    }
-
-    #[allow(unsafe_code)] // libc::kill: std has no SIGSTOP/SIGCONT.
-    fn signal(&self, signal: libc::c_int, name: &'static str) -> Result<(), HarnessError> {
-        let pid = self.child.id();
-        // SAFETY: kill(2) has no memory-safety preconditions. The child is not reaped
-        // yet, so its pid cannot have been recycled for another process.
-        if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
-            Ok(())
-        } else {
-            Err(HarnessError::Signal {
-                signal: name,
-                pid,
-                source: io::Error::last_os_error(),
-            })
-        }
-    }
-
-    /// Checks for exit without reaping, so that `Child` keeps owning the pid.
-    #[allow(unsafe_code)] // libc::waitid: std's try_wait needs `&mut` and reaps.
-    fn has_exited(&self) -> bool {
-        // SAFETY: siginfo_t is plain data, valid when zeroed; waitid only writes to it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        let id = self.child.id() as libc::id_t;
-        // SAFETY: `info` is a valid, writable siginfo_t.
-        if unsafe { libc::waitid(libc::P_PID, id, &mut info, options) } != 0 {
-            // Only possible if the child was reaped behind our back: it is gone.
-            return true;
-        }
-        // With WNOHANG and no exited child, waitid leaves the fields zero.
-        info.si_signo != 0
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        // SIGKILL also ends a SIGSTOPped process; waiting reaps it so nothing is orphaned.
-        let _ = self.kill();
-    }
-}
-
-/// A port nobody listens on right now. The server binds it a moment later, so another
-/// process can still take it first: callers retry.
-pub(super) fn free_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Calls `probe` with growing pauses until it returns `Some` or `timeout` has passed.
-pub(super) fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(value) = probe() {
-            return Some(value);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        thread::sleep(pause.min(left));
-        pause = (pause * 2).min(MAX_POLL_PAUSE);
-    }
-}
-
-/// Whether a server on `port` answers a raw `PING`. `NOAUTH` counts: the server is up,
-/// it just wants a password (`--requirepass`, ACLs). `LOADING` and silence do not.
-pub(super) fn answers_ping(port: u16) -> bool {
-    ping(port).is_ok_and(|reply| reply.starts_with(b"+PONG") || reply.starts_with(b"-NOAUTH"))
-}
-
-fn ping(port: u16) -> io::Result<Vec<u8>> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, PING_TIMEOUT)?;
-    stream.set_read_timeout(Some(PING_TIMEOUT))?;
-    stream.set_write_timeout(Some(PING_TIMEOUT))?;
-    stream.write_all(b"*1\r\n$4\r\nPING\r\n")?;
-    let mut reply = Vec::new();
-    let mut chunk = [0; 64];
-    // Replies to PING are one short line; the length cap bounds the loop regardless.
-    while !reply.ends_with(b"\r\n") && reply.len() < 256 {
-        let read = stream.read(&mut chunk)?;
-        if read == 0 {
-            break;
-        }
-        reply.extend_from_slice(&chunk[..read]);
-    }
-    Ok(reply)
-}
-
-/// Whether process `pid` holds the listening socket of `port`, read from `/proc`.
-/// Unknown (unreadable `/proc`) counts as yes: then PING alone decides.
-#[cfg(target_os = "linux")]
-fn owns_port(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return true;
-    };
-    let local = format!(":{port:04X}");
-    // Columns: sl, local_address (hex ip:port), rem_address, st (0A = LISTEN), ..., inode.
-    let sockets: Vec<String> = table
-        .lines()
-        .skip(1)
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|cols| cols.len() > 9 && cols[1].ends_with(&local) && cols[3] == "0A")
-        .map(|cols| format!("socket:[{}]", cols[9]))
-        .collect();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return true;
-    };
-    fds.flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .any(|target| {
-            sockets
-                .iter()
-                .any(|socket| target.as_os_str() == socket.as_str())
-        })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn owns_port(_pid: u32, _port: u16) -> bool {
-    true
-}
-
-/// Makes the kernel kill the server when the test process dies, even by SIGKILL, when
-/// no destructor runs.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // pre_exec and prctl: std has no parent-death signal.
-fn die_with_parent(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: between fork and exec the closure only makes async-signal-safe calls
-    // (prctl, getppid) and builds errors without allocating.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            // A parent that died before prctl took effect would send no signal.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn die_with_parent(_command: &mut Command) {}
-
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
-
-/// Spawns `command` from one thread that lives as long as the process.
-///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
-/// process: a server spawned from a scoped thread, a blocking-pool worker or a finished
-/// test thread would be killed while still in use.
-fn spawn(command: Command) -> io::Result<Child> {
-    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let gone = || io::Error::other("the redis-server spawner thread is not running");
-    let spawner = SPAWNER.get_or_init(|| {
-        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
-        thread::Builder::new()
-            .name("quorumlock-redis-spawner".into())
-            .spawn(move || {
-                for (mut command, reply) in incoming {
-                    let _ = reply.send(command.spawn());
-                }
-            })
-            .ok()
-            .map(|_| requests)
-    });
-    let (reply, answer) = mpsc::channel();
-    spawner
-        .as_ref()
-        .ok_or_else(gone)?
-        .send((command, reply))
-        .map_err(|_| gone())?;
-    answer.recv().map_err(|_| gone())?
-}
-
-fn log_tail(path: &Path) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-        }
-        Err(error) => format!("(no log at {}: {error})", path.display()),
-    }
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owns_port_tells_the_listener_from_other_processes() {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        assert!(owns_port(std::process::id(), port));
-        // Our parent (cargo or nextest) does not hold this socket.
-        let parent = std::os::unix::process::parent_id();
-        assert!(!owns_port(parent, port));
-        drop(listener);
-        assert!(!owns_port(std::process::id(), port));
     }
 }
