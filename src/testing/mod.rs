@@ -38,8 +38,6 @@
 mod checker;
 mod clock;
 mod cluster;
-#[cfg(feature = "testcontainers")]
-mod container;
 mod proxy;
 mod scenario;
 mod server;

@@ -10,8 +10,10 @@ use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::SyncRunner;
 use testcontainers::{Container, GenericImage, ImageExt};
 
-use super::server::{answers_ping, free_port, poll_until, RedisServerBuilder};
-use super::{HarnessError, INSTALL_ADVICE};
+use super::builder::RedisServerBuilder;
+use super::ports::free_port;
+use super::ready::{answers_ping, poll_until};
+use crate::testing::{HarnessError, INSTALL_ADVICE};
 
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
