@@ -95,6 +95,10 @@ pub(crate) struct Fanout {
     shared: Arc<Shared>,
     pending: FuturesUnordered<Tagged>,
     votes: Vec<Option<Vote>>,
+    /// What each instance that did it counted, where any counted more than 1
+    /// (a fenced grant's counter); empty otherwise, so that the usual fan-out
+    /// allocates nothing for it.
+    counts: Vec<u64>,
     tally: Tally,
     asked: Asked,
 }
@@ -166,6 +170,7 @@ impl Fanout {
             shared: Arc::clone(shared),
             pending: FuturesUnordered::new(),
             votes: vec![None; shared.members.len()],
+            counts: Vec::new(),
             tally: Tally::default(),
             asked: Asked(0),
         }
@@ -257,11 +262,7 @@ impl Fanout {
     }
 
     fn record(&mut self, index: usize, reply: Reply) {
-        let vote = match reply {
-            Ok(true) => Vote::Granted,
-            Ok(false) => Vote::Refused,
-            Err(err) => Vote::Failed(err),
-        };
+        let n = self.votes.len();
         let Some(slot) = self.votes.get_mut(index) else {
             return;
         };
@@ -269,6 +270,19 @@ impl Fanout {
         if slot.is_some() {
             return;
         }
+        let vote = match reply {
+            Ok(0) => Vote::Refused,
+            Ok(count) => {
+                if count != 1 {
+                    if self.counts.is_empty() {
+                        self.counts = vec![1; n];
+                    }
+                    self.counts[index] = count;
+                }
+                Vote::Granted
+            }
+            Err(err) => Vote::Failed(err),
+        };
         let member = self.shared.members.get(index);
         let address = member.map(|member| &*member.address);
         match &vote {
@@ -287,6 +301,15 @@ impl Fanout {
             }
         }
         *slot = Some(vote);
+    }
+
+    /// What instance `index` counted where it did what was asked (1, or a
+    /// fenced grant's counter); 0 where it did not, or has not answered.
+    pub(crate) fn count(&self, index: usize) -> u64 {
+        match self.vote(index) {
+            Some(Vote::Granted) => self.counts.get(index).copied().unwrap_or(1),
+            _ => 0,
+        }
     }
 
     /// Every instance's vote, in order; instances not yet heard from are

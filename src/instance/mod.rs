@@ -15,12 +15,71 @@ use crate::epoch::Epoch;
 /// A boxed, sendable, `'static` future.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// `Ok(true)`: the instance did it; `Ok(false)`: it refused; `Err`: no answer.
-pub(crate) type Reply = Result<bool, ::redis::RedisError>;
+/// An instance's answer to a [`Request`]: what the script counted — 0 where it
+/// refused, 1 where it did it, or for a fenced grant the fencing counter after
+/// its `INCR`. A server that is not the one verified (a script's -1) answers
+/// [`epoch::changed`](crate::epoch::changed); `Err` also for no answer.
+pub(crate) type Reply = Result<u64, ::redis::RedisError>;
 
-/// A fenced first round's answer: the key's fencing counter after the `INCR` where
-/// the instance set the key, `0` where it refused.
-pub(crate) type Counter = Result<u64, ::redis::RedisError>;
+/// A script's answer as a [`Reply`]: its count, or -1 where the server is not
+/// the one verified.
+pub(crate) fn counted(answer: i64) -> Reply {
+    match answer {
+        -1 => Err(crate::epoch::changed()),
+        answer => u64::try_from(answer).map_err(|_| {
+            ::redis::RedisError::from((
+                ::redis::ErrorKind::Client,
+                "unexpected reply",
+                format!("a script answered {answer}"),
+            ))
+        }),
+    }
+}
+
+/// What the quorum logic asks of one instance: each variant is one of the
+/// crate's scripts (see `scripts`), as data. `value` is what the key holds for
+/// its owner: the token, followed by the lock's metadata if it has any.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Request<'a> {
+    /// `SET key value NX PX ttl_ms`; with `retake`, also where the key holds a
+    /// value with that token (the token alone, or the token, a space and
+    /// metadata), which is then replaced by `value` with the new TTL; with
+    /// `fence`, `INCR fence` where it granted, answering the counter. With
+    /// `epoch`, the instance grants only if the epoch hash holds the epoch's id
+    /// (and the server's `run_id` is the epoch's, where given), and raises the
+    /// longest TTL kept there.
+    Grant {
+        key: &'a Arc<str>,
+        value: &'a Arc<str>,
+        ttl_ms: u64,
+        retake: Option<&'a Arc<str>>,
+        fence: Option<&'a Arc<str>>,
+        epoch: Option<&'a Epoch>,
+    },
+    /// Compare-and-pexpire: where the key holds `value`, it now expires in
+    /// `ttl_ms`; with `epoch_key`, also raises the longest TTL kept there.
+    Extend {
+        key: &'a Arc<str>,
+        value: &'a Arc<str>,
+        ttl_ms: u64,
+        epoch_key: Option<&'a Arc<str>>,
+    },
+    /// Compare-and-delete; with `publish`, also `PUBLISH channel message`
+    /// where it deleted.
+    Release {
+        key: &'a Arc<str>,
+        value: &'a Arc<str>,
+        publish: Option<(&'a Arc<str>, &'a Arc<str>)>,
+    },
+    /// The second round of a fenced attempt: where `key` still holds `value`,
+    /// `fence = max(fence, token)`; 1 if the key held `value`.
+    FenceWriteBack {
+        key: &'a Arc<str>,
+        fence: &'a Arc<str>,
+        value: &'a Arc<str>,
+        token: u64,
+    },
+}
 
 /// Where an instance's release messages can be heard, if anywhere.
 #[derive(Clone)]
@@ -45,88 +104,11 @@ pub(crate) struct Probe {
     pub(crate) longest_ttl: Duration,
 }
 
-/// One lock instance. `value` is what the key holds for its owner: the token,
-/// followed by the lock's metadata if it has any.
-///
-/// The four ways to grant take an `epoch`: where given, the instance grants only
-/// if the epoch hash holds the epoch's id and the server's `run_id` is the
-/// epoch's, and otherwise answers [`epoch::changed`](crate::epoch::changed)
-/// without setting anything; a grant also raises the longest TTL kept there.
+/// One lock instance: it runs the crate's scripts (by [`Request`]), says who
+/// it is (a probe), and may offer a way to hear releases.
 pub(crate) trait Instance: Send + Sync + 'static {
-    /// `SET key value NX PX ttl_ms`: true if the key was set.
-    fn set_nx_px(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Reply>;
-
-    /// As `set_nx_px`, and also true where the key already holds a value with this
-    /// `token` (the token alone, or the token, a space and metadata): that value is
-    /// then replaced by `value`, with the TTL `ttl_ms`.
-    fn retake(
-        &self,
-        key: &Arc<str>,
-        token: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Reply>;
-
-    /// Compare-and-pexpire: true if the key held `value` and now expires in
-    /// `ttl_ms`; with `epoch_key`, also raises the longest TTL kept there.
-    fn extend(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch_key: Option<&Arc<str>>,
-    ) -> BoxFuture<Reply>;
-
-    /// Compare-and-delete: true if the key held `value` and was deleted.
-    fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply>;
-
-    /// The first round of a fenced attempt: `SET key value NX PX ttl_ms` and, only
-    /// where it set the key, `INCR fence`.
-    fn fenced_set(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Counter>;
-
-    /// As `retake`, and `INCR fence` where it granted.
-    fn fenced_retake(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        token: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Counter>;
-
-    /// The second round of a fenced attempt: where `key` still holds `value`,
-    /// `fence = max(fence, token)`; true if the key held `value`.
-    fn fence_write_back(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        value: &Arc<str>,
-        token: u64,
-    ) -> BoxFuture<Reply>;
-
-    /// As `release`, and where it deleted, `PUBLISH channel message`.
-    fn release_publish(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        channel: &Arc<str>,
-        message: &Arc<str>,
-    ) -> BoxFuture<Reply>;
+    /// Runs one script; the future owns what it needs.
+    fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply>;
 
     /// Whether a reconnect of its connection always fails a request first (so
     /// the monitor suspects the instance): then grants need not check the
@@ -144,7 +126,7 @@ pub(crate) trait Instance: Send + Sync + 'static {
     }
 
     /// Loads every script, so later calls need no `NOSCRIPT` round trip.
-    fn load_scripts(&self) -> BoxFuture<Reply>;
+    fn load_scripts(&self) -> BoxFuture<Result<(), ::redis::RedisError>>;
 
     /// The server's identity, clock and epoch, in one round trip; `candidate`
     /// is written under `epoch_key` where nothing is there (`SET NX`).

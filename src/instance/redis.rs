@@ -7,8 +7,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisError, Script, Value};
 
-use super::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
-use crate::epoch::{self, Epoch};
+use super::{counted, BoxFuture, Instance, Probe, PubSubSource, Reply, Request};
 use crate::peer::Peer;
 use crate::scripts;
 
@@ -66,99 +65,142 @@ async fn explained<T>(
     }
 }
 
-impl<C> RedisInstance<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    /// Runs a script that answers 1 (done) or 0 (refused), or -1 (the epoch
-    /// differs).
-    fn run(&self, script: &'static Script, keys: &[&str], args: &[&str]) -> BoxFuture<Reply> {
-        self.run_cmd(script, evalsha(script, keys, args))
-    }
-
-    /// Runs a built `EVALSHA` of `script` that answers 1, 0 or -1 (see `run`);
-    /// one box per call, on the hot path of every grant and release.
-    fn run_cmd(&self, script: &'static Script, evalsha: redis::Cmd) -> BoxFuture<Reply> {
-        let mut connection = self.connection.clone();
-        let peer = self.peer.clone();
-        Box::pin(async move {
-            let answer = explained(peer, call(script, &evalsha, &mut connection).await).await?;
-            Ok(count(answer)? == 1)
-        })
-    }
-
-    /// Runs a script over `keys` that answers a non-negative integer, or -1 (the
-    /// epoch differs).
-    fn run_counter(
-        &self,
-        script: &'static Script,
-        keys: &[&str],
-        args: &[&str],
-    ) -> BoxFuture<Counter> {
-        let mut connection = self.connection.clone();
-        let evalsha = evalsha(script, keys, args);
-        let peer = self.peer.clone();
-        Box::pin(async move {
-            count(explained(peer, call(script, &evalsha, &mut connection).await).await?)
-        })
-    }
+/// An argument of a script call: text, or a number written without a string
+/// of its own.
+#[derive(Clone, Copy)]
+enum Arg<'a> {
+    Str(&'a str),
+    Int(u64),
 }
 
-/// A script's answer: a count, or -1 where the server is not the one verified.
-fn count(answer: i64) -> Result<u64, RedisError> {
-    match answer {
-        -1 => Err(epoch::changed()),
-        answer => u64::try_from(answer).map_err(|_| unexpected("a script", &Value::Int(answer))),
-    }
-}
-
-/// The keys and last three arguments a granting script takes for `epoch`:
-/// the epoch hash after `keys`, its id, the `run_id` and the raise flag (empty
-/// for none).
-fn with_epoch<'a>(keys: &[&'a str], epoch: Option<&'a Epoch>) -> (Vec<&'a str>, [&'a str; 3]) {
-    let mut all = keys.to_vec();
-    match epoch {
-        Some(epoch) => {
-            all.push(&epoch.key);
-            (all, [&epoch.value, run_id(epoch), raise(epoch)])
+impl Arg<'_> {
+    fn len(self) -> usize {
+        match self {
+            Arg::Str(text) => text.len(),
+            Arg::Int(_) => 20,
         }
-        None => (all, ["", "", ""]),
     }
 }
 
-fn run_id(epoch: &Epoch) -> &str {
-    epoch.run_id.as_deref().unwrap_or("")
-}
-
-fn raise(epoch: &Epoch) -> &'static str {
-    if epoch.raise {
-        "1"
-    } else {
-        ""
-    }
-}
-
-/// `EVALSHA` for `script`, built directly: the hot path of every release, extend
-/// and re-take, where redis-rs's script invocation would copy every argument
-/// once more.
-fn evalsha(script: &Script, keys: &[&str], args: &[&str]) -> redis::Cmd {
+/// The script a request runs and its `EVALSHA`: the one place the KEYS and
+/// ARGV each script reads (see `scripts`) are laid out.
+fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
+    // At most three keys and six arguments; arrays rather than vectors, on the
+    // hot path of every grant and release.
+    let mut keys = [""; 3];
+    let mut args = [Arg::Str(""); 6];
+    let (script, nkeys, nargs): (&'static Script, usize, usize) = match *request {
+        Request::Grant {
+            key,
+            value,
+            ttl_ms,
+            retake,
+            fence,
+            epoch,
+        } => {
+            let script = match (retake.is_some(), fence.is_some()) {
+                (false, false) => &*scripts::SET_CHECKED,
+                (true, false) => &*scripts::RETAKE,
+                (false, true) => &*scripts::FENCED_SET,
+                (true, true) => &*scripts::FENCED_RETAKE,
+            };
+            let mut nkeys = 0;
+            for name in [Some(&**key), fence.map(|f| &**f), epoch.map(|e| &*e.key)]
+                .into_iter()
+                .flatten()
+            {
+                keys[nkeys] = name;
+                nkeys += 1;
+            }
+            let mut nargs = 0;
+            let mut push = |arg| {
+                args[nargs] = arg;
+                nargs += 1;
+            };
+            push(Arg::Str(value));
+            push(Arg::Int(ttl_ms));
+            if let Some(token) = retake {
+                push(Arg::Str(token));
+            }
+            // Empty for no check: the script then checks nothing.
+            push(Arg::Str(epoch.map_or("", |e| &*e.value)));
+            push(Arg::Str(
+                epoch.and_then(|e| e.run_id.as_deref()).unwrap_or(""),
+            ));
+            push(Arg::Str(if epoch.is_some_and(|e| e.raise) {
+                "1"
+            } else {
+                ""
+            }));
+            (script, nkeys, nargs)
+        }
+        Request::Extend {
+            key,
+            value,
+            ttl_ms,
+            epoch_key,
+        } => {
+            keys[0] = key;
+            let nkeys = match epoch_key {
+                Some(epoch_key) => {
+                    keys[1] = epoch_key;
+                    2
+                }
+                None => 1,
+            };
+            args[..3].copy_from_slice(&[
+                Arg::Str(value),
+                Arg::Int(ttl_ms),
+                Arg::Str(if epoch_key.is_some() { "1" } else { "" }),
+            ]);
+            (&*scripts::EXTEND, nkeys, 3)
+        }
+        Request::Release {
+            key,
+            value,
+            publish: None,
+        } => {
+            keys[0] = key;
+            args[0] = Arg::Str(value);
+            (&*scripts::RELEASE, 1, 1)
+        }
+        Request::Release {
+            key,
+            value,
+            publish: Some((channel, message)),
+        } => {
+            keys[0] = key;
+            args[..3].copy_from_slice(&[Arg::Str(value), Arg::Str(channel), Arg::Str(message)]);
+            (&*scripts::RELEASE_PUBLISH, 1, 3)
+        }
+        Request::FenceWriteBack {
+            key,
+            fence,
+            value,
+            token,
+        } => {
+            keys[..2].copy_from_slice(&[key, fence]);
+            args[..2].copy_from_slice(&[Arg::Str(value), Arg::Int(token)]);
+            (&*scripts::FENCE_WRITE_BACK, 2, 2)
+        }
+    };
+    let (keys, args) = (&keys[..nkeys], &args[..nargs]);
     // Sized up front: growing the argument buffers was a tenth of a cycle's work.
-    let count = 3 + keys.len() + args.len();
     let bytes = 64
-        + keys
-            .iter()
-            .chain(args)
-            .map(|part| part.len())
-            .sum::<usize>();
-    let mut cmd = redis::Cmd::with_capacity(count, bytes);
+        + keys.iter().map(|key| key.len()).sum::<usize>()
+        + args.iter().map(|arg| arg.len()).sum::<usize>();
+    let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), bytes);
     cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
     for key in keys {
         cmd.arg(*key);
     }
     for arg in args {
-        cmd.arg(*arg);
+        match *arg {
+            Arg::Str(text) => cmd.arg(text),
+            Arg::Int(number) => cmd.arg(number),
+        };
     }
-    cmd
+    (script, cmd)
 }
 
 /// Runs `evalsha`; after a restart or `SCRIPT FLUSH` the server answers
@@ -181,146 +223,40 @@ impl<C> Instance for RedisInstance<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn set_nx_px(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Reply> {
-        if let Some(epoch) = epoch {
-            // Built here rather than by `evalsha`: the TTL goes in as a number,
-            // with no string of its own.
-            let script = &*scripts::SET_CHECKED;
-            let bytes = 96 + key.len() + epoch.key.len() + value.len() + epoch.value.len();
-            let mut cmd = redis::Cmd::with_capacity(10, bytes + run_id(epoch).len());
-            cmd.arg("EVALSHA")
-                .arg(script.get_hash())
-                .arg(2)
-                .arg(&**key)
-                .arg(&*epoch.key)
-                .arg(&**value)
-                .arg(ttl_ms)
-                .arg(&*epoch.value)
-                .arg(run_id(epoch))
-                .arg(raise(epoch));
-            return self.run_cmd(script, cmd);
-        }
+    fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
-        let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
-        set.arg("SET")
-            .arg(&**key)
-            .arg(&**value)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms);
         let peer = self.peer.clone();
-        Box::pin(async move {
-            match explained(peer, set.query_async::<Value>(&mut connection).await).await? {
-                Value::Okay => Ok(true),
-                Value::SimpleString(ok) if ok == "OK" => Ok(true),
-                Value::Nil => Ok(false),
-                other => Err(unexpected("SET NX PX", &other)),
-            }
-        })
-    }
-
-    fn retake(
-        &self,
-        key: &Arc<str>,
-        token: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Reply> {
-        let ttl_ms = ttl_ms.to_string();
-        let (keys, [id, run_id, raise]) = with_epoch(&[key], epoch);
-        self.run(
-            &scripts::RETAKE,
-            &keys,
-            &[value, &ttl_ms, token, id, run_id, raise],
-        )
-    }
-
-    fn extend(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch_key: Option<&Arc<str>>,
-    ) -> BoxFuture<Reply> {
-        let ttl_ms = ttl_ms.to_string();
-        match epoch_key {
-            Some(epoch_key) => {
-                self.run(&scripts::EXTEND, &[key, epoch_key], &[value, &ttl_ms, "1"])
-            }
-            None => self.run(&scripts::EXTEND, &[key], &[value, &ttl_ms, ""]),
+        // A grant with nothing to check is a plain `SET`: no script to run.
+        if let Request::Grant {
+            key,
+            value,
+            ttl_ms,
+            retake: None,
+            fence: None,
+            epoch: None,
+        } = *request
+        {
+            let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
+            set.arg("SET")
+                .arg(&**key)
+                .arg(&**value)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms);
+            return Box::pin(async move {
+                match explained(peer, set.query_async::<Value>(&mut connection).await).await? {
+                    Value::Okay => Ok(1),
+                    Value::SimpleString(ok) if ok == "OK" => Ok(1),
+                    Value::Nil => Ok(0),
+                    other => Err(unexpected("SET NX PX", &other)),
+                }
+            });
         }
-    }
-
-    fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
-        self.run(&scripts::RELEASE, &[key], &[value])
-    }
-
-    fn fenced_set(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Counter> {
-        let ttl_ms = ttl_ms.to_string();
-        let (keys, [id, run_id, raise]) = with_epoch(&[key, fence], epoch);
-        self.run_counter(
-            &scripts::FENCED_SET,
-            &keys,
-            &[value, &ttl_ms, id, run_id, raise],
-        )
-    }
-
-    fn fenced_retake(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        token: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Counter> {
-        let ttl_ms = ttl_ms.to_string();
-        let (keys, [id, run_id, raise]) = with_epoch(&[key, fence], epoch);
-        self.run_counter(
-            &scripts::FENCED_RETAKE,
-            &keys,
-            &[value, &ttl_ms, token, id, run_id, raise],
-        )
-    }
-
-    fn fence_write_back(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        value: &Arc<str>,
-        token: u64,
-    ) -> BoxFuture<Reply> {
-        let token = token.to_string();
-        let written = self.run_counter(&scripts::FENCE_WRITE_BACK, &[key, fence], &[value, &token]);
-        Box::pin(async move { Ok(written.await? == 1) })
-    }
-
-    fn release_publish(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        channel: &Arc<str>,
-        message: &Arc<str>,
-    ) -> BoxFuture<Reply> {
-        self.run(
-            &scripts::RELEASE_PUBLISH,
-            &[key],
-            &[value, channel, message],
-        )
+        let (script, evalsha) = evalsha(request);
+        // One box per call, on the hot path of every grant and release.
+        Box::pin(async move {
+            counted(explained(peer, call(script, &evalsha, &mut connection).await).await?)
+        })
     }
 
     fn sees_reconnects(&self) -> bool {
@@ -333,7 +269,7 @@ where
             .map(|client| PubSubSource::Redis(Box::new(client)))
     }
 
-    fn load_scripts(&self) -> BoxFuture<Reply> {
+    fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {
         let loads = scripts::all().map(|script| {
             let mut connection = self.connection.clone();
             async move { script.prepare_invoke().load_async(&mut connection).await }
@@ -345,7 +281,7 @@ where
                 .await
                 .into_iter()
                 .collect();
-            explained(peer, loaded).await.map(|_| true)
+            explained(peer, loaded).await.map(|_| ())
         })
     }
 

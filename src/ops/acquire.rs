@@ -15,6 +15,7 @@ use super::lifetime::{granted_lifetime, potential_lifetime};
 use crate::epoch::Epoch;
 use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
+use crate::instance::Request;
 use crate::lease::Lease;
 use crate::monitor::probe::ensure_running;
 use crate::ops::fencing;
@@ -108,7 +109,6 @@ async fn run(
     let (ttl, ttl_ms) = (lease.ttl(), lease.px());
     let retake = identity.token.is_some();
     let fence = identity.fenced.then(|| fencing::fence_key(&key.redis));
-    let counters = fencing::Counters::new(n);
 
     shared.note_ttl(ttl);
     let epoch_key = &shared.settings.epoch_key;
@@ -125,19 +125,14 @@ async fn run(
                 run_id: (!instance.sees_reconnects()).then(|| Arc::clone(&verified.run_id)),
                 raise: ttl > verified.last_read_ttl,
             });
-            let epoch = epoch.as_ref();
-            match (&fence, retake) {
-                (None, false) => instance.set_nx_px(&key.redis, &value, ttl_ms, epoch),
-                (None, true) => instance.retake(&key.redis, &token, &value, ttl_ms, epoch),
-                (Some(fence), false) => counters.record(
-                    member.index,
-                    instance.fenced_set(&key.redis, fence, &value, ttl_ms, epoch),
-                ),
-                (Some(fence), true) => counters.record(
-                    member.index,
-                    instance.fenced_retake(&key.redis, fence, &token, &value, ttl_ms, epoch),
-                ),
-            }
+            instance.eval(&Request::Grant {
+                key: &key.redis,
+                value: &value,
+                ttl_ms,
+                retake: retake.then_some(&token),
+                fence: fence.as_ref(),
+                epoch: epoch.as_ref(),
+            })
         }),
         value,
         lease,
@@ -173,7 +168,7 @@ async fn run(
                                 .collect();
                             // Every grant counted at least 1, so a quorum's
                             // candidate is never 0.
-                            let candidate = counters.candidate(granted.iter().copied());
+                            let candidate = fencing::candidate(&attempt.fanout, &granted);
                             let (written, round) = fencing::write_back(
                                 shared,
                                 &key.redis,
@@ -388,7 +383,12 @@ async fn roll_back(
             let Some(member) = shared.members.get(index) else {
                 return;
             };
-            match tokio::time::timeout(bound, member.instance.release(&key, &value)).await {
+            let release = Request::Release {
+                key: &key,
+                value: &value,
+                publish: None,
+            };
+            match tokio::time::timeout(bound, member.instance.eval(&release)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
                     member.state.failed(&err);
@@ -403,10 +403,7 @@ async fn roll_back(
     let now = may_hold.into_iter().map(delete);
     let later = in_flight.into_iter().map(|tagged| async move {
         let index = tagged.index;
-        let refused = matches!(
-            tokio::time::timeout(bound, tagged).await,
-            Ok((_, Ok(false)))
-        );
+        let refused = matches!(tokio::time::timeout(bound, tagged).await, Ok((_, Ok(0))));
         if !refused {
             delete(index).await;
         }

@@ -10,6 +10,7 @@ use tracing::{debug, debug_span, Instrument, Span};
 
 use crate::error::{Error, Shortfall, Vote};
 use crate::fanout::{Asked, Fanout};
+use crate::instance::Request;
 use crate::lease::Lease;
 use crate::ops::held::Held;
 use crate::ops::lifetime::granted_lifetime;
@@ -109,9 +110,12 @@ async fn extend_round(
         .checks_epoch()
         .then_some(&shared.settings.epoch_key);
     let mut fanout = Fanout::start(shared, held.asked, |member| {
-        member
-            .instance
-            .extend(&held.key.redis, &held.value, ttl_ms, epoch_key)
+        member.instance.eval(&Request::Extend {
+            key: &held.key.redis,
+            value: &held.value,
+            ttl_ms,
+            epoch_key,
+        })
     });
     fanout.collect_until_decided(start + timeout, timeout).await;
     let elapsed = start.elapsed();

@@ -4,14 +4,13 @@
 //! quorum has acknowledged it. See the crate docs, "Fencing tokens", for what
 //! this guarantees and the argument.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use crate::error::Vote;
 use crate::fanout::{Asked, Fanout, Tally};
-use crate::instance::{BoxFuture, Counter, Reply};
+use crate::instance::Request;
 use crate::shared::Shared;
 
 /// Appended to a lock's key (after the locker's prefix) to name its fencing
@@ -23,37 +22,14 @@ pub(crate) fn fence_key(redis_key: &str) -> Arc<str> {
     format!("{redis_key}{FENCE_SUFFIX}").into()
 }
 
-/// Each instance's counter from the first round; 0 where it refused or has not
-/// answered.
-pub(crate) struct Counters(Arc<[AtomicU64]>);
-
-impl Counters {
-    pub(crate) fn new(n: usize) -> Self {
-        Self((0..n).map(|_| AtomicU64::new(0)).collect())
-    }
-
-    /// Turns a first-round answer into a vote, remembering the counter.
-    pub(crate) fn record(&self, index: usize, counter: BoxFuture<Counter>) -> BoxFuture<Reply> {
-        let counters = Arc::clone(&self.0);
-        Box::pin(async move {
-            let counter = counter.await?;
-            if let Some(slot) = counters.get(index) {
-                slot.store(counter, Ordering::Relaxed);
-            }
-            Ok(counter > 0)
-        })
-    }
-
-    /// The token candidate: the largest counter among `granted` instances (0
-    /// for none).
-    pub(crate) fn candidate(&self, granted: impl IntoIterator<Item = usize>) -> u64 {
-        granted
-            .into_iter()
-            .filter_map(|index| self.0.get(index))
-            .map(|counter| counter.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0)
-    }
+/// The token candidate: the largest counter the first round's `INCR`s left
+/// among the `granted` instances (0 for none).
+pub(crate) fn candidate(first_round: &Fanout, granted: &[usize]) -> u64 {
+    granted
+        .iter()
+        .map(|&index| first_round.count(index))
+        .max()
+        .unwrap_or(0)
 }
 
 /// The second round: raises the counter to `token` on every instance in
@@ -72,10 +48,15 @@ pub(crate) async fn write_back(
     let start = Instant::now();
     let mut fanout = Fanout::start(shared, Asked::ALL, |member| {
         if granted.contains(&member.index) {
-            member.instance.fence_write_back(key, fence, value, token)
+            member.instance.eval(&Request::FenceWriteBack {
+                key,
+                fence,
+                value,
+                token,
+            })
         } else {
             // Not asked: it does not hold our key, so it cannot acknowledge.
-            Box::pin(async { Ok(false) })
+            Box::pin(async { Ok(0) })
         }
     });
     fanout.collect_until_decided(start + timeout, timeout).await;
@@ -92,19 +73,8 @@ pub(crate) fn granted(fanout: &Fanout, index: usize) -> bool {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_candidate_is_the_largest_granting_counter() {
-        let counters = Counters::new(4);
-        for (index, counter) in [(0, 7), (1, 0), (2, 3), (3, 9)] {
-            let reply = counters
-                .record(index, Box::pin(async move { Ok(counter) }))
-                .await;
-            assert_eq!(reply.unwrap(), counter > 0);
-        }
-        assert_eq!(counters.candidate([0, 2]), 7);
-        assert_eq!(counters.candidate([0, 2, 3]), 9);
-        assert_eq!(counters.candidate([1]), 0);
-        assert_eq!(counters.candidate([]), 0);
+    #[test]
+    fn the_counter_lives_beside_the_lock_key() {
         assert_eq!(fence_key("locks:job").as_ref(), "locks:job:fence");
     }
 }

@@ -10,6 +10,7 @@ use tracing::{debug, debug_span, Instrument, Span};
 use crate::error::{Error, Vote};
 use crate::fanout::{Asked, Fanout, Straggler};
 use crate::handoff;
+use crate::instance::Request;
 use crate::lease::Lease;
 use crate::ops::held::Held;
 use crate::shared::{LockKey, Shared};
@@ -68,12 +69,13 @@ async fn release_round(
         (handoff::channel(&key.redis), Arc::<str>::from(nonce))
     });
     let mut fanout = Fanout::start(shared, asked, |member| {
-        let delete = match &publish {
-            None => member.instance.release(&key.redis, value),
-            Some((channel, message)) => member
-                .instance
-                .release_publish(&key.redis, value, channel, message),
-        };
+        let delete = member.instance.eval(&Request::Release {
+            key: &key.redis,
+            value,
+            publish: publish
+                .as_ref()
+                .map(|(channel, message)| (channel, message)),
+        });
         match stragglers
             .iter()
             .find(|straggler| straggler.index == member.index)

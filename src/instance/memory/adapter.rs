@@ -7,138 +7,88 @@ use std::time::Duration;
 use redis::RedisError;
 
 use super::MemoryInstance;
-use crate::epoch::Epoch;
-use crate::instance::{BoxFuture, Counter, Instance, Probe, PubSubSource, Reply};
+use crate::instance::{BoxFuture, Instance, Probe, PubSubSource, Reply, Request};
 
 impl Instance for MemoryInstance {
-    fn set_nx_px(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Reply> {
-        let (key, value, epoch) = (Arc::clone(key), Arc::clone(value), epoch.cloned());
-        self.run(move |store, now| {
-            store.checked(epoch.as_ref(), ttl_ms, |store| {
-                store.set_nx_px(&key, &value, ttl_ms, now)
-            })
-        })
-    }
-
-    fn retake(
-        &self,
-        key: &Arc<str>,
-        token: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Reply> {
-        let (key, token, value) = (Arc::clone(key), Arc::clone(token), Arc::clone(value));
-        let epoch = epoch.cloned();
-        self.run(move |store, now| {
-            store.checked(epoch.as_ref(), ttl_ms, |store| {
-                store.retake(&key, &token, &value, ttl_ms, now)
-            })
-        })
-    }
-
-    fn extend(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch_key: Option<&Arc<str>>,
-    ) -> BoxFuture<Reply> {
-        let (key, value, epoch_key) = (Arc::clone(key), Arc::clone(value), epoch_key.cloned());
-        self.run(move |store, now| {
-            let extended = store.extend(&key, &value, ttl_ms, now)?;
-            if extended {
-                store.raise(epoch_key.as_ref(), ttl_ms);
+    fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
+        match *request {
+            Request::Grant {
+                key,
+                value,
+                ttl_ms,
+                retake,
+                fence,
+                epoch,
+            } => {
+                let (key, value) = (Arc::clone(key), Arc::clone(value));
+                let (retake, fence, epoch) = (retake.cloned(), fence.cloned(), epoch.cloned());
+                self.run(move |store, now| {
+                    let granted = store.checked(epoch.as_ref(), ttl_ms, |store| match &retake {
+                        None => store.set_nx_px(&key, &value, ttl_ms, now),
+                        Some(token) => store.retake(&key, token, &value, ttl_ms, now),
+                    });
+                    match &fence {
+                        None => granted.map(u64::from),
+                        Some(fence) => store.fenced(granted, fence, now),
+                    }
+                })
             }
-            Ok(extended)
-        })
-    }
-
-    fn release(&self, key: &Arc<str>, value: &Arc<str>) -> BoxFuture<Reply> {
-        let (key, value) = (Arc::clone(key), Arc::clone(value));
-        self.run(move |store, now| store.release(&key, &value, now))
-    }
-
-    fn fenced_set(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Counter> {
-        let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
-        let epoch = epoch.cloned();
-        self.run(move |store, now| {
-            let granted = store.checked(epoch.as_ref(), ttl_ms, |store| {
-                store.set_nx_px(&key, &value, ttl_ms, now)
-            });
-            store.fenced(granted, &fence, now)
-        })
-    }
-
-    fn fenced_retake(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        token: &Arc<str>,
-        value: &Arc<str>,
-        ttl_ms: u64,
-        epoch: Option<&Epoch>,
-    ) -> BoxFuture<Counter> {
-        let (key, fence) = (Arc::clone(key), Arc::clone(fence));
-        let (token, value, epoch) = (Arc::clone(token), Arc::clone(value), epoch.cloned());
-        self.run(move |store, now| {
-            let granted = store.checked(epoch.as_ref(), ttl_ms, |store| {
-                store.retake(&key, &token, &value, ttl_ms, now)
-            });
-            store.fenced(granted, &fence, now)
-        })
-    }
-
-    fn fence_write_back(
-        &self,
-        key: &Arc<str>,
-        fence: &Arc<str>,
-        value: &Arc<str>,
-        token: u64,
-    ) -> BoxFuture<Reply> {
-        let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
-        self.run(move |store, now| store.fence_write_back(&key, &fence, &value, token, now))
-    }
-
-    fn release_publish(
-        &self,
-        key: &Arc<str>,
-        value: &Arc<str>,
-        channel: &Arc<str>,
-        message: &Arc<str>,
-    ) -> BoxFuture<Reply> {
-        let (key, value) = (Arc::clone(key), Arc::clone(value));
-        let published = (Arc::clone(channel), Arc::clone(message));
-        let sender = self.inner.published.clone();
-        self.run(move |store, now| {
-            let released = store.release(&key, &value, now)?;
-            if released {
-                // No subscriber is not an error, as PUBLISH answers 0.
-                let _ = sender.send(published);
+            Request::Extend {
+                key,
+                value,
+                ttl_ms,
+                epoch_key,
+            } => {
+                let (key, value, epoch_key) =
+                    (Arc::clone(key), Arc::clone(value), epoch_key.cloned());
+                self.run(move |store, now| {
+                    let extended = store.extend(&key, &value, ttl_ms, now)?;
+                    if extended {
+                        store.raise(epoch_key.as_ref(), ttl_ms);
+                    }
+                    Ok(u64::from(extended))
+                })
             }
-            Ok(released)
-        })
+            Request::Release {
+                key,
+                value,
+                publish,
+            } => {
+                let (key, value) = (Arc::clone(key), Arc::clone(value));
+                let published =
+                    publish.map(|(channel, message)| (Arc::clone(channel), Arc::clone(message)));
+                let sender = self.inner.published.clone();
+                self.run(move |store, now| {
+                    let released = store.release(&key, &value, now)?;
+                    if let (true, Some(published)) = (released, published) {
+                        // No subscriber is not an error, as PUBLISH answers 0.
+                        let _ = sender.send(published);
+                    }
+                    Ok(u64::from(released))
+                })
+            }
+            Request::FenceWriteBack {
+                key,
+                fence,
+                value,
+                token,
+            } => {
+                let (key, fence, value) = (Arc::clone(key), Arc::clone(fence), Arc::clone(value));
+                self.run(move |store, now| {
+                    store
+                        .fence_write_back(&key, &fence, &value, token, now)
+                        .map(u64::from)
+                })
+            }
+        }
     }
 
     fn pubsub(&self) -> Option<PubSubSource> {
         Some(PubSubSource::Memory(self.clone()))
     }
 
-    fn load_scripts(&self) -> BoxFuture<Reply> {
-        self.send(false, |_, _| Ok(true))
+    fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {
+        self.send(false, |_, _| Ok(()))
     }
 
     fn probe(
@@ -157,6 +107,82 @@ impl Instance for MemoryInstance {
             })
         })
     }
+}
+
+/// The old per-script calls, for the memory instance's own tests.
+#[cfg(test)]
+impl MemoryInstance {
+    pub(super) fn set_nx_px(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch: Option<&crate::epoch::Epoch>,
+    ) -> BoxFuture<Result<bool, RedisError>> {
+        let request = Request::Grant {
+            key,
+            value,
+            ttl_ms,
+            retake: None,
+            fence: None,
+            epoch,
+        };
+        done(self.eval(&request))
+    }
+
+    pub(super) fn retake(
+        &self,
+        key: &Arc<str>,
+        token: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch: Option<&crate::epoch::Epoch>,
+    ) -> BoxFuture<Result<bool, RedisError>> {
+        let request = Request::Grant {
+            key,
+            value,
+            ttl_ms,
+            retake: Some(token),
+            fence: None,
+            epoch,
+        };
+        done(self.eval(&request))
+    }
+
+    pub(super) fn extend(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch_key: Option<&Arc<str>>,
+    ) -> BoxFuture<Result<bool, RedisError>> {
+        let request = Request::Extend {
+            key,
+            value,
+            ttl_ms,
+            epoch_key,
+        };
+        done(self.eval(&request))
+    }
+
+    pub(super) fn release(
+        &self,
+        key: &Arc<str>,
+        value: &Arc<str>,
+    ) -> BoxFuture<Result<bool, RedisError>> {
+        let request = Request::Release {
+            key,
+            value,
+            publish: None,
+        };
+        done(self.eval(&request))
+    }
+}
+
+/// A reply as "done or not", as the tests read it.
+#[cfg(test)]
+fn done(reply: BoxFuture<Reply>) -> BoxFuture<Result<bool, RedisError>> {
+    Box::pin(async move { Ok(reply.await? > 0) })
 }
 
 #[cfg(test)]
