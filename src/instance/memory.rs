@@ -254,12 +254,19 @@ impl Store {
         Ok(true)
     }
 
-    /// `INCR key`: the counter after incrementing; keeps any TTL.
-    fn incr(&mut self, key: &Arc<str>, now: Duration) -> Result<u64, RedisError> {
+    /// `INCR key`: the counter after incrementing; keeps any TTL. As Redis, only
+    /// on a signed 64-bit integer written as Redis writes it, and refusing to
+    /// overflow.
+    fn incr(&mut self, key: &Arc<str>, now: Duration) -> Result<i64, RedisError> {
         let next = match self.live(key, now) {
             Some(entry) => {
-                let current: u64 = entry.value.parse().map_err(|_| not_an_integer())?;
-                let next = current.checked_add(1).ok_or_else(not_an_integer)?;
+                let current = redis_integer(&entry.value).ok_or_else(not_an_integer)?;
+                let next = current.checked_add(1).ok_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::Server(ServerErrorKind::ResponseError),
+                        "increment or decrement would overflow",
+                    ))
+                })?;
                 entry.value = next.to_string().into();
                 return Ok(next);
             }
@@ -331,12 +338,23 @@ impl Store {
         (Arc::clone(id), hash.longest_ttl_ms)
     }
 
-    /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`.
+    /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`,
+    /// whose answer reads as `RedisInstance` reads the scripts' (a counter
+    /// someone set below zero: 0 reads as a refusal, -1 as a changed epoch,
+    /// and the grant stays).
     fn fenced(&mut self, granted: Reply, fence: &Arc<str>, now: Duration) -> Counter {
-        if granted? {
-            self.incr(fence, now)
-        } else {
-            Ok(0)
+        if !granted? {
+            return Ok(0);
+        }
+        match self.incr(fence, now)? {
+            -1 => Err(epoch::changed()),
+            counter => u64::try_from(counter).map_err(|_| {
+                RedisError::from((
+                    ErrorKind::UnexpectedReturnType,
+                    "unexpected reply",
+                    format!("a script answered Int({counter})"),
+                ))
+            }),
         }
     }
 
@@ -403,6 +421,16 @@ fn set_deadline(now: Duration, ttl_ms: u64) -> Result<Duration, RedisError> {
     deadline(now, ttl_ms)
         .filter(|_| ttl_ms > 0)
         .ok_or_else(|| invalid_expire("set"))
+}
+
+/// The integer Redis reads in `value` (its `string2ll`): decimal digits after
+/// an optional `-`, no leading zero, no `+`, no spaces, within `i64`.
+fn redis_integer(value: &str) -> Option<i64> {
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    let canonical = value == "0"
+        || (digits.starts_with(|c: char| c.is_ascii_digit() && c != '0')
+            && digits.bytes().all(|byte| byte.is_ascii_digit()));
+    canonical.then(|| value.parse().ok()).flatten()
 }
 
 fn not_an_integer() -> RedisError {
@@ -632,12 +660,15 @@ impl MemoryInstance {
     }
 
     /// Deletes `key` behind its owner's back, as an operator's `DEL` would; true if
-    /// it was there.
+    /// it was there. That includes an epoch hash ([`EPOCH_KEY`](crate::EPOCH_KEY)
+    /// after the key prefix), as a flush would lose it.
     pub fn remove(&self, key: &str) -> bool {
         self.inspect(|store, now| {
             let live = store.live(key, now).is_some();
             store.keys.remove(key);
-            live
+            // On a server the epoch hash is a key like any other.
+            let epoch = store.epochs.remove(key).is_some();
+            live || epoch
         })
     }
 
@@ -1165,6 +1196,35 @@ mod tests {
         assert!(first.await.unwrap().unwrap());
         assert!(!second.await.unwrap().unwrap());
         assert_eq!(instance.commands(), 3);
+    }
+
+    /// As Redis's `string2ll`, which `INCR` reads its counter with.
+    #[test]
+    fn incr_reads_only_what_redis_reads_as_an_integer() {
+        for (value, read) in [
+            ("0", Some(0)),
+            ("7", Some(7)),
+            ("-7", Some(-7)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+        ] {
+            assert_eq!(redis_integer(value), read, "{value:?}");
+        }
+        for value in [
+            "",
+            "-",
+            "-0",
+            "00",
+            "007",
+            "+3",
+            " 3",
+            "3 ",
+            "x",
+            "1e3",
+            "18446744073709551615",
+        ] {
+            assert_eq!(redis_integer(value), None, "{value:?}");
+        }
     }
 
     #[test]
