@@ -139,6 +139,22 @@ return 0"#,
     )
 });
 
+/// The end of a fenced grant: `INCR` of the fencing counter (KEYS[2]), which
+/// must come out at 1 or more. A counter someone set below zero would answer 0
+/// (read as a refusal, leaving the key just set behind) or -1 (read as a
+/// changed server): the script fails instead, and the locker rolls back the
+/// key of a failed vote.
+macro_rules! fenced_counter {
+    () => {
+        r#"    local counter = redis.call("INCR", KEYS[2])
+    if counter < 1 then
+        return redis.error_reply("ERR the fencing counter " .. KEYS[2] .. " is below 1")
+    end
+    return counter
+"#
+    };
+}
+
 /// The first round of a fenced attempt: `SET key value NX PX ttl` (KEYS[1],
 /// ARGV[1], ARGV[2]), and only if it set the key, `INCR` the key's fencing
 /// counter (KEYS[2], which never expires). Returns the counter, 0 if refused, or
@@ -150,8 +166,8 @@ pub(crate) static FENCED_SET: LazyLock<Script> = LazyLock::new(|| {
         r#"if redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
 "#,
         raise_ttl!(3, 5),
-        r#"    return redis.call("INCR", KEYS[2])
-end
+        fenced_counter!(),
+        r#"end
 return 0"#
     ))
 });
@@ -165,8 +181,8 @@ pub(crate) static FENCED_RETAKE: LazyLock<Script> = LazyLock::new(|| {
         verified!(3, 4, 5),
         retake!(),
         raise_ttl!(3, 6),
-        r#"    return redis.call("INCR", KEYS[2])
-end
+        fenced_counter!(),
+        r#"end
 return 0"#
     ))
 });

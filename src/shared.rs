@@ -111,7 +111,11 @@ impl Shared {
             .filter(|member| member.index != index)
             .filter(|member| member.state.read_since(lost_at))
             .count();
-        let needed = self.members.len() - self.quorum + 1;
+        // Never more than there are others: a lone instance has no one to ask,
+        // and its quarantine (this locker's longest TTL, or the configured
+        // one) is all there is to go by.
+        let n = self.members.len();
+        let needed = (n - self.quorum + 1).min(n - 1);
         if reads < needed {
             return Err(Duration::ZERO);
         }

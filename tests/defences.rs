@@ -239,3 +239,36 @@ fn the_monitor_restarts_on_a_later_runtime() {
         lock.release().await.unwrap();
     });
 }
+
+/// A locker over one instance has no other to read after that instance lost
+/// its keys: once the quarantine has passed, it votes again (it used to wait
+/// for a read of another instance forever).
+#[tokio::test(start_paused = true)]
+async fn a_lone_restarted_instance_votes_again_after_its_quarantine() {
+    let set = instances(1);
+    let locker = builder(&set)
+        .restart_quarantine(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    locker
+        .try_acquire("job", Duration::from_millis(50))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    set[0].restart_empty();
+    locker.health().await; // the restart is seen now
+                           // Short TTLs throughout: a longer one would lengthen the quarantine.
+    let short = Duration::from_millis(50);
+    let refused = locker.try_acquire("job", short).await;
+    assert!(
+        refused.is_err(),
+        "voted at once after a restart: {refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    probes(2).await;
+    let later = locker.try_acquire("job", short).await;
+    assert!(later.is_ok(), "{later:?}");
+}

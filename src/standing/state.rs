@@ -312,6 +312,9 @@ impl InstanceState {
             standing.clock.reset();
             standing.rate = None;
             standing.rate_bound = None;
+            // Measured afresh at the quicker pace, also when a health check
+            // (not the probe loop) saw the restart.
+            self.kick.notify_one();
         }
         if (restarted || lost_keys) && guard_restarts {
             // The loss came before we saw it: counting from now errs on the safe

@@ -168,12 +168,15 @@ impl MemoryInstance {
     }
 
     /// Deletes `key` behind its owner's back, as an operator's `DEL` would; true if
-    /// it was there.
+    /// it was there. That includes an epoch hash ([`EPOCH_KEY`](crate::EPOCH_KEY)
+    /// after the key prefix), as a flush would lose it.
     pub fn remove(&self, key: &str) -> bool {
         self.inspect(|store, now| {
             let live = store.live(key, now).is_some();
             store.keys.remove(key);
-            live
+            // On a server the epoch hash is a key like any other.
+            let epoch = store.remove_epoch(key);
+            live || epoch
         })
     }
 

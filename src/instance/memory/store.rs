@@ -77,6 +77,12 @@ impl Store {
         }
     }
 
+    /// Deletes the epoch hash under `key`, as a `DEL` of it would; whether
+    /// there was one.
+    pub(super) fn remove_epoch(&mut self, key: &str) -> bool {
+        self.epochs.remove(key).is_some()
+    }
+
     pub(super) fn sweep(&mut self, now: Duration) {
         self.keys.retain(|_, entry| entry.is_live(now));
         self.sweep_at = (self.keys.len() * 2).max(MIN_SWEEP);
@@ -148,12 +154,19 @@ impl Store {
         Ok(true)
     }
 
-    /// `INCR key`: the counter after incrementing; keeps any TTL.
-    fn incr(&mut self, key: &Arc<str>, now: Duration) -> Result<u64, RedisError> {
+    /// `INCR key`: the counter after incrementing; keeps any TTL. As Redis, only
+    /// on a signed 64-bit integer written as Redis writes it, and refusing to
+    /// overflow.
+    fn incr(&mut self, key: &Arc<str>, now: Duration) -> Result<i64, RedisError> {
         let next = match self.live(key, now) {
             Some(entry) => {
-                let current: u64 = entry.value.parse().map_err(|_| not_an_integer())?;
-                let next = current.checked_add(1).ok_or_else(not_an_integer)?;
+                let current = redis_integer(&entry.value).ok_or_else(not_an_integer)?;
+                let next = current.checked_add(1).ok_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::Server(ServerErrorKind::ResponseError),
+                        "increment or decrement would overflow",
+                    ))
+                })?;
                 entry.value = next.to_string().into();
                 return Ok(next);
             }
@@ -225,13 +238,23 @@ impl Store {
         (Arc::clone(id), hash.longest_ttl_ms)
     }
 
-    /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`.
+    /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`;
+    /// a counter someone set below zero fails the script, as on Redis (the
+    /// key it set is then the locker's to roll back, as for any failed vote).
     pub(super) fn fenced(&mut self, granted: Reply, fence: &Arc<str>, now: Duration) -> Counter {
-        if granted? {
-            self.incr(fence, now)
-        } else {
-            Ok(0)
+        if !granted? {
+            return Ok(0);
         }
+        let counter = self.incr(fence, now)?;
+        u64::try_from(counter)
+            .ok()
+            .filter(|counter| *counter >= 1)
+            .ok_or_else(|| {
+                RedisError::from((
+                    ErrorKind::Server(ServerErrorKind::ResponseError),
+                    "the fencing counter is below 1",
+                ))
+            })
     }
 
     /// The `FENCE_WRITE_BACK` script.
@@ -297,6 +320,16 @@ fn set_deadline(now: Duration, ttl_ms: u64) -> Result<Duration, RedisError> {
     deadline(now, ttl_ms)
         .filter(|_| ttl_ms > 0)
         .ok_or_else(|| invalid_expire("set"))
+}
+
+/// The integer Redis reads in `value` (its `string2ll`): decimal digits after
+/// an optional `-`, no leading zero, no `+`, no spaces, within `i64`.
+fn redis_integer(value: &str) -> Option<i64> {
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    let canonical = value == "0"
+        || (digits.starts_with(|c: char| c.is_ascii_digit() && c != '0')
+            && digits.bytes().all(|byte| byte.is_ascii_digit()));
+    canonical.then(|| value.parse().ok()).flatten()
 }
 
 fn not_an_integer() -> RedisError {
@@ -430,6 +463,35 @@ mod tests {
             .is_err());
         assert_eq!(instance.get(KEY), None);
         instance.load_scripts().await.unwrap();
+    }
+
+    /// As Redis's `string2ll`, which `INCR` reads its counter with.
+    #[test]
+    fn incr_reads_only_what_redis_reads_as_an_integer() {
+        for (value, read) in [
+            ("0", Some(0)),
+            ("7", Some(7)),
+            ("-7", Some(-7)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+        ] {
+            assert_eq!(redis_integer(value), read, "{value:?}");
+        }
+        for value in [
+            "",
+            "-",
+            "-0",
+            "00",
+            "007",
+            "+3",
+            " 3",
+            "3 ",
+            "x",
+            "1e3",
+            "18446744073709551615",
+        ] {
+            assert_eq!(redis_integer(value), None, "{value:?}");
+        }
     }
 
     #[test]
