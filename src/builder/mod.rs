@@ -212,7 +212,10 @@ impl Builder {
     /// longer TTL was ever set there (the epoch hash's `ttl`, which every grant
     /// and extend raises and nothing lowers: after retiring a long lock,
     /// `HDEL <prefix>quorumlock:epoch ttl` on each server lowers it, once that
-    /// lock's TTL has passed). Default: the [`default_ttl`](Self::default_ttl).
+    /// lock's TTL has passed). With several instances, the others' hashes tell
+    /// it the longest TTL the lost one held; a lone instance has no others, so
+    /// over one instance set this to at least the longest TTL any locker uses
+    /// there. Default: the [`default_ttl`](Self::default_ttl).
     /// Zero turns the checks off: no epoch check in grants, no quarantine.
     ///
     /// A grant on a server that lost its keys is refused in its own script; a
