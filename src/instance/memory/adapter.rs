@@ -119,15 +119,7 @@ impl MemoryInstance {
         ttl_ms: u64,
         epoch: Option<&crate::epoch::Epoch>,
     ) -> BoxFuture<Result<bool, RedisError>> {
-        let request = Request::Grant {
-            key,
-            value,
-            ttl_ms,
-            retake: None,
-            fence: None,
-            epoch,
-        };
-        done(self.eval(&request))
+        self.grant(key, None, value, ttl_ms, epoch)
     }
 
     pub(super) fn retake(
@@ -138,15 +130,25 @@ impl MemoryInstance {
         ttl_ms: u64,
         epoch: Option<&crate::epoch::Epoch>,
     ) -> BoxFuture<Result<bool, RedisError>> {
-        let request = Request::Grant {
+        self.grant(key, Some(token), value, ttl_ms, epoch)
+    }
+
+    fn grant(
+        &self,
+        key: &Arc<str>,
+        retake: Option<&Arc<str>>,
+        value: &Arc<str>,
+        ttl_ms: u64,
+        epoch: Option<&crate::epoch::Epoch>,
+    ) -> BoxFuture<Result<bool, RedisError>> {
+        done(self.eval(&Request::Grant {
             key,
             value,
             ttl_ms,
-            retake: Some(token),
+            retake,
             fence: None,
             epoch,
-        };
-        done(self.eval(&request))
+        }))
     }
 
     pub(super) fn extend(
