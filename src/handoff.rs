@@ -90,9 +90,9 @@ impl Handoff {
                 PubSubSource::Redis(client) => {
                     tokio::spawn(listen_redis(hub, *client, changed, address));
                 }
-                PubSubSource::Memory(instance) => {
+                PubSubSource::InProcess(sender) => {
                     // Subscribed from here on: no message can be missed.
-                    let published = instance.published();
+                    let published = sender.subscribe();
                     tokio::spawn(listen_memory(hub, published, changed));
                 }
             }

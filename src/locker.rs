@@ -256,7 +256,7 @@ impl QuorumLocker {
     pub fn redis_client(&self, index: usize) -> Option<redis::Client> {
         match self.shared.members.get(index)?.instance.pubsub()? {
             PubSubSource::Redis(client) => Some(*client),
-            PubSubSource::Memory(_) => None,
+            PubSubSource::InProcess(_) => None,
         }
     }
 

@@ -86,8 +86,9 @@ pub(crate) enum Request<'a> {
 pub(crate) enum PubSubSource {
     /// A server reached by URL: a dedicated subscription connection opens from it.
     Redis(Box<::redis::Client>),
-    /// An in-process instance: its releases are broadcast in-process.
-    Memory(memory::MemoryInstance),
+    /// An in-process instance: its release messages, `(channel, message)`, are
+    /// broadcast in-process.
+    InProcess(tokio::sync::broadcast::Sender<(Arc<str>, Arc<str>)>),
 }
 
 /// What an instance says about itself.

@@ -84,7 +84,7 @@ impl Instance for MemoryInstance {
     }
 
     fn pubsub(&self) -> Option<PubSubSource> {
-        Some(PubSubSource::Memory(self.clone()))
+        Some(PubSubSource::InProcess(self.inner.published.clone()))
     }
 
     fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {

@@ -197,11 +197,6 @@ impl MemoryInstance {
         });
     }
 
-    /// Every release message published from now on, as `(channel, message)`.
-    pub(crate) fn published(&self) -> broadcast::Receiver<(Arc<str>, Arc<str>)> {
-        self.inner.published.subscribe()
-    }
-
     /// How many lock commands the instance has applied or answered: each
     /// acquisition attempt, extend, release or rollback that reached it counts one.
     /// The locker's health probes and script loads do not count, nor do the
