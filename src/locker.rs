@@ -8,11 +8,12 @@ use std::time::Duration;
 use crate::builder::Builder;
 use crate::error::Error;
 use crate::health::{self, Health};
+use crate::instance::connect::CHECK_TIMEOUT;
 use crate::instance::PubSubSource;
 use crate::lock::Lock;
 use crate::monitor::probe::ensure_running;
 use crate::request::LockRequest;
-use crate::shared::{Shared, CHECK_TIMEOUT};
+use crate::shared::Shared;
 use crate::status::LockStatus;
 
 /// Distributed locks over N Redis instances with the Redlock quorum algorithm.

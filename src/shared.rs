@@ -14,18 +14,9 @@ use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::lease::Lease;
 use crate::monitor::handle::Monitor;
-use crate::peer;
 use crate::retry::RetryPolicy;
 use crate::standing::member::Member;
 use crate::standing::policy::Policy;
-
-/// How long a new connection to an instance may take to open (TLS handshake
-/// included).
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The bound on a probe or health check, which may include connecting and, when
-/// that fails, asking the peer what it speaks ([`peer`]): long enough for the
-/// connection's own error, explained, to arrive first.
-pub(crate) const CHECK_TIMEOUT: Duration = CONNECT_TIMEOUT.saturating_add(peer::SNIFF_TIMEOUT);
 
 /// What a locker and its locks share.
 pub(crate) struct Shared {

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "epoch",
             "instance",
+            "instance::connect",
             "instance::memory",
             "instance::memory::adapter",
             "instance::memory::clock",

@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionLike;
 use redis::ConnectionAddr;
 
 #[cfg(feature = "tls")]
@@ -15,15 +15,15 @@ use crate::background::Background;
 use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::Handoff;
+use crate::instance::connect;
 use crate::instance::redis::RedisInstance;
 use crate::instance::Instance;
 use crate::lease::{Lease, MAX_TTL};
 use crate::locker::QuorumLocker;
 use crate::monitor::handle::Monitor;
-use crate::peer::Peer;
 use crate::quorum;
 use crate::retry::RetryPolicy;
-use crate::shared::{Settings, Shared, CONNECT_TIMEOUT};
+use crate::shared::{Settings, Shared};
 use crate::standing::member::Member;
 use crate::standing::policy::Policy;
 use crate::standing::state::InstanceState;
@@ -45,9 +45,6 @@ pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
 
 /// How often each instance's `run_id` and clock are probed unless set.
 pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
-
-/// Idle time before TCP keep-alive probes start, and between them.
-const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Configures and builds a [`QuorumLocker`]; start with [`QuorumLocker::builder`].
 ///
@@ -124,7 +121,7 @@ impl Builder {
     }
 
     /// Adds an instance through a connection you made: a
-    /// [`ConnectionManager`], a [`MultiplexedConnection`](redis::aio::MultiplexedConnection)
+    /// [`ConnectionManager`](redis::aio::ConnectionManager), a [`MultiplexedConnection`](redis::aio::MultiplexedConnection)
     /// or any cloneable async connection. Each operation clones it, so it should
     /// be a multiplexed one. `name` shows in errors and must be unique.
     ///
@@ -383,7 +380,7 @@ impl Builder {
         #[cfg(feature = "tls")]
         let tls = self.tls.load()?;
         #[cfg(not(feature = "tls"))]
-        let tls = NoTls;
+        let tls = connect::NoTls;
         // Read only with the `tls` feature.
         let mut uses_tls = false;
 
@@ -394,7 +391,7 @@ impl Builder {
                 Source::Url(url) => {
                     let parsed = address::parse_url(index, &url)?;
                     uses_tls |= matches!(parsed.info.addr(), ConnectionAddr::TcpTls { .. });
-                    let instance = connect_lazily(index, parsed.info, &parsed.display, &tls)?;
+                    let instance = connect::lazily(index, parsed.info, &parsed.display, &tls)?;
                     (parsed.identity, parsed.display, instance)
                 }
                 Source::Connection { name, instance } => (name.clone(), name, instance),
@@ -452,89 +449,4 @@ impl Builder {
             longest_ttl_ms: AtomicU64::new(0),
         }))
     }
-}
-
-/// Stands in for the TLS settings without the `tls` feature, where
-/// `parse_url` refuses TLS URLs.
-#[cfg(not(feature = "tls"))]
-struct NoTls;
-
-#[cfg(not(feature = "tls"))]
-impl NoTls {
-    fn has_client_cert(&self) -> bool {
-        false
-    }
-}
-
-#[cfg(not(feature = "tls"))]
-type Tls = NoTls;
-#[cfg(feature = "tls")]
-use crate::tls::Tls;
-
-/// A reconnecting multiplexed connection that opens on first use. Our own
-/// per-call timeouts bound every operation, so redis-rs's response timeout is off.
-fn connect_lazily(
-    index: usize,
-    info: redis::ConnectionInfo,
-    display: &str,
-    tls: &Tls,
-) -> crate::Result<Box<dyn Instance>> {
-    let invalid = |err: redis::RedisError| Error::InvalidUrl {
-        index,
-        url: display.to_string(),
-        reason: err.to_string(),
-    };
-    let peer = match info.addr() {
-        ConnectionAddr::Tcp(host, port) => Some(Peer::new(host.clone(), *port, false, false)),
-        ConnectionAddr::TcpTls { host, port, .. } => {
-            Some(Peer::new(host.clone(), *port, true, tls.has_client_cert()))
-        }
-        _ => None,
-    };
-    // Nagle's algorithm would hold a command back until the previous one on the
-    // same multiplexed connection is acknowledged: a second round trip for every
-    // concurrent operation. Keep-alive notices a peer that vanished without a
-    // reset while the connection sits idle.
-    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE)
-        .with_interval(KEEPALIVE);
-    let tcp = redis::io::tcp::TcpSettings::default()
-        .set_nodelay(true)
-        .set_keepalive(keepalive);
-    let info = info.set_tcp_settings(tcp);
-    let client = match info.addr() {
-        #[cfg(feature = "tls")]
-        ConnectionAddr::TcpTls { insecure, .. } => {
-            if *insecure && !tls.insecure() {
-                return Err(Error::InvalidUrl {
-                    index,
-                    url: display.to_string(),
-                    reason: "#insecure turns certificate verification off: opt in with \
-                             Builder::danger_accept_invalid_certs(true) (qlock: --tls-insecure)"
-                        .to_string(),
-                });
-            }
-            crate::tls::install_provider();
-            tls.client(info)
-        }
-        _ => redis::Client::open(info),
-    }
-    .map_err(invalid)?;
-    let pubsub = client.clone();
-    let sees_reconnects =
-        client.get_connection_info().redis_settings().protocol() == redis::ProtocolVersion::RESP2;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(None)
-        // One connection attempt per use: a dead instance then fails its vote at
-        // once (connection refused) instead of keeping background work waiting on
-        // a retry schedule; the next operation tries again.
-        .set_number_of_retries(0);
-    let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?;
-    Ok(Box::new(RedisInstance::with_client(
-        manager,
-        pubsub,
-        peer.map(Arc::new),
-        sees_reconnects,
-    )))
 }

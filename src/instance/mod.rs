@@ -2,6 +2,7 @@
 //! instance. Every operation returns a `'static` future so that a reply still in
 //! flight when an attempt is decided can be finished in the background.
 
+pub(crate) mod connect;
 pub(crate) mod memory;
 pub(crate) mod redis;
 

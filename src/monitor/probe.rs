@@ -13,8 +13,9 @@ use tracing::debug;
 use super::handle::Running;
 use crate::clock::MIN_INTERVAL;
 use crate::epoch::Epoch;
+use crate::instance::connect::CHECK_TIMEOUT;
 use crate::instance::Probe;
-use crate::shared::{Shared, CHECK_TIMEOUT};
+use crate::shared::Shared;
 use crate::standing::identities::check_identities;
 use crate::standing::member::Member;
 
