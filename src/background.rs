@@ -27,9 +27,9 @@ pub(crate) struct Background {
 
 /// Decrements the count when its task ends, finishes or is dropped by a runtime
 /// shutting down.
-struct Running(Arc<watch::Sender<usize>>);
+struct Counted(Arc<watch::Sender<usize>>);
 
-impl Drop for Running {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.send_modify(|running| *running -= 1);
     }
@@ -51,7 +51,7 @@ impl Background {
     {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         self.running.send_modify(|running| *running += 1);
-        let running = Running(Arc::clone(&self.running));
+        let running = Counted(Arc::clone(&self.running));
         // Caught here: a panic in one task (a user's connection, a tracing layer)
         // must not take the reaper, and every other rollback, down with it.
         let mut task: Task = Box::pin(async move {

@@ -24,8 +24,8 @@ const SAMPLES: usize = 8;
 /// Intervals needed before any bound is given: one interval alone could hide a
 /// clock stepped back inside it.
 const MIN_INTERVALS: usize = 2;
-/// A sample whose round trip is this many times the best one (or over
-/// [`RTT_FLOOR`]) is skipped: it would only loosen its intervals' bounds.
+/// A sample whose round trip is over this many times the best one, and over
+/// [`RTT_FLOOR`], is skipped: it would only loosen its intervals' bounds.
 const RTT_SLACK: u32 = 4;
 const RTT_FLOOR: Duration = Duration::from_millis(1);
 /// The shortest interval between two samples kept: over a shorter one, a round

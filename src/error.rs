@@ -281,7 +281,7 @@ pub enum Quarantine {
     /// Its clock has not been measured yet (a new locker, a restart, a clock
     /// stepped back): its keys could expire at any time for all the locker
     /// knows. A new locker's first attempt waits for the measurement (about
-    /// 100 ms).
+    /// 85 ms).
     ClockUnmeasured,
     /// It is the same server (same `run_id`), or holds the same data (a replica),
     /// as an earlier instance: its vote would count twice.

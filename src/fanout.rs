@@ -125,8 +125,10 @@ impl Fanout {
         fanout
     }
 
-    /// Starts a grant on every member the monitor admits now, with what it
-    /// admits it with; members it does not trust (restarted, unverified,
+    /// Starts a grant on every member its standing admits now (see
+    /// `InstanceState::admit`; the quarantine after a loss is read across the
+    /// members, in `Shared::after_loss`), with what it is admitted with;
+    /// members not trusted (restarted, unverified,
     /// unmeasured, drifting, a second name, stalled) are not asked, and count
     /// as failed votes.
     pub(crate) fn start_gated(

@@ -56,7 +56,7 @@ impl LockGuard {
         lock.held().lease().check_interval(every)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (stop, stopped) = oneshot::channel();
-        let watchdog = watch(
+        let watchdog = watchdog(
             Arc::clone(lock.shared()),
             Arc::clone(lock.held()),
             every,
@@ -108,7 +108,7 @@ impl fmt::Debug for LockGuard {
 /// Extends the lock every `every` until stopped or lost. Each extend is scheduled
 /// from the start of the last successful one, since that is where its validity is
 /// counted from.
-async fn watch(
+async fn watchdog(
     shared: Arc<Shared>,
     held: Arc<Held>,
     every: Duration,

@@ -28,7 +28,7 @@ const LINGER: Duration = Duration::from_secs(5);
 /// How often lingering subscriptions are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Bounds opening a subscription connection and each (un)subscribe.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pauses between reconnection attempts, doubling up to the second.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -295,7 +295,8 @@ async fn listen_redis(
             }
             continue;
         }
-        let pubsub = match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
+        let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub()).await
+        {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(err)) => {
                 debug!(%address, %err, "subscription connection failed; waits fall back to timed retries");
@@ -307,6 +308,9 @@ async fn listen_redis(
             }
             Err(_) => {
                 debug!(%address, "subscription connection timed out");
+                if !pause(&hub, &mut changed, backoff).await && hub.is_closed() {
+                    return;
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
@@ -317,7 +321,7 @@ async fn listen_redis(
         'connection: loop {
             let wanted = hub.sweep();
             for channel in wanted.difference(&subscribed).cloned().collect::<Vec<_>>() {
-                match tokio::time::timeout(CONNECT_TIMEOUT, sink.subscribe(&*channel)).await {
+                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&*channel)).await {
                     Ok(Ok(())) => {
                         hub.activated(&channel);
                         subscribed.insert(channel);
@@ -327,7 +331,7 @@ async fn listen_redis(
             }
             for channel in subscribed.difference(&wanted).cloned().collect::<Vec<_>>() {
                 subscribed.remove(&channel);
-                match tokio::time::timeout(CONNECT_TIMEOUT, sink.unsubscribe(&*channel)).await {
+                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&*channel)).await {
                     Ok(Ok(())) => {}
                     _ => break 'connection,
                 }

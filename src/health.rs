@@ -31,7 +31,8 @@ pub struct InstanceHealth {
     pub index: usize,
     /// Its address (password redacted) or name.
     pub address: Arc<str>,
-    /// The round trip of one `INFO server` + `TIME` request on an open connection.
+    /// The round trip of one probe (`INFO server`, `TIME` and the epoch hash's
+    /// `HSETNX` and `HMGET`, pipelined) on an open connection.
     pub latency: Option<Duration>,
     /// The server's `run_id`, which changes whenever the server restarts.
     pub run_id: Option<String>,

@@ -92,7 +92,7 @@ impl<'a> LockRequest<'a> {
         self
     }
 
-    /// Text stored in Redis beside the token (`GET key` shows `token metadata`), for
+    /// Text stored in Redis beside the token (`GET key` shows `token nonce metadata`), for
     /// people and tools that inspect who holds a lock: a host name, a PID, a job.
     /// At most [`MAX_METADATA_LEN`] bytes. Re-taking a lock with
     /// [`token`](Self::token) replaces it.

@@ -43,8 +43,8 @@ pub(crate) fn counted(answer: i64) -> Reply {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Request<'a> {
     /// `SET key value NX PX ttl_ms`; with `retake`, also where the key holds a
-    /// value with that token (the token alone, or the token, a space and
-    /// metadata), which is then replaced by `value` with the new TTL; with
+    /// value that starts with that token and a space (a value this token's
+    /// holder set: token, nonce and metadata), which is then replaced by `value` with the new TTL; with
     /// `fence`, `INCR fence` where it granted, answering the counter. With
     /// `epoch`, the instance grants only if the epoch hash holds the epoch's id
     /// (and the server's `run_id` is the epoch's, where given), and raises the
@@ -131,7 +131,7 @@ pub(crate) trait Instance: Send + Sync + 'static {
     fn load_scripts(&self) -> BoxFuture<Result<(), ::redis::RedisError>>;
 
     /// The server's identity, clock and epoch, in one round trip; `candidate`
-    /// is written under `epoch_key` where nothing is there (`SET NX`).
+    /// is written as the epoch hash's id where there is none (`HSETNX`).
     fn probe(
         &self,
         epoch_key: &Arc<str>,

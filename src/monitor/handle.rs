@@ -27,9 +27,9 @@ pub(crate) struct Monitor {
 pub(crate) const WARM_UP: Duration = Duration::from_secs(2);
 
 /// Clears the running flag when the task ends or its runtime drops it.
-pub(crate) struct Running(Arc<AtomicBool>);
+pub(crate) struct ProbeTask(Arc<AtomicBool>);
 
-impl Drop for Running {
+impl Drop for ProbeTask {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
@@ -47,7 +47,7 @@ impl Monitor {
     /// Where the task does not run and there is a runtime to start it on: the
     /// runtime, and the mark the new task holds while it runs. One atomic load
     /// when it runs.
-    pub(crate) fn claim(&self) -> Option<(tokio::runtime::Handle, Running)> {
+    pub(crate) fn claim(&self) -> Option<(tokio::runtime::Handle, ProbeTask)> {
         if self.running.load(Ordering::Acquire) {
             return None;
         }
@@ -55,7 +55,7 @@ impl Monitor {
         self.running
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
-        Some((runtime, Running(Arc::clone(&self.running))))
+        Some((runtime, ProbeTask(Arc::clone(&self.running))))
     }
 
     /// Waits, at most [`WARM_UP`], for the first measurements of every

@@ -10,7 +10,7 @@ use redis::RedisError;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::handle::Running;
+use super::handle::ProbeTask;
 use crate::clock::MIN_INTERVAL;
 use crate::epoch::Epoch;
 use crate::instance::connect::CHECK_TIMEOUT;
@@ -47,7 +47,7 @@ fn check_warm(shared: &Shared) {
 
 /// Probes every instance on its own schedule, until the locker is dropped: a
 /// stalled instance must not hold up the others' probes.
-async fn run(shared: Weak<Shared>, _running: Running) {
+async fn run(shared: Weak<Shared>, _running: ProbeTask) {
     let count = shared.upgrade().map_or(0, |shared| shared.members.len());
     join_all((0..count).map(|index| probe_loop(Weak::clone(&shared), index))).await;
 }

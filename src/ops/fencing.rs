@@ -33,8 +33,8 @@ pub(crate) fn candidate(first_round: &Fanout, granted: &[usize]) -> u64 {
 }
 
 /// The second round: raises the counter to `token` on every instance in
-/// `granted`, where the lock key still holds `value`. Returns the tally and
-/// the fanout (for its votes); won once a quorum acknowledged.
+/// `granted`, where the lock key still holds `value`. Returns whether a
+/// quorum acknowledged, and the fan-out (for its votes).
 pub(crate) async fn write_back(
     shared: &Arc<Shared>,
     key: &Arc<str>,

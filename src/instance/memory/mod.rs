@@ -99,8 +99,8 @@ struct State {
     latency: Duration,
     failing: bool,
     paused: bool,
-    /// Requests that reached the instance while it was paused, in arrival order.
-    /// Requests waiting in a paused instance, and whether each is a lock command.
+    /// Requests that reached the instance while it was paused, in arrival
+    /// order, and whether each is a lock command.
     queued: Vec<(bool, Queued)>,
     commands: u64,
 }

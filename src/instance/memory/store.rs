@@ -13,9 +13,9 @@ use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 use crate::epoch::{self, Epoch};
 /// A script's outcome: done (true) or refused.
-type Reply = Result<bool, redis::RedisError>;
+type Done = Result<bool, redis::RedisError>;
 /// A fenced grant's outcome: the fencing counter, 0 where refused.
-type Counter = Result<u64, redis::RedisError>;
+type Count = Result<u64, redis::RedisError>;
 
 #[derive(Debug)]
 pub(super) struct Entry {
@@ -95,7 +95,7 @@ impl Store {
         value: &Arc<str>,
         ttl_ms: u64,
         now: Duration,
-    ) -> Reply {
+    ) -> Done {
         let expires_at = set_deadline(now, ttl_ms)?;
         if self.live(key, now).is_some() {
             return Ok(false);
@@ -112,7 +112,8 @@ impl Store {
     }
 
     /// The `RETAKE` script: `SET NX PX`, or where the key holds a value with
-    /// `token` (alone, or followed by a space and metadata), `value` in its place.
+    /// `token` followed by a space (what this token's holder set), `value` in
+    /// its place.
     pub(super) fn retake(
         &mut self,
         key: &Arc<str>,
@@ -120,7 +121,7 @@ impl Store {
         value: &Arc<str>,
         ttl_ms: u64,
         now: Duration,
-    ) -> Reply {
+    ) -> Done {
         // SET checks its PX before NX, so a bad TTL fails even on a held key.
         let expires_at = set_deadline(now, ttl_ms)?;
         match self.live(key, now) {
@@ -137,7 +138,7 @@ impl Store {
     }
 
     /// The `EXTEND` script.
-    pub(super) fn extend(&mut self, key: &str, value: &str, ttl_ms: u64, now: Duration) -> Reply {
+    pub(super) fn extend(&mut self, key: &str, value: &str, ttl_ms: u64, now: Duration) -> Done {
         let Some(entry) = self.live(key, now) else {
             return Ok(false);
         };
@@ -210,8 +211,8 @@ impl Store {
         &mut self,
         epoch: Option<&Epoch>,
         ttl_ms: u64,
-        grant: impl FnOnce(&mut Self) -> Reply,
-    ) -> Reply {
+        grant: impl FnOnce(&mut Self) -> Done,
+    ) -> Done {
         self.epoch_holds(epoch)?;
         let granted = grant(self)?;
         if granted {
@@ -241,7 +242,7 @@ impl Store {
     /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`;
     /// a counter someone set below zero fails the script, as on Redis (the
     /// key it set is then the locker's to roll back, as for any failed vote).
-    pub(super) fn fenced(&mut self, granted: Reply, fence: &Arc<str>, now: Duration) -> Counter {
+    pub(super) fn fenced(&mut self, granted: Done, fence: &Arc<str>, now: Duration) -> Count {
         if !granted? {
             return Ok(0);
         }
@@ -265,7 +266,7 @@ impl Store {
         value: &str,
         token: u64,
         now: Duration,
-    ) -> Reply {
+    ) -> Done {
         match self.live(key, now) {
             Some(entry) if *entry.value == *value => {}
             _ => return Ok(false),
@@ -287,7 +288,7 @@ impl Store {
     }
 
     /// The `RELEASE` script.
-    pub(super) fn release(&mut self, key: &str, value: &str, now: Duration) -> Reply {
+    pub(super) fn release(&mut self, key: &str, value: &str, now: Duration) -> Done {
         match self.live(key, now) {
             Some(entry) if *entry.value == *value => {
                 self.keys.remove(key);
@@ -298,8 +299,7 @@ impl Store {
     }
 }
 
-/// Whether `held` is `token` alone or `token`, a space and metadata.
-/// As the `RETAKE` script: the value starts with the token and a space.
+/// As the `RETAKE` script: whether `held` starts with `token` and a space.
 fn holds_token(held: &str, token: &str) -> bool {
     held.strip_prefix(token)
         .is_some_and(|rest| rest.starts_with(' '))
