@@ -231,6 +231,22 @@ impl Fanout {
         &mut self,
         deadline: Instant,
         timeout: Duration,
+        done: impl FnMut(Tally) -> bool,
+    ) {
+        self.collect_until(deadline, Some(timeout), done).await;
+    }
+
+    /// As [`collect`](Self::collect), but the instances still out at `until`
+    /// stay unanswered rather than timed out: for a short extra wait after the
+    /// decision, which says nothing about how slow they are.
+    pub(crate) async fn wait_a_little(&mut self, until: Instant, done: impl FnMut(Tally) -> bool) {
+        self.collect_until(until, None, done).await;
+    }
+
+    async fn collect_until(
+        &mut self,
+        deadline: Instant,
+        timeout: Option<Duration>,
         mut done: impl FnMut(Tally) -> bool,
     ) {
         while !done(self.tally) && !self.pending.is_empty() {
@@ -238,6 +254,9 @@ impl Fanout {
                 Ok(Some((index, reply))) => self.record(index, reply),
                 Ok(None) => break,
                 Err(_elapsed) => {
+                    let Some(timeout) = timeout else {
+                        return;
+                    };
                     for tagged in self.pending.iter() {
                         if let Some(vote @ None) = self.votes.get_mut(tagged.index) {
                             *vote = Some(Vote::TimedOut(timeout));

@@ -270,7 +270,6 @@ async fn await_longer_lifetime(
     deadline: Instant,
 ) {
     let (ttl, worth) = (lease.ttl(), lease.drift());
-    let timeout = shared.settings.instance_timeout;
     loop {
         let current = granted_lifetime(shared, fanout, ttl);
         // Nothing to gain where the grants already last (nearly) the TTL: the
@@ -286,7 +285,7 @@ async fn await_longer_lifetime(
         let until = (Instant::now() + gain).min(deadline);
         let granted = fanout.tally().granted;
         fanout
-            .collect(until, timeout, |tally| tally.granted > granted)
+            .wait_a_little(until, |tally| tally.granted > granted)
             .await;
         if fanout.tally().granted == granted || Instant::now() >= until {
             return;
