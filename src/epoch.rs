@@ -19,12 +19,6 @@ use redis::RedisError;
 
 use crate::token;
 
-/// The key, after the locker's key prefix, of the hash that holds the server's
-/// identity (`id`) and the longest TTL set there (`ttl`): one per server and
-/// prefix, never expiring, like the fencing counters. A lock key ending in this
-/// name is refused.
-pub const EPOCH_KEY: &str = "quorumlock:epoch";
-
 /// What a grant must find: the epoch hash's key and its id, and the server's
 /// `run_id` where the connection may reconnect without failing a request; and
 /// whether the grant raises the hash's longest TTL.

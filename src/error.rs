@@ -98,7 +98,8 @@ pub enum Error {
     EmptyKey,
 
     /// The lock key, after the key prefix, ends in the name under which lockers
-    /// keep each server's identity ([`EPOCH_KEY`](crate::EPOCH_KEY)).
+    /// keep each server's identity ([`EPOCH_KEY`](crate::EPOCH_KEY)) or a
+    /// fenced lock's counter ([`FENCE_SUFFIX`](crate::FENCE_SUFFIX)).
     #[error("the lock key {key:?} is reserved by quorumlock")]
     ReservedKey {
         /// The key given.

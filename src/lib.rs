@@ -284,6 +284,7 @@ mod address;
 mod clock;
 mod error;
 mod lease;
+mod names;
 mod quorum;
 mod retry;
 mod token;
@@ -328,7 +329,6 @@ pub use builder::{
     Builder, DEFAULT_DRIFT_FACTOR, DEFAULT_INSTANCE_TIMEOUT, DEFAULT_PROBE_EVERY, DEFAULT_TTL,
     DEFAULT_WAIT,
 };
-pub use epoch::EPOCH_KEY;
 pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};
 pub use guard::LockGuard;
 pub use handoff::RELEASE_CHANNEL_PREFIX;
@@ -337,7 +337,8 @@ pub use instance::memory::MemoryInstance;
 pub use lease::MAX_TTL;
 pub use lock::Lock;
 pub use locker::QuorumLocker;
-pub use ops::fencing::FENCE_SUFFIX;
+pub use names::EPOCH_KEY;
+pub use names::FENCE_SUFFIX;
 pub use request::{LockRequest, MAX_METADATA_LEN, MAX_TOKEN_LEN};
 pub use retry::RetryPolicy;
 pub use status::LockStatus;

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::background::Background;
-use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::lease::Lease;
 use crate::monitor::handle::Monitor;
+use crate::names;
 use crate::retry::RetryPolicy;
 use crate::standing::member::Member;
 use crate::standing::policy::Policy;
@@ -71,8 +71,9 @@ impl Shared {
             return Err(Error::EmptyKey);
         }
         let redis = format!("{}{key}", self.settings.key_prefix);
-        // Under any prefix: another locker's epoch hash may live there.
-        if redis.ends_with(EPOCH_KEY) {
+        // Under any prefix: another locker's epoch hash or fencing counter may
+        // live there.
+        if names::is_reserved(&redis) {
             return Err(Error::ReservedKey {
                 key: key.to_string(),
             });

@@ -25,6 +25,14 @@ async fn bad_keys_and_ttls_leave_redis_unchanged() {
             }
         };
         assert!(matches!(attempt("", ok).await, Err(Error::EmptyKey)));
+        // The names of quorumlock's own keys: a lock there would clash with
+        // another locker's epoch hash, or with the fencing counter of `job`.
+        for key in ["quorumlock:epoch", "job:fence"] {
+            match attempt(key, ok).await {
+                Err(Error::ReservedKey { key: shown }) => assert_eq!(shown, key),
+                other => panic!("{call} of {key:?}: {other:?}"),
+            }
+        }
         for ttl in [
             Duration::ZERO,
             Duration::from_micros(999),

@@ -16,7 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "values: arithmetic, tokens, errors",
         &[
-            "address", "clock", "error", "lease", "quorum", "retry", "token", "value",
+            "address", "clock", "error", "lease", "names", "quorum", "retry", "token", "value",
         ],
     ),
     (

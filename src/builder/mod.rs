@@ -12,7 +12,6 @@ mod tls;
 
 use crate::address;
 use crate::background::Background;
-use crate::epoch::EPOCH_KEY;
 use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::instance::connect;
@@ -21,6 +20,7 @@ use crate::instance::Instance;
 use crate::lease::{Lease, MAX_TTL};
 use crate::locker::QuorumLocker;
 use crate::monitor::handle::Monitor;
+use crate::names::EPOCH_KEY;
 use crate::quorum;
 use crate::retry::RetryPolicy;
 use crate::shared::{Settings, Shared};

@@ -11,16 +11,8 @@ use tokio::time::Instant;
 use crate::error::Vote;
 use crate::fanout::{Asked, Fanout, Tally};
 use crate::instance::Request;
+pub(crate) use crate::names::fence_key;
 use crate::shared::Shared;
-
-/// Appended to a lock's key (after the locker's prefix) to name its fencing
-/// counter: `locks:job` counts in `locks:job:fence`.
-pub const FENCE_SUFFIX: &str = ":fence";
-
-/// The fencing counter's key for the lock key `redis_key` (prefix included).
-pub(crate) fn fence_key(redis_key: &str) -> Arc<str> {
-    format!("{redis_key}{FENCE_SUFFIX}").into()
-}
 
 /// The token candidate: the largest counter the first round's `INCR`s left
 /// among the `granted` instances (0 for none).
