@@ -24,8 +24,10 @@ use crate::token;
 /// whether the grant raises the hash's longest TTL.
 #[derive(Debug, Clone)]
 pub(crate) struct Epoch {
+    /// The epoch hash's key (prefix included).
     pub(crate) key: Arc<str>,
-    pub(crate) value: Arc<str>,
+    /// The data set's id, the hash's `id` field, as last read.
+    pub(crate) id: Arc<str>,
     pub(crate) run_id: Option<Arc<str>>,
     pub(crate) raise: bool,
 }

@@ -59,15 +59,17 @@ pub(crate) struct Straggler {
 pub(crate) struct Tally {
     /// Instances that did what was asked.
     pub(crate) granted: usize,
-    /// Instances that refused, failed or timed out.
-    pub(crate) failed: usize,
-    /// Of `failed`, those that answered with an error or did not answer.
+    /// Instances that did not: refused, failed, timed out, or were not asked
+    /// (not admitted).
+    pub(crate) denied: usize,
+    /// Of `denied`, those that answered with an error, did not answer, or were
+    /// not admitted.
     pub(crate) unreachable: usize,
 }
 
 impl Tally {
     pub(crate) fn answered(&self) -> usize {
-        self.granted + self.failed
+        self.granted + self.denied
     }
 }
 
@@ -119,7 +121,7 @@ impl Fanout {
                 fanout.send(member, operation(member));
             } else {
                 fanout.votes[member.index] = Some(Vote::Refused);
-                fanout.tally.failed += 1;
+                fanout.tally.denied += 1;
             }
         }
         fanout
@@ -156,7 +158,7 @@ impl Fanout {
             match admission {
                 Err(refusal) => {
                     debug!(instance = member.index, address = %member.address, vote = %refusal, "instance not asked");
-                    fanout.tally.failed += 1;
+                    fanout.tally.denied += 1;
                     fanout.tally.unreachable += 1;
                     fanout.votes[member.index] = Some(refusal);
                 }
@@ -213,7 +215,7 @@ impl Fanout {
     pub(crate) async fn collect_until_decided(&mut self, deadline: Instant, timeout: Duration) {
         let (n, quorum) = (self.shared.members.len(), self.shared.quorum);
         self.collect(deadline, timeout, |tally| {
-            quorum::decide(n, quorum, tally.granted, tally.failed) != Decision::Open
+            quorum::decide(n, quorum, tally.granted, tally.denied) != Decision::Open
         })
         .await;
     }
@@ -221,7 +223,7 @@ impl Fanout {
     /// The quorum's decision on the replies so far.
     pub(crate) fn decision(&self) -> Decision {
         let (n, quorum) = (self.shared.members.len(), self.shared.quorum);
-        quorum::decide(n, quorum, self.tally.granted, self.tally.failed)
+        quorum::decide(n, quorum, self.tally.granted, self.tally.denied)
     }
 
     /// Collects replies until `done(tally)` holds, every instance has answered, or
@@ -260,7 +262,7 @@ impl Fanout {
                     for tagged in self.pending.iter() {
                         if let Some(vote @ None) = self.votes.get_mut(tagged.index) {
                             *vote = Some(Vote::TimedOut(timeout));
-                            self.tally.failed += 1;
+                            self.tally.denied += 1;
                             self.tally.unreachable += 1;
                             let address = self.shared.members.get(tagged.index);
                             debug!(
@@ -312,12 +314,12 @@ impl Fanout {
                 trace!(instance = index, address, "instance granted");
             }
             Vote::Failed(err) => {
-                self.tally.failed += 1;
+                self.tally.denied += 1;
                 self.tally.unreachable += 1;
                 debug!(instance = index, address, %err, "instance failed");
             }
             _ => {
-                self.tally.failed += 1;
+                self.tally.denied += 1;
                 trace!(instance = index, address, "instance refused");
             }
         }

@@ -14,7 +14,7 @@ pub(crate) const DRIFT_CONSTANT: Duration = Duration::from_millis(2);
 pub(crate) enum Decision {
     /// `quorum` instances granted: no further reply can change the outcome.
     Won,
-    /// More than `n − quorum` instances failed: a quorum is no longer reachable.
+    /// More than `n − quorum` instances denied: a quorum is no longer reachable.
     Lost,
     /// Neither yet: keep waiting for replies.
     Open,
@@ -31,12 +31,12 @@ pub(crate) const fn quorum_in_range(n: usize, quorum: usize) -> bool {
     quorum <= n && quorum.saturating_mul(2) > n
 }
 
-/// Decides an attempt over `n` instances from `granted` successes and `failed`
-/// failures (refusals, errors and time-outs alike).
-pub(crate) const fn decide(n: usize, quorum: usize, granted: usize, failed: usize) -> Decision {
+/// Decides an attempt over `n` instances from `granted` grants and `denied`
+/// others (refusals, errors, time-outs and instances not asked alike).
+pub(crate) const fn decide(n: usize, quorum: usize, granted: usize, denied: usize) -> Decision {
     if granted >= quorum {
         Decision::Won
-    } else if failed > n.saturating_sub(quorum) {
+    } else if denied > n.saturating_sub(quorum) {
         Decision::Lost
     } else {
         Decision::Open

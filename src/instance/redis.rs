@@ -123,7 +123,7 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
                 push(Arg::Str(token));
             }
             // Empty for no check: the script then checks nothing.
-            push(Arg::Str(epoch.map_or("", |e| &*e.value)));
+            push(Arg::Str(epoch.map_or("", |e| &*e.id)));
             push(Arg::Str(
                 epoch.and_then(|e| e.run_id.as_deref()).unwrap_or(""),
             ));

@@ -121,7 +121,7 @@ async fn run(
             let instance = &member.instance;
             let epoch = admission.as_ref().map(|verified| Epoch {
                 key: Arc::clone(epoch_key),
-                value: Arc::clone(&verified.epoch),
+                id: Arc::clone(&verified.epoch_id),
                 run_id: (!instance.sees_reconnects()).then(|| Arc::clone(&verified.run_id)),
                 raise: ttl > verified.last_read_ttl,
             });
@@ -150,7 +150,7 @@ async fn run(
     let tally = attempt.fanout.tally();
     let span = Span::current();
     span.record("granted", tally.granted);
-    span.record("failed", tally.failed);
+    span.record("failed", tally.denied);
 
     let mut causes = None;
     let shortfall = match attempt.fanout.decision() {

@@ -122,7 +122,7 @@ async fn extend_round(
     let tally = fanout.tally();
     let span = Span::current();
     span.record("granted", tally.granted);
-    span.record("failed", tally.failed);
+    span.record("failed", tally.denied);
     fanout.finish_in_background(&held.key.redis, lease.bound(timeout), "extend");
 
     let shortfall = match fanout.decision() {

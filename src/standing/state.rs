@@ -82,7 +82,7 @@ pub(crate) type Admission = Option<Verified>;
 /// the longest TTL last read there (a longer grant raises it).
 #[derive(Debug, Clone)]
 pub(crate) struct Verified {
-    pub(crate) epoch: Arc<str>,
+    pub(crate) epoch_id: Arc<str>,
     pub(crate) run_id: Arc<str>,
     pub(crate) last_read_ttl: Duration,
 }
@@ -173,7 +173,7 @@ impl InstanceState {
         }
         match (&standing.epoch, &standing.run_id) {
             (Some(epoch), Some(run_id)) => Ok(Some(Verified {
-                epoch: Arc::clone(epoch),
+                epoch_id: Arc::clone(epoch),
                 run_id: Arc::clone(run_id),
                 last_read_ttl: standing.last_read_ttl,
             })),

@@ -198,7 +198,7 @@ impl Store {
             .run_id
             .as_ref()
             .is_none_or(|run_id| **run_id == *self.run_id);
-        if id == Some(&epoch.value) && same_server {
+        if id == Some(&epoch.id) && same_server {
             Ok(())
         } else {
             Err(epoch::changed())
