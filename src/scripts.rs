@@ -140,15 +140,17 @@ return 0"#,
 });
 
 /// The end of a fenced grant: `INCR` of the fencing counter (KEYS[2]), which
-/// must come out at 1 or more. A counter someone set below zero would answer 0
-/// (read as a refusal, leaving the key just set behind) or -1 (read as a
-/// changed server): the script fails instead, and the locker rolls back the
-/// key of a failed vote.
+/// must come out between 1 and 2^53 − 1. A counter someone set below zero would
+/// answer 0 (read as a refusal, leaving the key just set behind) or -1 (read
+/// as a changed server); one set at 2^53 or more comes back rounded, as Lua
+/// holds `INCR`'s answer in a double, so that successive holders would get
+/// the same token (and near 2^63 a negative one). The script fails instead,
+/// and the locker rolls back the key of a failed vote.
 macro_rules! fenced_counter {
     () => {
         r#"    local counter = redis.call("INCR", KEYS[2])
-    if counter < 1 then
-        return redis.error_reply("ERR the fencing counter " .. KEYS[2] .. " is below 1")
+    if counter < 1 or counter > 9007199254740991 then
+        return redis.error_reply("ERR the fencing counter " .. KEYS[2] .. " is outside 1 to 2^53 - 1")
     end
     return counter
 "#

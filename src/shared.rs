@@ -87,27 +87,36 @@ impl Shared {
     /// Whether instance `index`, which lost its keys at `lost_at`, may vote again:
     /// the quarantine has passed (how long is left, if not; it lasts the longest
     /// TTL any locker has set on these servers as read now, so it grows as
-    /// readings come in), and `N − quorum + 1` other instances were read since
-    /// (any lock held across the loss was granted by at least `quorum − 1` others,
-    /// so that many reads meet one of them, and the quarantine knows its TTL).
-    /// Read only where an instance is quarantined: the usual attempt pays nothing.
+    /// readings come in), and `N − quorum + 1` other instances that kept their
+    /// keys were read since (any lock held across the loss was granted by at
+    /// least `quorum − 1` others, so at most `N − quorum` of the others that
+    /// kept their keys did not grant it, and that many reads meet one that
+    /// did: the quarantine knows its TTL). An instance that lost its keys too
+    /// forgot the TTLs of the locks it held, so its read tells nothing until
+    /// its own quarantine has ended (which took such reads: the quarantine
+    /// then knows what it forgot). Read only where an instance is quarantined:
+    /// the usual attempt pays nothing.
     pub(crate) fn after_loss(&self, index: usize, lost_at: Instant) -> Result<(), Duration> {
         let quarantine = self.restart_quarantine();
         let remaining = (lost_at + quarantine).saturating_duration_since(Instant::now());
         if !remaining.is_zero() {
             return Err(remaining);
         }
-        let reads = self
-            .members
-            .iter()
-            .filter(|member| member.index != index)
-            .filter(|member| member.state.read_since(lost_at))
-            .count();
-        // Never more than there are others: a lone instance has no one to ask,
-        // and its quarantine (this locker's longest TTL, or the configured
-        // one) is all there is to go by.
-        let n = self.members.len();
-        let needed = (n - self.quorum + 1).min(n - 1);
+        let (mut kept, mut reads) = (0, 0);
+        for member in &self.members {
+            if member.index == index || member.state.lost_keys() {
+                continue;
+            }
+            kept += 1;
+            if member.state.read_since(lost_at) {
+                reads += 1;
+            }
+        }
+        // Never more than there are others that kept their keys: a lone
+        // instance has no one to ask, and where at least a quorum lost their
+        // keys no one may know a lock's TTL; the quarantine (the longest TTL
+        // read so far, or the configured one) is then all there is to go by.
+        let needed = (self.members.len() - self.quorum + 1).min(kept);
         if reads < needed {
             return Err(Duration::ZERO);
         }

@@ -55,6 +55,46 @@ async fn acquires_dropped_at_every_await_point_leave_no_key() {
     }
 }
 
+/// Fenced acquires, with one instance's counter set below 1 or past 2^53 (its
+/// script sets the key, then fails), dropped at every await point of both
+/// rounds: no lock key stays behind, on the tampered instance either, and
+/// every token handed out is one the intact instances counted.
+#[tokio::test]
+async fn fenced_acquires_with_a_tampered_counter_dropped_at_every_await_point_leave_no_key() {
+    let cluster = cluster(3);
+    let locker = builder(&cluster).build().await.unwrap();
+    locker.prepare().await.unwrap();
+    let mut tampered = cluster.connection(0).await.unwrap();
+    let (mut dropped, mut won) = (0, 0);
+    for i in 0..300usize {
+        let key = format!("cancel-{i}");
+        let counter = if i % 2 == 0 { "-5" } else { "9007199254740991" };
+        let _: () = redis::AsyncCommands::set(&mut tampered, format!("{key}:fence"), counter)
+            .await
+            .unwrap();
+        match poll_then_drop(locker.lock(&key).ttl(TTL).fenced().acquire(), i % 16).await {
+            Some(result) => {
+                won += 1;
+                let lock = result.unwrap();
+                assert_eq!(lock.fencing_token(), Some(1), "{key}");
+                lock.release().await.unwrap();
+            }
+            None => dropped += 1,
+        }
+    }
+    locker.settle().await;
+    assert!(dropped > 0 && won > 0, "dropped {dropped}, won {won}");
+    let mut left = Vec::new();
+    for i in 0..cluster.len() {
+        for key in cluster.keys(i, "cancel-*").await.unwrap() {
+            if !key.ends_with(":fence") {
+                left.push((i, key));
+            }
+        }
+    }
+    assert!(left.is_empty(), "dropped {dropped}, won {won}: {left:?}");
+}
+
 /// Attempts that lost to a held lock and were dropped while sleeping before a
 /// retry, or mid-attempt, leave nothing either; the holder's key survives.
 #[tokio::test]

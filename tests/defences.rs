@@ -272,3 +272,44 @@ async fn a_lone_restarted_instance_votes_again_after_its_quarantine() {
     let later = locker.try_acquire("job", short).await;
     assert!(later.is_ok(), "{later:?}");
 }
+
+/// Two of five instances lose their keys right after A took a long lock on 0,
+/// 1 and 2, and 2 stops answering B: B must not count its reads of the other
+/// lost one towards knowing how long A's lock lasts (the lost one forgot it
+/// too), or its short quarantine lets 0 and 1 vote for a second owner.
+#[tokio::test(start_paused = true)]
+async fn a_read_of_another_lost_instance_does_not_end_a_quarantine() {
+    let set = instances(5);
+    let a = builder(&set).build().await.unwrap();
+    let b = builder(&set).restart_quarantine(TTL).build().await.unwrap();
+    probes(1).await; // both know every run_id
+    let long = TTL * 6;
+    set[3].set_failing(true);
+    set[4].set_failing(true);
+    let held = a.acquire("job", long).await.unwrap();
+    set[3].set_failing(false);
+    set[4].set_failing(false);
+    // Before B's monitor reads the longer TTL A's grants left on 0, 1 and 2.
+    set[0].restart_empty();
+    set[1].restart_empty();
+    set[2].set_failing(true);
+    tokio::time::sleep(TTL + PROBE * 2).await;
+    assert!(held.is_valid());
+    let second = b.try_acquire("job", TTL).await;
+    assert!(
+        second.is_err(),
+        "a second owner while A's lock is valid: {second:?}"
+    );
+    std::mem::forget(second);
+
+    // Once 2 answers again, B reads A's TTL there: 0 and 1 vote again when
+    // every lock they could have held has expired.
+    set[2].set_failing(false);
+    probes(2).await;
+    let refused = b.try_acquire("job", TTL).await;
+    assert!(refused.is_err(), "{refused:?}");
+    tokio::time::sleep_until(held.acquired_at() + long + PROBE * 2).await;
+    let later = b.try_acquire("job", TTL).await;
+    assert!(later.is_ok(), "{later:?}");
+    std::mem::forget(held);
+}

@@ -91,9 +91,9 @@ const PLANTED: [&str; 4] = [
 /// What a planted value expires after, where it has a TTL.
 const PLANT_TTL_MS: u64 = 200;
 /// Values another client writes into a fencing counter: INCR accepts only
-/// canonical signed 64-bit integers, and a script answering 0 or -1 means
-/// something to the locker.
-const FENCES: [&str; 10] = [
+/// canonical signed 64-bit integers, a script answering 0 or -1 means
+/// something to the locker, and from 2^53 the scripts' Lua rounds the counter.
+const FENCES: [&str; 12] = [
     "7",
     "0",
     "-1",
@@ -104,6 +104,8 @@ const FENCES: [&str; 10] = [
     "x",
     "9223372036854775807",
     "18446744073709551615",
+    "9007199254740991",
+    "1152921504606846976",
 ];
 /// How long a waiting acquire waits.
 const WAIT: Duration = Duration::from_millis(20);

@@ -158,6 +158,33 @@ async fn a_fenced_retake_gets_a_new_larger_token() {
     std::mem::forget(first); // its release would no longer match anyway
 }
 
+/// A counter someone raised past 2^53 on one instance: Lua holds `INCR`'s
+/// answer as a double, so the grant would answer a rounded counter, the
+/// write-back would carry it to the quorum, and successive holders would get
+/// the same token. The vote fails instead, as for a counter below 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_past_lua_precision_fails_the_vote_rather_than_repeat_tokens() {
+    let cluster = cluster(3);
+    let locker = common::locker(&cluster).await;
+    let mut connection = cluster.connection(0).await.unwrap();
+    let fence = format!("{KEY}{}", quorumlock::FENCE_SUFFIX);
+    let _: () = redis::AsyncCommands::set(&mut connection, &fence, 1u64 << 60)
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let lock = locker.lock(KEY).fenced().acquire().await.unwrap();
+        tokens.push(lock.fencing_token().unwrap());
+        lock.release().await.unwrap();
+    }
+    assert!(
+        tokens.windows(2).all(|pair| pair[1] > pair[0]),
+        "tokens of successive holders: {tokens:?}"
+    );
+    locker.settle().await;
+    assert_eq!(common::values(&cluster, KEY).await, vec![None, None, None]);
+}
+
 /// One tenure: when the holder got the lock, and its token.
 #[derive(Debug, Clone, Copy)]
 struct Tenure {

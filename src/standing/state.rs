@@ -341,6 +341,12 @@ impl InstanceState {
         standing.rate = standing.clock.rate();
     }
 
+    /// Whether the instance lost its keys and has not voted since (its
+    /// quarantine has not been seen to end).
+    pub(crate) fn lost_keys(&self) -> bool {
+        self.standing().lost_at.is_some()
+    }
+
     /// Whether a probe that answered was sent after `at`.
     pub(crate) fn read_since(&self, at: Instant) -> bool {
         self.standing().probed_at.is_some_and(|probed| probed > at)

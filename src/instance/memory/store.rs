@@ -240,8 +240,9 @@ impl Store {
     }
 
     /// The `FENCED_SET` and `FENCED_RETAKE` scripts: a grant, then `INCR fence`;
-    /// a counter someone set below zero fails the script, as on Redis (the
-    /// key it set is then the locker's to roll back, as for any failed vote).
+    /// a counter someone set below zero, or at 2^53 or more (where the
+    /// script's Lua would round it), fails the script, as on Redis (the key it
+    /// set is then the locker's to roll back, as for any failed vote).
     pub(super) fn fenced(&mut self, granted: Done, fence: &Arc<str>, now: Duration) -> Count {
         if !granted? {
             return Ok(0);
@@ -249,11 +250,11 @@ impl Store {
         let counter = self.incr(fence, now)?;
         u64::try_from(counter)
             .ok()
-            .filter(|counter| *counter >= 1)
+            .filter(|counter| (1..1 << 53).contains(counter))
             .ok_or_else(|| {
                 RedisError::from((
                     ErrorKind::Server(ServerErrorKind::ResponseError),
-                    "the fencing counter is below 1",
+                    "the fencing counter is outside 1 to 2^53 - 1",
                 ))
             })
     }
