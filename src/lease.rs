@@ -20,10 +20,13 @@ pub const MAX_TTL: Duration = Duration::from_secs(u32::MAX as u64);
 /// drops it.
 fn check_ttl(ttl: Duration, drift_factor: f64) -> crate::Result<()> {
     let invalid = |reason| Err(Error::InvalidTtl { ttl, reason });
-    if ttl > MAX_TTL {
+    // Compared in whole milliseconds, as sent: MAX_TTL and a fraction is
+    // MAX_TTL (and the u128 is checked before it is narrowed).
+    let whole_ms = ttl.as_millis();
+    if whole_ms > MAX_TTL.as_millis() {
         return invalid("longer than quorumlock::MAX_TTL");
     }
-    let whole = Duration::from_millis(ttl.as_millis() as u64);
+    let whole = Duration::from_millis(whole_ms as u64);
     if whole.is_zero() {
         return invalid("shorter than the 1 ms resolution of PX");
     }
@@ -148,6 +151,9 @@ mod tests {
         }
         assert!(Lease::new(MAX_TTL + Duration::from_millis(1), 0.01).is_err());
         assert!(Lease::new(MAX_TTL, 0.01).is_ok());
+        let just_over = MAX_TTL + Duration::from_micros(999);
+        assert_eq!(Lease::new(just_over, 0.01).unwrap().ttl(), MAX_TTL);
+        assert!(Lease::new(Duration::MAX, 0.01).is_err());
     }
 
     #[test]

@@ -206,11 +206,12 @@ impl<'a> LockRequest<'a> {
         F: FnOnce(LockStatus) -> Fut,
         Fut: Future<Output = T>,
     {
+        // Checked before taking the lock: bad input must cost no I/O.
+        let lease = self.shared.lease(self.ttl)?;
         let every = self
             .auto_extend_every
-            .unwrap_or(default_extend_every(self.ttl));
-        // Checked before taking the lock: bad input must cost no I/O.
-        self.shared.lease(self.ttl)?.check_interval(every)?;
+            .unwrap_or(default_extend_every(lease.ttl()));
+        lease.check_interval(every)?;
         let guard = self.acquire().await?.auto_extend_every(every)?;
         let status = guard.status();
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));
