@@ -32,6 +32,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "instance::memory::store",
             "instance::redis",
             "peer",
+            "peer::explain",
+            "peer::sniff",
             "scripts",
             "tls",
         ],
