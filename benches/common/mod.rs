@@ -162,10 +162,8 @@ impl RawFloor {
 /// ttl` decided at the quorum-th OK, then N parallel compare-and-deletes decided
 /// at the quorum-th reply, each request bounded by [`QUORUM_TIMEOUT`]. Replies
 /// after the decision are left to the connection: no rollback, no bookkeeping.
-pub struct QuorumFloor {
-    connections: Vec<MultiplexedConnection>,
-    release_sha: String,
-}
+/// The same connections and script as the raw floor's.
+pub struct QuorumFloor(RawFloor);
 
 /// The quorum floor's per-request timeout, ours' default instance timeout.
 pub const QUORUM_TIMEOUT: Duration = Duration::from_millis(50);
@@ -173,18 +171,17 @@ pub const QUORUM_TIMEOUT: Duration = Duration::from_millis(50);
 impl QuorumFloor {
     /// Connects to every URL and loads the release script on each.
     pub async fn connect(urls: &[String]) -> Self {
-        let (connections, release_sha) = connect_floor(urls).await;
-        Self {
-            connections,
-            release_sha,
-        }
+        Self(RawFloor::connect(urls).await)
     }
 
     /// One cycle on `key`, decided at the quorum-th reply each way.
     pub async fn cycle(&self, key: &str) {
-        let quorum = self.connections.len() / 2 + 1;
-        let mut sets: FuturesUnordered<_> = self
-            .connections
+        let RawFloor {
+            connections,
+            release_sha,
+        } = &self.0;
+        let quorum = connections.len() / 2 + 1;
+        let mut sets: FuturesUnordered<_> = connections
             .iter()
             .map(|connection| {
                 let mut connection = connection.clone();
@@ -206,13 +203,12 @@ impl QuorumFloor {
             }
         }
         assert_eq!(granted, quorum, "the quorum floor's SET NX PX was refused");
-        let mut deletes: FuturesUnordered<_> = self
-            .connections
+        let mut deletes: FuturesUnordered<_> = connections
             .iter()
             .map(|connection| {
                 let mut connection = connection.clone();
                 let mut delete = redis::cmd("EVALSHA");
-                delete.arg(&self.release_sha).arg(1).arg(key).arg(RAW_TOKEN);
+                delete.arg(release_sha).arg(1).arg(key).arg(RAW_TOKEN);
                 async move {
                     tokio::time::timeout(QUORUM_TIMEOUT, delete.query_async::<i64>(&mut connection))
                         .await
