@@ -45,6 +45,7 @@ use crate::status::LockStatus;
 /// # async fn reindex() {}
 /// ```
 #[must_use = "dropping the guard releases the lock at once"]
+#[doc(alias = "watchdog")]
 pub struct LockGuard {
     lock: Lock,
     /// Dropped to stop the watchdog.
@@ -171,6 +172,7 @@ impl Lock {
     /// # Errors
     ///
     /// [`Error::NoRuntime`](crate::Error::NoRuntime) outside a Tokio runtime (the watchdog needs one).
+    #[doc(alias = "watchdog", alias = "keep_alive")]
     pub fn auto_extend(self) -> crate::Result<LockGuard> {
         let every = default_extend_every(self.ttl());
         LockGuard::start(self, every)

@@ -104,6 +104,7 @@ impl Lock {
     /// requests already sent may still extend some instances. Extends of one
     /// lock run one at a time: a second waits for the first, and dropping it
     /// while it waits sends nothing.
+    #[doc(alias = "refresh", alias = "renew")]
     pub async fn extend(&self, ttl: Duration) -> crate::Result<Duration> {
         crate::ops::extend::extend(&self.shared, self.status.held(), ttl).await
     }
@@ -135,6 +136,7 @@ impl Lock {
     /// # Cancel safety
     ///
     /// Dropping the future drops the lock, which releases it in the background.
+    #[doc(alias = "unlock")]
     pub async fn release(mut self) -> crate::Result<usize> {
         let released = crate::ops::release::release(
             &self.shared,

@@ -21,6 +21,7 @@ use crate::status::LockStatus;
 /// Build one with [`QuorumLocker::builder`]; clone it freely (clones share the
 /// connections). See the [crate docs](crate) for the algorithm and its assumptions.
 #[derive(Clone)]
+#[doc(alias = "mutex", alias = "redlock", alias = "LockManager")]
 pub struct QuorumLocker {
     shared: Arc<Shared>,
 }
@@ -124,6 +125,7 @@ impl QuorumLocker {
     /// when the work was cancelled because the lock was lost. A failed release
     /// after the work finished is logged, not returned: the work's result is
     /// worth more, and the keys expire by their TTL.
+    #[doc(alias = "using")]
     pub async fn with_lock<F, Fut, T>(&self, key: &str, ttl: Duration, work: F) -> crate::Result<T>
     where
         F: FnOnce(LockStatus) -> Fut,
@@ -195,6 +197,7 @@ impl QuorumLocker {
     /// # Ok::<_, quorumlock::Error>(())
     /// # }).unwrap();
     /// ```
+    #[doc(alias = "ping")]
     pub async fn health(&self) -> Health {
         self.check_health(false).await
     }
