@@ -85,6 +85,21 @@ impl LockGuard {
     /// # Errors
     ///
     /// As [`Lock::release`].
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let guard = locker.acquire("reindex", Duration::from_secs(3)).await?.auto_extend()?;
+    /// assert!(guard.is_valid());
+    /// guard.release().await?;
+    /// assert_eq!(redis.get("reindex"), None);
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn release(self) -> crate::Result<usize> {
         let Self { lock, _stop } = self;
         drop(_stop);

@@ -17,6 +17,20 @@ use crate::token;
 
 /// What [`QuorumLocker::health`](crate::QuorumLocker::health) and
 /// [`prepare`](crate::QuorumLocker::prepare) found, instance by instance.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use quorumlock::{MemoryInstance, QuorumLocker};
+///
+/// let redis = MemoryInstance::new("redis");
+/// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+/// let health = locker.health().await;
+/// assert!(health.has_quorum());
+/// println!("{health}");
+/// # Ok::<_, quorumlock::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Debug, Clone)]
 pub struct Health {
     instances: Vec<InstanceHealth>,

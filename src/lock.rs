@@ -31,6 +31,23 @@ use crate::token;
 /// while the keys may still exist), so a lock is never leaked by an early return, a
 /// `?` or a panic. Outside a Tokio runtime there is nowhere to run it, and the keys
 /// expire by their TTL.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use quorumlock::{MemoryInstance, QuorumLocker};
+///
+/// let redis = MemoryInstance::new("redis");
+/// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+/// let lock = locker.acquire("migrate", Duration::from_secs(10)).await?;
+/// // A lock dereferences to its `LockStatus`: key, token, validity.
+/// assert_eq!(lock.key(), "migrate");
+/// assert!(lock.is_valid());
+/// lock.extend(Duration::from_secs(10)).await?;
+/// lock.release().await?;
+/// # Ok::<_, quorumlock::Error>(())
+/// # }).unwrap();
+/// ```
 #[must_use = "dropping a lock releases it at once; keep it while the work runs"]
 pub struct Lock {
     shared: Arc<Shared>,
@@ -136,6 +153,20 @@ impl Lock {
     /// # Cancel safety
     ///
     /// Dropping the future drops the lock, which releases it in the background.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker.acquire("export", Duration::from_secs(10)).await?;
+    /// let released = lock.release().await?;
+    /// assert_eq!(released, 1); // instances that deleted the key
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     #[doc(alias = "unlock")]
     pub async fn release(mut self) -> crate::Result<usize> {
         let released = crate::ops::release::release(

@@ -20,6 +20,21 @@ use crate::status::LockStatus;
 ///
 /// Build one with [`QuorumLocker::builder`]; clone it freely (clones share the
 /// connections). See the [crate docs](crate) for the algorithm and its assumptions.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use quorumlock::{MemoryInstance, QuorumLocker};
+///
+/// let redis = MemoryInstance::new("redis");
+/// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+/// let lock = locker.acquire("nightly-report", Duration::from_secs(30)).await?;
+/// assert_eq!(redis.get("nightly-report").as_deref().map(|v| v.starts_with(lock.token())), Some(true));
+/// lock.release().await?;
+/// assert_eq!(redis.get("nightly-report"), None);
+/// # Ok::<_, quorumlock::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 #[doc(alias = "mutex", alias = "redlock", alias = "LockManager")]
 pub struct QuorumLocker {
@@ -76,6 +91,20 @@ impl QuorumLocker {
     ///
     /// Dropping the future at any point leaves no key with its token behind: the
     /// attempt in flight is rolled back in the background.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker.acquire("refill-cache", Duration::from_secs(10)).await?;
+    /// assert!(lock.remaining() > Duration::from_secs(9));
+    /// lock.release().await?;
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn acquire(&self, key: &str, ttl: Duration) -> crate::Result<Lock> {
         self.lock(key).ttl(ttl).acquire().await
     }
@@ -89,6 +118,22 @@ impl QuorumLocker {
     /// # Cancel safety
     ///
     /// As [`acquire`](Self::acquire): a dropped attempt is rolled back.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let first = locker.try_acquire("cron", Duration::from_secs(60)).await?;
+    /// // Held: a second attempt fails at once instead of waiting.
+    /// let second = locker.try_acquire("cron", Duration::from_secs(60)).await;
+    /// assert!(matches!(second, Err(quorumlock::Error::NotAcquired { .. })));
+    /// first.release().await?;
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn try_acquire(&self, key: &str, ttl: Duration) -> crate::Result<Lock> {
         self.lock(key).ttl(ttl).try_acquire().await
     }
@@ -155,6 +200,19 @@ impl QuorumLocker {
     ///   its causes say what each answered;
     /// - [`Error::DuplicateInstance`] when two instances are the same server under
     ///   different addresses (their `run_id`s match): its vote would count twice.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let health = locker.prepare().await?; // fails early if no quorum is ready
+    /// assert_eq!(health.reachable(), 1);
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn prepare(&self) -> crate::Result<Health> {
         let health = self.check_health(true).await;
         // The first measurements every instance needs before it votes; without
@@ -217,6 +275,21 @@ impl QuorumLocker {
     /// this can take up to the longest TTL in use; bound it with
     /// `tokio::time::timeout` when that matters. Auto-extend watchdogs are not
     /// background work: they end with their guards.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker.acquire("job", Duration::from_secs(10)).await?;
+    /// drop(lock); // released in the background
+    /// locker.settle().await;
+    /// assert_eq!(redis.get("job"), None);
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn settle(&self) {
         self.shared.background.idle().await;
     }

@@ -165,6 +165,24 @@ impl<'a> LockRequest<'a> {
     ///
     /// As [`QuorumLocker::acquire`](crate::QuorumLocker::acquire), and [`Error::InvalidConfig`] for a bad token or
     /// metadata.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker
+    ///     .lock("billing")
+    ///     .ttl(Duration::from_secs(30))
+    ///     .wait(Duration::from_secs(2))
+    ///     .acquire()
+    ///     .await?;
+    /// lock.release().await?;
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn acquire(&self) -> crate::Result<Lock> {
         let settings = &self.shared.settings;
         let wait = self.wait.unwrap_or(settings.default_wait);
@@ -177,6 +195,20 @@ impl<'a> LockRequest<'a> {
     /// # Errors
     ///
     /// As [`acquire`](Self::acquire), after one attempt.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker.lock("billing").metadata("host=a").try_acquire().await?;
+    /// assert_eq!(lock.metadata(), Some("host=a"));
+    /// lock.release().await?;
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn try_acquire(&self) -> crate::Result<Lock> {
         self.take(Duration::ZERO, RetryPolicy::never()).await
     }
@@ -201,6 +233,26 @@ impl<'a> LockRequest<'a> {
     /// # Errors
     ///
     /// As [`QuorumLocker::with_lock`](crate::QuorumLocker::with_lock).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let sum = locker
+    ///     .lock("ledger")
+    ///     .ttl(Duration::from_secs(3))
+    ///     .with_lock(|status| async move {
+    ///         assert!(status.is_valid());
+    ///         2 + 2
+    ///     })
+    ///     .await?;
+    /// assert_eq!(sum, 4);
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn with_lock<F, Fut, T>(&self, work: F) -> crate::Result<T>
     where
         F: FnOnce(LockStatus) -> Fut,

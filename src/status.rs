@@ -22,6 +22,22 @@ use crate::token;
 /// [`QuorumLocker::with_lock`]: crate::QuorumLocker::with_lock
 /// [`Lock::status`]: crate::Lock::status
 /// [`LockGuard::status`]: crate::LockGuard::status
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use quorumlock::{MemoryInstance, QuorumLocker};
+///
+/// let redis = MemoryInstance::new("redis");
+/// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+/// let lock = locker.acquire("job", Duration::from_secs(10)).await?;
+/// let status = lock.status(); // a clone, to move into another task
+/// let watcher = tokio::spawn(async move { status.lost().await });
+/// lock.release().await?;
+/// watcher.await.unwrap(); // resolves once the lock is released
+/// # Ok::<_, quorumlock::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct LockStatus {
     held: Arc<Held>,

@@ -321,6 +321,26 @@ impl Builder {
     /// [`Error::InvalidConfig`] for bad settings, TLS files included (read
     /// here: a missing or unusable certificate is reported before anything
     /// connects).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let locker = QuorumLocker::builder()
+    ///     .memory(&MemoryInstance::new("a"))
+    ///     .memory(&MemoryInstance::new("b"))
+    ///     .memory(&MemoryInstance::new("c"))
+    ///     .default_ttl(Duration::from_secs(5))
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(locker.quorum(), 2);
+    /// # drop(redis);
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn build(self) -> crate::Result<QuorumLocker> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::NoRuntime);
