@@ -314,6 +314,7 @@ mod status;
 
 mod builder;
 mod health;
+mod inspect;
 mod locker;
 mod request;
 
@@ -333,6 +334,7 @@ pub use error::{Error, InstanceVote, Quarantine, Result, Shortfall, Vote};
 pub use guard::LockGuard;
 pub use handoff::RELEASE_CHANNEL_PREFIX;
 pub use health::{Health, InstanceHealth};
+pub use inspect::{Holding, Inspection, KeyOnInstance};
 pub use instance::memory::MemoryInstance;
 pub use lease::MAX_TTL;
 pub use lock::Lock;

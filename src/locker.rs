@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::builder::Builder;
 use crate::error::Error;
 use crate::health::{self, Health};
+use crate::inspect::{self, Inspection};
 use crate::instance::connect::CHECK_TIMEOUT;
 use crate::instance::PubSubSource;
 use crate::lock::Lock;
@@ -264,6 +265,82 @@ impl QuorumLocker {
         // The check may include connecting: allow a connection's worth of time.
         let timeout = self.shared.settings.instance_timeout.max(CHECK_TIMEOUT);
         health::check(&self.shared, timeout, load_scripts).await
+    }
+
+    /// Reads what `key` holds on every instance, in parallel: each instance's
+    /// holder (token and metadata) and TTL left, and whether a quorum holds
+    /// one token. Read-only, and not a lock operation: an instance that is
+    /// quarantined or slow is read all the same (each within about a second).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EmptyKey`] or [`Error::ReservedKey`] for a key no lock can
+    /// have, before any I/O. An instance that does not answer is part of the
+    /// report, not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// assert_eq!(locker.inspect("cron").await?.holder(), None);
+    /// let lock = locker.acquire("cron", Duration::from_secs(10)).await?;
+    /// assert_eq!(locker.inspect("cron").await?.holder(), Some(lock.token()));
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn inspect(&self, key: &str) -> crate::Result<Inspection> {
+        let lock_key = self.shared.lock_key(key)?;
+        Ok(inspect::inspect(&self.shared, key, &lock_key.redis).await)
+    }
+
+    /// An administrator's tool: deletes `key` on every instance, whoever holds
+    /// it, and returns how many instances deleted it. The holder is not told:
+    /// it goes on believing it holds the lock until its validity runs out, so a
+    /// second owner may take the key meanwhile. For a lock whose holder is
+    /// known to be gone (a crashed process with a long TTL), never in normal
+    /// operation. Each instance deletes only the value it was just read to
+    /// hold (compare-and-delete), so a lock taken in between is left alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`inspect`](Self::inspect). Instances that do not answer are not
+    /// errors: they are left out of the count.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may leave some instances deleted and others not:
+    /// call it again.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let stuck = locker.acquire("migration", Duration::from_secs(3600)).await?;
+    /// stuck.leave_to_expire(); // its process is gone
+    /// assert_eq!(locker.force_release("migration").await?, 1);
+    /// assert!(locker.try_acquire("migration", Duration::from_secs(10)).await.is_ok());
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
+    #[doc(alias = "force_unlock")]
+    pub async fn force_release(&self, key: &str) -> crate::Result<usize> {
+        let lock_key = self.shared.lock_key(key)?;
+        let seen = inspect::inspect(&self.shared, key, &lock_key.redis).await;
+        Ok(inspect::force_release(&self.shared, &seen, &lock_key.redis).await)
     }
 
     /// Waits until the background work this locker started has finished: rollbacks

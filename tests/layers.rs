@@ -73,7 +73,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the handles", &["guard", "lock", "status"]),
     (
         "the public front",
-        &["builder", "builder::tls", "health", "locker", "request"],
+        &[
+            "builder",
+            "builder::tls",
+            "health",
+            "inspect",
+            "locker",
+            "request",
+        ],
     ),
 ];
 

@@ -82,6 +82,15 @@ pub(crate) enum Request<'a> {
     },
 }
 
+/// A key's value and TTL left, as [`Instance::peek`] read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Peeked {
+    /// The value, as text (lossily, were it not UTF-8).
+    pub(crate) value: String,
+    /// `None` for a key without expiry.
+    pub(crate) ttl: Option<Duration>,
+}
+
 /// Where an instance's release messages can be heard, if anywhere.
 #[derive(Clone)]
 pub(crate) enum PubSubSource {
@@ -126,6 +135,11 @@ pub(crate) trait Instance: Send + Sync + 'static {
     fn pubsub(&self) -> Option<PubSubSource> {
         None
     }
+
+    /// What `key` holds and its TTL left (`None`: no expiry), read together
+    /// (`GET` and `PTTL` in one `MULTI`); `None` where the key is missing. For
+    /// inspection, not for locking.
+    fn peek(&self, key: &Arc<str>) -> BoxFuture<Result<Option<Peeked>, ::redis::RedisError>>;
 
     /// Loads every script, so later calls need no `NOSCRIPT` round trip.
     fn load_scripts(&self) -> BoxFuture<Result<(), ::redis::RedisError>>;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisError, Script, Value};
 
-use super::{counted, BoxFuture, Instance, Probe, PubSubSource, Reply, Request};
+use super::{counted, BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request};
 use crate::peer::Peer;
 use crate::scripts;
 
@@ -267,6 +267,21 @@ where
         self.client
             .clone()
             .map(|client| PubSubSource::Redis(Box::new(client)))
+    }
+
+    fn peek(&self, key: &Arc<str>) -> BoxFuture<Result<Option<Peeked>, RedisError>> {
+        let mut connection = self.connection.clone();
+        let mut read = redis::pipe();
+        read.atomic().cmd("GET").arg(&**key).cmd("PTTL").arg(&**key);
+        let peer = self.peer.clone();
+        Box::pin(async move {
+            let (value, pttl): (Option<Vec<u8>>, i64) =
+                explained(peer, read.query_async(&mut connection).await).await?;
+            Ok(value.map(|value| Peeked {
+                value: String::from_utf8_lossy(&value).into_owned(),
+                ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+            }))
+        })
     }
 
     fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::RedisError;
 
 use super::MemoryInstance;
-use crate::instance::{BoxFuture, Instance, Probe, PubSubSource, Reply, Request};
+use crate::instance::{BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request};
 
 impl Instance for MemoryInstance {
     fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
@@ -85,6 +85,16 @@ impl Instance for MemoryInstance {
 
     fn pubsub(&self) -> Option<PubSubSource> {
         Some(PubSubSource::InProcess(self.inner.published.clone()))
+    }
+
+    fn peek(&self, key: &Arc<str>) -> BoxFuture<Result<Option<Peeked>, RedisError>> {
+        let key = Arc::clone(key);
+        // Not a lock command: it does not count in `commands()`.
+        self.send(false, move |store, now| {
+            Ok(store
+                .peek(&key, now)
+                .map(|(value, ttl)| Peeked { value, ttl }))
+        })
     }
 
     fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {

@@ -77,6 +77,14 @@ impl Store {
         }
     }
 
+    /// `GET` and `PTTL` of `key` together: its value and time left (`None`
+    /// for no expiry), or `None` where it is missing.
+    pub(super) fn peek(&mut self, key: &str, now: Duration) -> Option<(String, Option<Duration>)> {
+        let entry = self.live(key, now)?;
+        let ttl = entry.expires_at.map(|at| at.saturating_sub(now));
+        Some((entry.value.to_string(), ttl))
+    }
+
     /// Deletes the epoch hash under `key`, as a `DEL` of it would; whether
     /// there was one.
     pub(super) fn remove_epoch(&mut self, key: &str) -> bool {
