@@ -53,7 +53,13 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
-    pub(crate) fn start(lock: Lock, every: Duration) -> crate::Result<Self> {
+    /// Starts the watchdog: an extend every `every`, none due at or after
+    /// `hold_until` (then the lock lapses at the end of its validity).
+    pub(crate) fn start(
+        lock: Lock,
+        every: Duration,
+        hold_until: Option<Instant>,
+    ) -> crate::Result<Self> {
         lock.held().lease().check_interval(every)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (stop, stopped) = oneshot::channel();
@@ -61,6 +67,7 @@ impl LockGuard {
             Arc::clone(lock.shared()),
             Arc::clone(lock.held()),
             every,
+            hold_until,
             stopped,
         );
         // Not counted as background work: it lives as long as the guard, and
@@ -121,17 +128,24 @@ impl fmt::Debug for LockGuard {
     }
 }
 
-/// Extends the lock every `every` until stopped or lost. Each extend is scheduled
-/// from the start of the last successful one, since that is where its validity is
-/// counted from.
+/// Extends the lock every `every` until stopped, lost, or `hold_until`. Each
+/// extend is scheduled from the start of the last successful one, since that is
+/// where its validity is counted from.
 async fn watchdog(
     shared: Arc<Shared>,
     held: Arc<Held>,
     every: Duration,
+    hold_until: Option<Instant>,
     mut stopped: oneshot::Receiver<()>,
 ) {
     let mut next = due(held.acquired_at, held.valid_until(), every);
     loop {
+        if hold_until.is_some_and(|until| next >= until) {
+            // A holder that never finishes must not keep the lock for ever:
+            // no more extends, and the lock lapses with its validity.
+            warn!(key = %held.key.user, left = ?held.remaining(), "the lock's longest hold is reached: no more extends");
+            return;
+        }
         tokio::select! {
             _ = &mut stopped => return,
             () = held.lost() => return,
@@ -150,7 +164,12 @@ async fn watchdog(
                 // left; try again soon, but never past the validity.
                 let retry_at = Instant::now() + retry_pause(&shared, every);
                 if !failure.certain && retry_at < held.valid_until() {
-                    debug!(key = %held.key.user, error = %failure.error, "extend inconclusive; retrying");
+                    if held.is_at_risk() {
+                        debug!(key = %held.key.user, error = %failure.error, "extend inconclusive; retrying");
+                    } else {
+                        warn!(key = %held.key.user, error = %failure.error, left = ?held.remaining(), "extend inconclusive: the lock is at risk; retrying");
+                    }
+                    held.warn_at_risk();
                     next = retry_at;
                     continue;
                 }
@@ -190,7 +209,39 @@ impl Lock {
     #[doc(alias = "watchdog", alias = "keep_alive")]
     pub fn auto_extend(self) -> crate::Result<LockGuard> {
         let every = default_extend_every(self.ttl());
-        LockGuard::start(self, every)
+        LockGuard::start(self, every, None)
+    }
+
+    /// As [`auto_extend`](Self::auto_extend), but for at most `max_hold`
+    /// from the acquisition: no extend is sent after it, and the lock lapses
+    /// at the end of the validity it then has ([`LockStatus::lost`] resolves).
+    /// Work that hangs, or loops for ever, cannot keep the lock from everyone
+    /// else.
+    ///
+    /// # Errors
+    ///
+    /// As [`auto_extend`](Self::auto_extend).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use quorumlock::{MemoryInstance, QuorumLocker};
+    ///
+    /// let redis = MemoryInstance::new("redis");
+    /// let locker = QuorumLocker::builder().memory(&redis).build().await?;
+    /// let lock = locker.acquire("job", Duration::from_secs(3)).await?;
+    /// let guard = lock.auto_extend_for(Duration::from_secs(10))?;
+    /// guard.lost().await; // a little after 10 s + the last extend's validity
+    /// assert!(guard.acquired_at().elapsed() < Duration::from_secs(14));
+    /// # Ok::<_, quorumlock::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn auto_extend_for(self, max_hold: Duration) -> crate::Result<LockGuard> {
+        let every = default_extend_every(self.ttl());
+        let until = self.acquired_at().checked_add(max_hold);
+        LockGuard::start(self, every, until)
     }
 
     /// As [`auto_extend`](Self::auto_extend), extending every `every` instead.
@@ -202,6 +253,6 @@ impl Lock {
     /// extend would let it lapse); [`Error::NoRuntime`](crate::Error::NoRuntime)
     /// outside a Tokio runtime.
     pub fn auto_extend_every(self, every: Duration) -> crate::Result<LockGuard> {
-        LockGuard::start(self, every)
+        LockGuard::start(self, every, None)
     }
 }

@@ -10,6 +10,7 @@ use futures_util::FutureExt;
 use tracing::warn;
 
 use crate::error::Error;
+use crate::guard::LockGuard;
 use crate::lease::default_extend_every;
 use crate::lock::Lock;
 use crate::ops::acquire::Identity;
@@ -54,6 +55,7 @@ pub struct LockRequest<'a> {
     wait: Option<Duration>,
     retry: Option<RetryPolicy>,
     auto_extend_every: Option<Duration>,
+    max_hold: Option<Duration>,
 }
 
 impl<'a> LockRequest<'a> {
@@ -68,6 +70,7 @@ impl<'a> LockRequest<'a> {
             wait: None,
             retry: None,
             auto_extend_every: None,
+            max_hold: None,
         }
     }
 
@@ -155,6 +158,15 @@ impl<'a> LockRequest<'a> {
     /// the TTL.
     pub fn auto_extend_every(mut self, every: Duration) -> Self {
         self.auto_extend_every = Some(every);
+        self
+    }
+
+    /// The longest [`with_lock`](Self::with_lock) keeps the lock, from its
+    /// acquisition: the watchdog sends no extend after it, the lock lapses at
+    /// the end of its validity, and work still running is dropped with
+    /// [`Error::LockLost`]. Default: no bound.
+    pub fn max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
         self
     }
 
@@ -264,7 +276,11 @@ impl<'a> LockRequest<'a> {
             .auto_extend_every
             .unwrap_or(default_extend_every(lease.ttl()));
         lease.check_interval(every)?;
-        let guard = self.acquire().await?.auto_extend_every(every)?;
+        let lock = self.acquire().await?;
+        let hold_until = self
+            .max_hold
+            .and_then(|max_hold| lock.acquired_at().checked_add(max_hold));
+        let guard = LockGuard::start(lock, every, hold_until)?;
         let status = guard.status();
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));
         let finished: Option<Result<T, Box<dyn Any + Send>>> = match started {
@@ -346,6 +362,7 @@ impl std::fmt::Debug for LockRequest<'_> {
             .field("wait", &self.wait)
             .field("retry", &self.retry)
             .field("auto_extend_every", &self.auto_extend_every)
+            .field("max_hold", &self.max_hold)
             .finish()
     }
 }

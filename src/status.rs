@@ -116,6 +116,37 @@ impl LockStatus {
         !self.held.is_lost()
     }
 
+    /// Whether the watchdog's last extend could not be confirmed (instances
+    /// slow, out of reach, or too few answering) while validity is left: the
+    /// lock may be lost at [`valid_until`](Self::valid_until) unless a retry
+    /// gets through. A successful extend clears it; a lost lock is not at risk
+    /// but lost.
+    pub fn is_at_risk(&self) -> bool {
+        self.held.is_at_risk()
+    }
+
+    /// Resolves when the lock is at risk (see [`is_at_risk`](Self::is_at_risk))
+    /// or lost, whichever comes first: the moment for work to stop its side
+    /// effects while it still holds the lock, rather than after. Owns what it
+    /// needs, like [`lost`](Self::lost).
+    ///
+    /// ```no_run
+    /// # async fn demo(lock: quorumlock::LockGuard) {
+    /// tokio::select! {
+    ///     () = lock.at_risk() => { /* checkpoint and stop writing; validity is left */ }
+    ///     () = async { /* the work */ } => {}
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only waits.
+    pub fn at_risk(&self) -> impl Future<Output = ()> + Send + 'static {
+        let held = Arc::clone(&self.held);
+        async move { held.endangered().await }
+    }
+
     /// Resolves when the lock is no longer valid: its validity ran out, an
     /// extend failed, or it was released; at once if that has already
     /// happened. The future owns what it needs, so it can be moved into

@@ -231,3 +231,63 @@ async fn a_dropped_lock_is_released_once_instances_answer_again() {
     locker.settle().await;
     assert!(set.iter().all(|instance| instance.keys().is_empty()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_inconclusive_extend_warns_before_the_loss() {
+    let set = instances(3);
+    let locker = locker(&set).await;
+    let guard = locker
+        .acquire("job", TTL)
+        .await
+        .unwrap()
+        .auto_extend()
+        .unwrap();
+    let status = guard.status();
+    assert!(!status.is_at_risk());
+    set[1].set_failing(true);
+    set[2].set_failing(true);
+    // The first extend that cannot get through: at risk, validity left.
+    status.at_risk().await;
+    assert!(status.is_at_risk());
+    assert!(status.is_valid());
+    let warned_at = Instant::now();
+    assert!(guard.valid_until() > warned_at);
+    // The instances come back before the validity runs out: the next retry
+    // renews the lock and the warning is lifted.
+    set[1].set_failing(false);
+    set[2].set_failing(false);
+    tokio::time::sleep(TTL / 6).await;
+    assert!(
+        !status.is_at_risk(),
+        "still at risk after a successful extend"
+    );
+    assert!(status.is_valid());
+    guard.release().await.unwrap();
+    assert!(!status.is_at_risk(), "a released lock is lost, not at risk");
+    locker.settle().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bounded_hold_ends_work_that_never_finishes() {
+    let set = instances(3);
+    let locker = locker(&set).await;
+    let started = Instant::now();
+    let max_hold = Duration::from_secs(10);
+    let outcome = locker
+        .lock("job")
+        .ttl(TTL)
+        .max_hold(max_hold)
+        .with_lock(|_status| std::future::pending::<()>())
+        .await;
+    assert!(
+        matches!(outcome, Err(Error::LockLost { .. })),
+        "{outcome:?}"
+    );
+    // Extended up to the bound, then let lapse within one more TTL.
+    let held = started.elapsed();
+    assert!(held >= max_hold && held <= max_hold + TTL, "{held:?}");
+    // Another owner can take it now.
+    let next = locker.try_acquire("job", TTL).await.unwrap();
+    next.release().await.unwrap();
+    locker.settle().await;
+}

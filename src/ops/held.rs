@@ -45,6 +45,10 @@ struct Validity {
     sent_until: Instant,
     /// Set by a failed extend or a release; sticky.
     lost: bool,
+    /// The watchdog's last extend was inconclusive (instances slow or out of
+    /// reach): validity is left, but it may not be renewed. Cleared by a
+    /// successful extend.
+    at_risk: bool,
 }
 
 impl Held {
@@ -69,6 +73,7 @@ impl Held {
                 valid_until,
                 sent_until: acquired_at + lease.ttl(),
                 lost: false,
+                at_risk: false,
             }),
             loss: Mutex::new(None),
             fencing_token: OnceLock::new(),
@@ -155,9 +160,54 @@ impl Held {
                 valid_until,
                 sent_until: validity.sent_until,
                 lost: false,
+                at_risk: false,
             };
             true
         });
+    }
+
+    /// Marks the lock at risk: an extend could not be confirmed, though
+    /// validity is left (see `LockStatus::at_risk`).
+    pub(crate) fn warn_at_risk(&self) {
+        self.validity.send_if_modified(|validity| {
+            let changed = !validity.lost && !validity.at_risk;
+            validity.at_risk |= !validity.lost;
+            changed
+        });
+    }
+
+    /// Whether the lock is at risk and not yet lost.
+    pub(crate) fn is_at_risk(&self) -> bool {
+        let validity = self.validity.borrow();
+        validity.at_risk && !validity.lost
+    }
+
+    /// Resolves once the lock is at risk, or lost (whichever comes first).
+    pub(crate) async fn endangered(&self) {
+        let mut validity = self.validity.subscribe();
+        loop {
+            let Validity {
+                valid_until,
+                lost,
+                at_risk,
+                ..
+            } = *validity.borrow_and_update();
+            if lost || at_risk {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(valid_until) => {
+                    if self.valid_until() <= Instant::now() {
+                        return;
+                    }
+                }
+                changed = validity.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Marks the lock lost, keeping the first reason given.
