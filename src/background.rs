@@ -14,6 +14,8 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics;
+
 type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Runs tasks on the current Tokio runtime and counts those still running.
@@ -31,7 +33,10 @@ struct Counted(Arc<watch::Sender<usize>>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.send_modify(|running| *running -= 1);
+        self.0.send_modify(|running| {
+            *running -= 1;
+            metrics::background(*running);
+        });
     }
 }
 
@@ -50,7 +55,10 @@ impl Background {
         F: Future<Output = ()> + Send + 'static,
     {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        self.running.send_modify(|running| *running += 1);
+        self.running.send_modify(|running| {
+            *running += 1;
+            metrics::background(*running);
+        });
         let running = Counted(Arc::clone(&self.running));
         // Caught here: a panic in one task (a user's connection, a tracing layer)
         // must not take the reaper, and every other rollback, down with it.

@@ -17,6 +17,7 @@ use tracing::{debug, trace, warn};
 
 use crate::error::{InstanceVote, Vote};
 use crate::instance::{BoxFuture, Reply};
+use crate::metrics;
 use crate::quorum::{self, Decision};
 use crate::shared::Shared;
 use crate::standing::member::Member;
@@ -103,6 +104,8 @@ pub(crate) struct Fanout {
     counts: Vec<u64>,
     tally: Tally,
     asked: Asked,
+    /// When the requests left: each reply's latency is counted from here.
+    started: Instant,
 }
 
 impl Fanout {
@@ -151,6 +154,12 @@ impl Fanout {
             .iter()
             .filter(|admission| admission.is_err())
             .count();
+        metrics::quarantined(
+            admissions
+                .iter()
+                .filter(|admission| matches!(admission, Err(Vote::Quarantined(_))))
+                .count(),
+        );
         // Too few left to make a quorum: asking them would only set keys to roll
         // back.
         let hopeless = refused > shared.members.len().saturating_sub(shared.quorum);
@@ -177,6 +186,7 @@ impl Fanout {
             counts: Vec::new(),
             tally: Tally::default(),
             asked: Asked(0),
+            started: Instant::now(),
         }
     }
 
@@ -322,6 +332,9 @@ impl Fanout {
                 self.tally.denied += 1;
                 trace!(instance = index, address, "instance refused");
             }
+        }
+        if let Some(address) = address {
+            metrics::replied(address, &vote, self.started.elapsed());
         }
         *slot = Some(vote);
     }

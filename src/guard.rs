@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use crate::error::Error;
 use crate::lease::default_extend_every;
 use crate::lock::Lock;
+use crate::metrics;
 use crate::ops::extend;
 use crate::ops::held::Held;
 use crate::shared::Shared;
@@ -174,6 +175,7 @@ async fn watchdog(
                     continue;
                 }
                 warn!(key = %held.key.user, error = %failure.error, "lock lost: the watchdog could not extend it");
+                metrics::lost("watchdog");
                 held.lose(Some(failure.error));
                 return;
             }

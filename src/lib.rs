@@ -284,6 +284,7 @@ mod address;
 mod clock;
 mod error;
 mod lease;
+mod metrics;
 mod names;
 mod quorum;
 mod retry;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::fanout::Straggler;
+use crate::metrics;
 use crate::ops::acquire::Grant;
 use crate::ops::held::Held;
 use crate::shared::Shared;
@@ -196,6 +197,8 @@ impl Lock {
 
 impl Drop for Lock {
     fn drop(&mut self) {
+        // Once per lock, however it ends: released, dropped or left to expire.
+        metrics::released(self.acquired_at().elapsed());
         self.status.held().lose(None);
         if !self.release_on_drop {
             return;

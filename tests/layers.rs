@@ -16,7 +16,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "values: arithmetic, tokens, errors",
         &[
-            "address", "clock", "error", "lease", "names", "quorum", "retry", "token", "value",
+            "address", "clock", "error", "lease", "metrics", "names", "quorum", "retry", "token",
+            "value",
         ],
     ),
     (

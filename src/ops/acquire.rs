@@ -17,6 +17,7 @@ use crate::error::{InstanceVote, Shortfall, Vote};
 use crate::fanout::{Fanout, Straggler, Tagged};
 use crate::instance::Request;
 use crate::lease::Lease;
+use crate::metrics;
 use crate::monitor::probe::ensure_running;
 use crate::ops::fencing;
 use crate::ops::held::Held;
@@ -237,6 +238,7 @@ fn won(
     let valid_until = attempt.lease.valid_until(start, lifetime);
     let validity = valid_until.saturating_duration_since(Instant::now());
     span.record("validity_ms", validity.as_millis() as u64);
+    metrics::granted(validity);
     debug!(elapsed = ?start.elapsed(), fencing_token, "lock acquired");
     let stragglers = finish_in_background(shared, attempt.fanout.take_pending(), attempt.lease);
     let held = Held::new(

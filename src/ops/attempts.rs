@@ -11,6 +11,7 @@ use super::pacing::Pacing;
 use crate::error::Error;
 use crate::handoff;
 use crate::lease::Lease;
+use crate::metrics;
 use crate::retry::RetryPolicy;
 use crate::shared::{LockKey, Shared};
 
@@ -25,14 +26,30 @@ pub(crate) async fn acquire(
     wait: Duration,
     retry: RetryPolicy,
 ) -> crate::Result<Grant> {
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    let result = attempt_until_done(shared, key, lease, identity, wait, retry, &mut attempts).await;
+    metrics::acquired(&result, started.elapsed(), attempts);
+    result
+}
+
+async fn attempt_until_done(
+    shared: &Arc<Shared>,
+    key: &LockKey,
+    lease: Lease,
+    identity: &Identity,
+    wait: Duration,
+    retry: RetryPolicy,
+    attempts: &mut u32,
+) -> crate::Result<Grant> {
     let deadline = Instant::now().checked_add(wait);
     let handoff = shared.handoff.as_ref();
     let mut pacing = Pacing::new();
     let mut woken = false;
     let mut watch: Option<handoff::Watch> = None;
-    let mut attempts = 0u32;
     loop {
-        attempts = attempts.saturating_add(1);
+        *attempts = attempts.saturating_add(1);
+        let attempts = *attempts;
         // A new acquire of a key we just released: let woken waiters
         // (elsewhere) try first.
         let courtesy = handoff

@@ -12,6 +12,7 @@ use crate::error::{Error, Shortfall, Vote};
 use crate::fanout::{Asked, Fanout};
 use crate::instance::Request;
 use crate::lease::Lease;
+use crate::metrics;
 use crate::ops::held::Held;
 use crate::ops::lifetime::granted_lifetime;
 use crate::quorum::Decision;
@@ -37,6 +38,7 @@ pub(crate) async fn extend(
         Ok(validity) => Ok(validity),
         Err(ExtendError { error, .. }) => {
             if matches!(error, Error::NotExtended { .. }) {
+                metrics::lost("extend_refused");
                 held.lose(None);
             }
             Err(error)
@@ -58,7 +60,13 @@ pub(crate) async fn try_extend(
         failed = Empty,
         validity_ms = Empty,
     );
-    extend_round(shared, held, ttl).instrument(span).await
+    let result = extend_round(shared, held, ttl).instrument(span).await;
+    metrics::extended(match &result {
+        Ok(_) => "extended",
+        Err(failure) if failure.certain => "refused",
+        Err(_) => "inconclusive",
+    });
+    result
 }
 
 async fn extend_round(
