@@ -156,6 +156,15 @@ pub enum Error {
     #[error("quorumlock needs a Tokio runtime: build and use the locker inside one")]
     NoRuntime,
 
+    /// A [`blocking`](crate::blocking) call was made from async code, where
+    /// blocking the thread would stall its runtime: use the async API there.
+    #[error("quorumlock::blocking was called inside an async runtime: use the async API there")]
+    InsideRuntime,
+
+    /// The [`blocking`](crate::blocking) locker's own runtime could not start.
+    #[error("quorumlock::blocking could not start its runtime: {0}")]
+    Runtime(String),
+
     /// The operating system's random number generator failed, so no safe token
     /// could be made.
     #[error("the operating system's random number generator failed: {0}")]

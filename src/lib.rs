@@ -313,6 +313,7 @@ mod guard;
 mod lock;
 mod status;
 
+pub mod blocking;
 mod builder;
 mod health;
 mod inspect;
