@@ -75,6 +75,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "the public front",
         &[
+            "blocking",
             "builder",
             "builder::tls",
             "health",
