@@ -541,3 +541,377 @@ fn without_instances_qlock_starts_local_servers() {
     assert_eq!(text(&output.stdout), "hi\n");
     assert!(text(&output.stderr).contains("started 3 local redis-server"));
 }
+
+/// Connections each instance has accepted so far, read on `connections`, one
+/// per instance opened beforehand (so the reading adds none).
+fn connections_received(connections: &mut [redis::Connection]) -> Vec<u64> {
+    connections
+        .iter_mut()
+        .map(|connection| {
+            let info: String = redis::cmd("INFO")
+                .arg("stats")
+                .query(connection)
+                .expect("INFO");
+            info.lines()
+                .find_map(|line| line.strip_prefix("total_connections_received:"))
+                .and_then(|count| count.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no total_connections_received in {info}"))
+        })
+        .collect()
+}
+
+/// `run`'s options are checked before anything starts or connects: a usage
+/// error (2) in one line, whether the instances are up (and then none of them
+/// is even connected to), down, or not given at all (no local servers started).
+#[test]
+fn run_options_are_checked_before_anything_connects() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let mut connections: Vec<redis::Connection> = urls
+        .iter()
+        .map(|url| {
+            redis::Client::open(url.as_str())
+                .and_then(|client| client.get_connection())
+                .expect("connect")
+        })
+        .collect();
+    let long_metadata = "m".repeat(quorumlock::MAX_METADATA_LEN + 1);
+    let cases: [(&[&str], &str); 8] = [
+        (&["--key", ""], "--key \"\": the lock key is empty"),
+        // Takes the lock, then could not keep it: found only after acquiring
+        // before the check.
+        (&["--key", "k", "--ttl", "3ms"], "--ttl 3ms is too short"),
+        (&["--key", "k", "--ttl", "0s"], "--ttl 0s"),
+        (&["--key", "k:fence"], "reserved"),
+        (&["--key", "k", "--metadata", &long_metadata], "--metadata"),
+        (&["--key", "k", "--wait", "1000000years"], "--wait"),
+        (&["--key", "k", "--grace", "1000000years"], "--grace"),
+        // No TTL leaves room for the watchdog with this much drift.
+        (
+            &["--drift-factor", "0.4", "--key", "k"],
+            "(with --drift-factor 0.4)",
+        ),
+    ];
+    let down = ["redis://127.0.0.1:1".to_string()];
+    let before = connections_received(&mut connections);
+    for (options, message) in cases {
+        let args: Vec<&str> = ["run"]
+            .iter()
+            .chain(options)
+            .chain(&["--", "echo", "ran"])
+            .copied()
+            .collect();
+        // Down first: before the check, these failed to connect (exit 1).
+        for instances in [&down[..], &urls[..]] {
+            let output = qlock(instances).args(&args).output().unwrap();
+            assert_eq!(output.status.code(), Some(2), "{args:?} on {instances:?}");
+            assert_one_line_error(&output, message);
+            assert_eq!(text(&output.stdout), "", "{args:?}");
+        }
+    }
+    assert_eq!(
+        connections_received(&mut connections),
+        before,
+        "qlock connected"
+    );
+    // The count does see qlock's connections: a run that is not refused opens one.
+    qlock(&urls)
+        .args(["run", "--key", "k", "--", "true"])
+        .assert()
+        .code(0);
+    let after = connections_received(&mut connections);
+    assert!(
+        after
+            .iter()
+            .zip(&before)
+            .all(|(after, before)| after > before),
+        "{before:?} then {after:?}"
+    );
+    // Without instances: no local servers started first (their notice would be
+    // a second line).
+    let mut command = Command::new(QLOCK);
+    command
+        .env_remove("QLOCK_REDIS_URLS")
+        .env_remove("QLOCK_KEY_PREFIX")
+        .timeout(INVOCATION_TIMEOUT)
+        .args(["run", "--key", "", "--", "echo", "ran"]);
+    for var in TLS_VARS {
+        command.env_remove(var);
+    }
+    let output = command.output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_one_line_error(&output, "the lock key is empty");
+}
+
+/// qlock's stderr, line by line as it comes.
+#[cfg(target_os = "linux")]
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (send, receive) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+/// Reads `run`'s stderr until a line contains `wanted`, and returns the lines
+/// read, that one last; after `limit`, kills `run` and panics.
+#[cfg(target_os = "linux")]
+fn line_with(
+    run: &mut Child,
+    lines: &std::sync::mpsc::Receiver<String>,
+    wanted: &str,
+    limit: Duration,
+) -> Vec<String> {
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let left = limit.saturating_sub(started.elapsed());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(wanted);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => {
+                let _ = run.kill();
+                let _ = run.wait();
+                panic!("no {wanted:?} within {limit:?} in stderr: {seen:?}");
+            }
+        }
+    }
+}
+
+/// A stopped CMD is reported once, keeps the lock (it may be continued), and
+/// a signal to qlock still ends it: SIGTERM, and SIGCONT so that its handler
+/// runs now rather than SIGKILL after --grace. (Stops are seen on Linux.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stopped_command_is_reported_once_and_still_stopped_on_sigterm() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let mut run = spawn_qlock(
+        &urls,
+        &[
+            "run",
+            "--key",
+            "stopped",
+            "--ttl",
+            "3s",
+            "--grace",
+            "20s",
+            "--",
+            "sh",
+            "-c",
+            r#"trap 'echo term; exit 3' TERM; kill -STOP $$; echo continued"#,
+        ],
+    );
+    let lines = stderr_lines(&mut run);
+    let seen = line_with(&mut run, &lines, "CMD is stopped", Duration::from_secs(10));
+    let notice = seen.last().unwrap();
+    assert!(
+        notice.starts_with("qlock: CMD is stopped (SIGSTOP)"),
+        "{seen:?}"
+    );
+    assert!(notice.contains("keeps the lock"), "{notice}");
+    // Extends go on (every second) while it is stopped, and nothing more is said.
+    thread::sleep(Duration::from_millis(2_200));
+    let held = values(&urls, "stopped").iter().flatten().count();
+    assert!(held >= 2, "the lock lapsed while CMD was stopped");
+    send_signal(&run, "-TERM");
+    let (output, elapsed) = wait_at_most(run, Duration::from_secs(15));
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert_eq!(output.status.code(), Some(143), "{rest:?}");
+    // Not the 20 s of --grace: the trap ran at once.
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "took {elapsed:?}: {rest:?}"
+    );
+    assert_eq!(text(&output.stdout), "term\n", "{rest:?}");
+    assert!(
+        !rest.iter().any(|line| line.contains("CMD is stopped")),
+        "said twice: {rest:?}"
+    );
+}
+
+/// A pseudo-terminal: the master end, and the slave's path.
+#[cfg(target_os = "linux")]
+fn pseudo_terminal() -> (std::fs::File, std::ffi::CString) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Close-on-exec, as std opens every file: only qlock gets the slave end.
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")
+        .expect("open /dev/ptmx (no pseudo-terminals here?)");
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: plain calls on an open descriptor; ptsname_r writes at most
+    // `name.len()` bytes into `name`, NUL included.
+    unsafe {
+        assert_eq!(libc::grantpt(master.as_raw_fd()), 0, "grantpt");
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0,
+            "ptsname_r"
+        );
+    }
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let slave = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
+    (master, slave)
+}
+
+/// qlock in the foreground of a real terminal, as typed at a shell prompt: a
+/// CMD that reads it is stopped by the kernel (SIGTTIN), and qlock says why.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_command_that_reads_the_terminal_is_reported() {
+    use std::os::unix::process::CommandExt;
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let (master, slave) = pseudo_terminal();
+    let mut command = StdCommand::new(QLOCK);
+    command
+        .args([
+            "run",
+            "--key",
+            "terminal",
+            "--",
+            "sh",
+            "-c",
+            r#"read line; echo "read $line""#,
+        ])
+        .env("QLOCK_REDIS_URLS", urls.join(","))
+        .env_remove("QLOCK_KEY_PREFIX")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for var in TLS_VARS {
+        command.env_remove(var);
+    }
+    // SAFETY: between fork and exec, only async-signal-safe calls (setsid,
+    // open, ioctl, dup2, close) on a path made before the fork; no allocation.
+    unsafe {
+        command.pre_exec(move || {
+            // A session of its own, the terminal its controlling one and its
+            // stdin: qlock's process group is the terminal's foreground group.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::open(slave.as_ptr(), libc::O_RDWR);
+            if fd < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 || libc::dup2(fd, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if fd > 2 {
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    let mut run = command.spawn().expect("spawn qlock");
+    let lines = stderr_lines(&mut run);
+    let seen = line_with(&mut run, &lines, "CMD is stopped", Duration::from_secs(10));
+    let notice = seen.last().unwrap();
+    assert!(
+        notice.starts_with("qlock: CMD is stopped (SIGTTIN): it tried to read the terminal"),
+        "{seen:?}"
+    );
+    assert!(notice.contains("</dev/null"), "{notice}");
+    send_signal(&run, "-TERM");
+    let (output, _) = wait_at_most(run, Duration::from_secs(15));
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert_eq!(output.status.code(), Some(143), "{rest:?}");
+    assert_eq!(text(&output.stdout), "", "CMD read the terminal");
+    drop(master);
+}
+
+/// CMD's environment is qlock's without QLOCK_REDIS_URLS (its URLs may hold
+/// passwords) unless --keep-env; qlock's other variables are no secret.
+#[test]
+fn the_command_does_not_inherit_the_redis_urls() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let show = r#"echo "urls=[$QLOCK_REDIS_URLS] prefix=[$QLOCK_KEY_PREFIX]""#;
+    qlock(&urls)
+        .env("QLOCK_KEY_PREFIX", "env-test:")
+        .args(["run", "--key", "env", "--", "sh", "-c", show])
+        .assert()
+        .code(0)
+        .stdout("urls=[] prefix=[env-test:]\n");
+    qlock(&urls)
+        .env("QLOCK_KEY_PREFIX", "env-test:")
+        .args(["run", "--key", "env", "--keep-env", "--", "sh", "-c", show])
+        .assert()
+        .code(0)
+        .stdout(format!("urls=[{}] prefix=[env-test:]\n", urls.join(",")));
+}
+
+/// State and start time of process `pid`, from /proc (`None` once it is gone).
+#[cfg(target_os = "linux")]
+fn process(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's name, which may hold spaces and parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // starttime is field 22 of the whole line, the 20th after the name.
+    let started = fields.get(19)?.parse().ok()?;
+    Some((state, started))
+}
+
+/// SIGKILL to qlock, which nothing can catch: CMD dies with it (the kernel sends
+/// it SIGKILL), rather than run on without anyone extending the lock.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_command_dies_with_qlock() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let pid_file = marker("orphan-pid");
+    let mut run = spawn_qlock(
+        &urls,
+        &[
+            "run",
+            "--key",
+            "orphan",
+            "--",
+            "sh",
+            "-c",
+            r#"echo $$ > "$1.tmp" && mv "$1.tmp" "$1" && exec sleep 30"#,
+            "sh",
+            pid_file.to_str().unwrap(),
+        ],
+    );
+    wait_until_held(&urls, "orphan");
+    wait_for_file(&pid_file);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&pid_file);
+    let (_, started) = process(pid).expect("CMD is running");
+    run.kill().expect("SIGKILL qlock");
+    run.wait().unwrap();
+    // Alive: there, not a zombie (its new parent may be slow to reap it), and
+    // not a new process under a reused pid.
+    let alive = || matches!(process(pid), Some((state, at)) if at == started && !matches!(state, 'Z' | 'X'));
+    let killed = Instant::now();
+    while alive() && killed.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    if alive() {
+        // SAFETY: kill(2) on the pid checked above.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        panic!("CMD (pid {pid}) still running 5s after qlock was killed");
+    }
+}

@@ -64,6 +64,11 @@ fn execute(cli: Cli) -> Result<u8, CliError> {
         .enable_all()
         .build()
         .map_err(|err| CliError::failure(format!("cannot start the Tokio runtime: {err}")))?;
+    // `run`'s own options first: bad input is a usage error before anything
+    // starts or connects.
+    if let Command::Run(args) = &cli.command {
+        runtime.block_on(run::check(&cli.instances, args))?;
+    }
     // Local servers, if qlock starts its own, live until the end of this function.
     let instances = Instances::resolve(&cli.instances)?;
     let result = runtime.block_on(async {

@@ -9,6 +9,15 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{code, eprint_line, EXIT_CODES_HELP};
 
+/// The variable `--redis` is read from. Its URLs may carry passwords, so
+/// `run` takes it out of CMD's environment (unless `--keep-env`).
+pub const REDIS_URLS_VAR: &str = "QLOCK_REDIS_URLS";
+
+/// qlock's own variables that may carry secrets: what `run` takes out of CMD's
+/// environment. The others (the key prefix, TLS file paths, the insecure flag)
+/// are no secret and stay.
+pub const SECRET_VARS: &[&str] = &[REDIS_URLS_VAR];
+
 /// Distributed locks over N Redis instances (Redlock), from the shell.
 ///
 /// Instances come from repeated --redis URL or QLOCK_REDIS_URLS (comma
@@ -31,7 +40,7 @@ pub struct InstanceArgs {
     #[arg(
         long = "redis",
         value_name = "URL",
-        env = "QLOCK_REDIS_URLS",
+        env = REDIS_URLS_VAR,
         value_delimiter = ',',
         hide_env_values = true,
         global = true
@@ -118,9 +127,19 @@ pub enum Command {
 /// Run a command while holding a lock, like flock(1) across Redis servers.
 ///
 /// Takes the lock (waiting up to --wait), extends it every third of --ttl while
-/// CMD runs, and releases it when CMD exits; CMD's exit status is qlock's. CMD
-/// runs in its own process group, so that signals qlock sends reach everything
-/// it started; it is for batch work: a CMD that reads the terminal is stopped.
+/// CMD runs, and releases it when CMD exits; CMD's exit status is qlock's. The
+/// options are checked before anything connects: a bad --key, --ttl, --wait,
+/// --grace or --metadata exits 2 at once.
+///
+/// CMD runs in its own process group, so that signals qlock sends reach
+/// everything it started; it is for batch work, without the terminal: a CMD
+/// that reads it (or writes with `stty tostop`) is stopped by SIGTTIN (SIGTTOU),
+/// as under timeout(1). qlock says so once on stderr and keeps the lock until
+/// CMD exits; give CMD its input from a file or </dev/null. On Linux, CMD's
+/// first process gets SIGKILL if qlock dies, even of SIGKILL (nothing would
+/// extend the lock); the processes it started do not. CMD's environment is
+/// qlock's without QLOCK_REDIS_URLS (its URLs may hold passwords), unless
+/// --keep-env.
 ///
 /// If the lock is lost, or about to be, while CMD runs, CMD is stopped and qlock
 /// exits 74; where qlock can see it coming, before the validity ends. When
@@ -147,10 +166,10 @@ pub enum Command {
 /// signalled, and nothing is while qlock itself is stopped or its machine
 /// suspended.
 ///
-/// SIGINT, SIGTERM or SIGHUP to qlock is passed on as SIGTERM (a second one sends
-/// SIGKILL at once); qlock keeps extending the lock while CMD stops (SIGKILL
-/// after --grace, or earlier as above if the lock is lost meanwhile), releases
-/// it and exits 128 + the signal's number.
+/// SIGINT, SIGTERM or SIGHUP to qlock is passed on as SIGTERM, with SIGCONT for a
+/// stopped CMD (a second one sends SIGKILL at once); qlock keeps extending the
+/// lock while CMD stops (SIGKILL after --grace, or earlier as above if the lock
+/// is lost meanwhile), releases it and exits 128 + the signal's number.
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES_HELP)]
 pub struct RunArgs {
@@ -175,6 +194,11 @@ pub struct RunArgs {
     /// host=<host> cmd=<CMD>"].
     #[arg(long, value_name = "TEXT")]
     pub metadata: Option<String>,
+
+    /// Leave QLOCK_REDIS_URLS in CMD's environment (by default it is removed:
+    /// its URLs may hold passwords), e.g. for a CMD that runs qlock itself.
+    #[arg(long)]
+    pub keep_env: bool,
 
     /// The command and its arguments (after `--`, or after the last option).
     #[arg(

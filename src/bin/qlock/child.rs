@@ -10,26 +10,55 @@ use quorumlock::LockStatus;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 
+use crate::args::SECRET_VARS;
 use crate::error::{code, notice, CliError};
 
 /// The command, in a process group of its own so that a signal reaches
 /// everything it started (a shell's children too), not just its first process.
 pub struct Child {
     inner: tokio::process::Child,
+    /// SIGCHLD, listened to from before the spawn: the kernel sends one when
+    /// the command stops, which `wait` does not report.
+    #[cfg(target_os = "linux")]
+    sigchld: Signal,
 }
 
-pub fn spawn(command: &[OsString]) -> Result<Child, CliError> {
+/// What [`Child::watch`] saw.
+pub enum Event {
+    Exited(ExitStatus),
+    /// The command was stopped by this signal (SIGTTIN, SIGSTOP…).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    Stopped(i32),
+}
+
+/// Starts `command`. Unless `keep_env`, its environment is qlock's without
+/// [`SECRET_VARS`] (`QLOCK_REDIS_URLS`: its URLs may carry passwords).
+pub fn spawn(command: &[OsString], keep_env: bool) -> Result<Child, CliError> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| CliError::usage("no command given"))?;
-    let spawned = tokio::process::Command::new(program)
+    #[cfg(target_os = "linux")]
+    let sigchld = signal(SignalKind::child())
+        .map_err(|err| CliError::failure(format!("cannot install a signal handler: {err}")))?;
+    let mut spawning = tokio::process::Command::new(program);
+    spawning
         .args(args)
         .process_group(0)
         // A backstop for early returns; the normal paths wait for it.
-        .kill_on_drop(true)
-        .spawn();
-    match spawned {
-        Ok(inner) => Ok(Child { inner }),
+        .kill_on_drop(true);
+    if !keep_env {
+        for var in SECRET_VARS {
+            spawning.env_remove(var);
+        }
+    }
+    #[cfg(target_os = "linux")]
+    die_with_qlock(&mut spawning);
+    match spawning.spawn() {
+        Ok(inner) => Ok(Child {
+            inner,
+            #[cfg(target_os = "linux")]
+            sigchld,
+        }),
         Err(err) => {
             let exit = match err.kind() {
                 io::ErrorKind::NotFound => code::NOT_FOUND,
@@ -40,6 +69,35 @@ pub fn spawn(command: &[OsString]) -> Result<Child, CliError> {
                 format!("cannot run {:?}: {err}", program.to_string_lossy()),
             ))
         }
+    }
+}
+
+/// SIGKILL to the command when qlock dies, however it dies (SIGKILL, the OOM
+/// killer, a panic that aborts): nothing extends the lock after that, so the
+/// command must not go on as if it held it. Only the command's first process:
+/// the kernel has no such link for the processes it starts.
+///
+/// The kernel sends it when the *thread* that forked the command ends: `run`
+/// spawns from the main thread (inside `block_on`), which lives as long as
+/// qlock.
+#[cfg(target_os = "linux")]
+fn die_with_qlock(command: &mut tokio::process::Command) {
+    let qlock = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: prctl(2) and getppid(2) are, and it
+    // allocates nothing (an OS error is a plain number).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // qlock died between the fork and the prctl: the signal will never
+            // come, so do not run the command at all.
+            if u32::try_from(libc::getppid()).ok() != Some(qlock) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 
@@ -66,6 +124,76 @@ impl Child {
             .map_err(|err| CliError::failure(format!("waiting for the command: {err}")))
     }
 
+    /// Waits for the command to exit or to stop; each stop is reported once.
+    /// (Stops are seen on Linux only; elsewhere this is [`wait`](Self::wait).)
+    /// Cancel-safe.
+    pub async fn watch(&mut self) -> Result<Event, CliError> {
+        #[cfg(target_os = "linux")]
+        loop {
+            if let Some(signo) = self.stop_signal() {
+                return Ok(Event::Stopped(signo));
+            }
+            tokio::select! {
+                biased;
+                status = self.inner.wait() => {
+                    return status.map(Event::Exited).map_err(|err| {
+                        CliError::failure(format!("waiting for the command: {err}"))
+                    });
+                }
+                Some(()) = self.sigchld.recv() => {}
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        self.wait().await.map(Event::Exited)
+    }
+
+    /// What qlock says, once, when the command stops (by `signo`): why, and what
+    /// now. The lock stays held, and extended, until the command exits, as for
+    /// a slow command: qlock cannot tell whether someone will continue it.
+    pub fn stopped(&self, signo: i32) -> String {
+        let qlock = std::process::id();
+        let why = match signo {
+            libc::SIGTTIN => "it tried to read the terminal",
+            libc::SIGTTOU => "it tried to write to the terminal (stty tostop) or to set it up",
+            _ => {
+                let group = self
+                    .inner
+                    .id()
+                    .map_or_else(String::new, |pid| format!(" (kill -CONT -{pid})"));
+                return format!(
+                    "CMD is stopped ({}); qlock keeps the lock until CMD exits: continue it{group}, \
+                     or end it with Ctrl-C or kill {qlock}",
+                    name(signo)
+                );
+            }
+        };
+        format!(
+            "CMD is stopped ({}): {why}; it runs without the terminal, in a process group of its \
+             own (give it input from a file or </dev/null); qlock keeps the lock until CMD exits: \
+             end it with Ctrl-C or kill {qlock}",
+            name(signo)
+        )
+    }
+
+    /// The signal that stopped the command, if it stopped since the last call.
+    /// waitid(2) with `WSTOPPED` alone reports stops and never reaps an exit, so
+    /// Tokio's `wait` still sees that.
+    #[cfg(target_os = "linux")]
+    fn stop_signal(&self) -> Option<i32> {
+        // Not yet reaped (reaping happens only in `wait`, which this borrow
+        // excludes): the pid is still the command's.
+        let pid = self.inner.id()?;
+        // SAFETY: siginfo_t is plain data, valid zeroed; waitid(2) writes into
+        // it and touches nothing else.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let found =
+            unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WSTOPPED | libc::WNOHANG) };
+        // SAFETY: waitid(2) filled `info` for a child in the state asked for;
+        // si_pid is 0 when none was.
+        let (stopped, signo) = unsafe { (info.si_pid(), info.si_status()) };
+        (found == 0 && stopped != 0 && info.si_code == libc::CLD_STOPPED).then_some(signo)
+    }
+
     /// SIGTERM, then SIGKILL at the [`Deadline`] or at the next signal to qlock;
     /// waits for the command to exit. `lock` is watched throughout: an extend
     /// moves the deadline back towards `grace`, a loss brings it forward.
@@ -76,6 +204,9 @@ impl Child {
         signals: &mut Signals,
     ) -> Result<ExitStatus, CliError> {
         self.signal(libc::SIGTERM);
+        // A stopped command acts on SIGTERM only once continued; as timeout(1)
+        // does, continue it (a running one ignores SIGCONT).
+        self.signal(libc::SIGCONT);
         let mut deadline = Deadline::new(Instant::now(), grace, lock);
         loop {
             let (at, _) = deadline.at();
@@ -306,6 +437,10 @@ pub fn name(signo: i32) -> String {
         libc::SIGKILL => "SIGKILL".to_string(),
         libc::SIGPIPE => "SIGPIPE".to_string(),
         libc::SIGTERM => "SIGTERM".to_string(),
+        libc::SIGSTOP => "SIGSTOP".to_string(),
+        libc::SIGTSTP => "SIGTSTP".to_string(),
+        libc::SIGTTIN => "SIGTTIN".to_string(),
+        libc::SIGTTOU => "SIGTTOU".to_string(),
         _ => format!("signal {signo}"),
     }
 }

@@ -10,7 +10,8 @@ pub mod code {
     pub const OK: u8 = 0;
     /// Any other error: instances unreachable, a Redis error, an I/O error.
     pub const FAILURE: u8 = 1;
-    /// Bad usage: unknown option, bad duration, bad URL, bad quorum or TTL.
+    /// Bad usage: unknown option, bad duration, URL, quorum, key, TTL or
+    /// metadata; found before anything connects.
     pub const USAGE: u8 = 2;
     /// `status`: no quorum of instances holds one value, so the lock is free.
     pub const NOT_HELD: u8 = 3;
@@ -32,7 +33,8 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0        success; for `run`, the command's own exit status is passed through
   1        error: instances unreachable (no quorum), Redis or I/O failure
-  2        usage error: bad option, duration, URL, quorum, TTL or drift factor
+  2        usage error: bad option, duration, URL, quorum, key, TTL, metadata or
+           drift factor (found before anything connects)
   3        status: the lock is not held by a quorum
   74       run: the lock was lost (or could not be extended) while the command ran;
            the command was stopped

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use quorumlock::{Error, LockGuard};
+use quorumlock::{Error, Lock, LockGuard, MemoryInstance, QuorumLocker, MAX_TTL};
 use tokio::time::Instant;
 
-use crate::args::RunArgs;
-use crate::child::{self, Signals};
+use crate::args::{InstanceArgs, RunArgs};
+use crate::child::{self, Event, Signals};
 use crate::error::{code, notice, one_line, CliError};
 use crate::status::{self, Observation, Seen, Verdict};
 use crate::target::Target;
@@ -32,16 +32,12 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
     // Before anything slow, so that Ctrl-C during the wait is ours to handle.
     let mut signals = Signals::install()?;
     target.prepare().await?;
-    let metadata = args
-        .metadata
-        .clone()
-        .unwrap_or_else(|| default_metadata(&args.command));
     let request = target
         .locker
         .lock(args.key.as_str())
         .ttl(args.ttl)
         .wait(args.wait)
-        .metadata(metadata);
+        .metadata(metadata(args));
     let acquired = tokio::select! {
         acquired = request.acquire() => acquired,
         signo = signals.recv() => {
@@ -59,33 +55,27 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
         Err(err) => return Err(not_acquired(target, args, err).await),
     };
     // As `auto_extend`, spelled out: the stop margin depends on the interval.
-    let every = lock.ttl() / 3;
+    let every = extend_every(&lock);
     let margin = stop_margin(
         args.grace,
         lock.valid_until()
             .saturating_duration_since(lock.acquired_at()),
         every,
     );
-    // The watchdog needs room between extends; a TTL of a few milliseconds
-    // leaves none. (Found only now: the library does not expose the check.)
-    let guard = lock.auto_extend_every(every).map_err(|err| {
-        CliError::context(
-            &format!(
-                "--ttl {} is too short to keep the lock",
-                humantime::format_duration(args.ttl)
-            ),
-            err,
-        )
-    })?;
+    // `check` made the same watchdog on the same TTL: this does not fail.
+    let guard = lock
+        .auto_extend_every(every)
+        .map_err(|err| CliError::context("keeping the lock extended", err))?;
     let held = guard.status();
 
-    let mut child = match child::spawn(&args.command) {
+    let mut child = match child::spawn(&args.command, args.keep_env) {
         Ok(child) => child,
         Err(err) => {
             release(guard).await;
             return Err(err);
         }
     };
+    let mut told_stopped = false;
     // Loss first: a command that ends as the lock goes did not finish under it.
     let ending = loop {
         // A healthy lock's validity never gets this close to its end: each
@@ -98,7 +88,15 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
             biased;
             () = guard.lost() => break Ending::Lost,
             signo = signals.recv() => break Ending::Signal(signo),
-            exited = child.wait() => break Ending::Exited(exited?),
+            event = child.watch() => match event? {
+                Event::Exited(exited) => break Ending::Exited(exited),
+                // Once: a stopped command is no news the second time.
+                Event::Stopped(signo) if !told_stopped => {
+                    told_stopped = true;
+                    notice!("{}", child.stopped(signo));
+                }
+                Event::Stopped(_) => {}
+            },
             () = tokio::time::sleep_until(at_risk), if !margin.is_zero() => {
                 if held.valid_until() <= Instant::now() + margin {
                     break Ending::AtRisk;
@@ -156,6 +154,91 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
             Err(lost(args, why, stopped?, &now, &token))
         }
     }
+}
+
+/// Checks `run`'s options before anything starts or connects, so that bad
+/// input is a usage error (exit 2) whatever state the instances are in, and no
+/// lock is taken only to find the TTL too short to keep.
+///
+/// The library checks a request before its first I/O, but `run` connects first
+/// (to fail fast on unreachable instances), and the watchdog's interval is
+/// checked only once the lock is held. So the same request, with the same key
+/// prefix and drift factor, is made here on an in-process [`MemoryInstance`]:
+/// the library's own rules (empty and reserved keys, the TTL's bounds and its
+/// drift allowance, metadata length, the interval), none copied here, and no
+/// new public API for them. `--grace` is qlock's own.
+pub async fn check(instances: &InstanceArgs, args: &RunArgs) -> Result<(), CliError> {
+    if args.grace > MAX_TTL {
+        return Err(CliError::usage(format!(
+            "--grace {}: longer than quorumlock::MAX_TTL",
+            humantime::format_duration(args.grace)
+        )));
+    }
+    let refused = |err| refused(instances, args, err);
+    let memory = MemoryInstance::new("check");
+    let mut builder = QuorumLocker::builder()
+        .memory(&memory)
+        .key_prefix(instances.key_prefix.clone())
+        .default_wait(args.wait);
+    if let Some(factor) = instances.drift_factor {
+        builder = builder.drift_factor(factor);
+    }
+    if let Some(timeout) = instances.instance_timeout {
+        builder = builder.instance_timeout(timeout);
+    }
+    let locker = builder.build().await.map_err(refused)?;
+    let lock = locker
+        .lock(args.key.as_str())
+        .ttl(args.ttl)
+        .metadata(metadata(args))
+        .try_acquire()
+        .await
+        .map_err(refused)?;
+    let every = extend_every(&lock);
+    let guard = lock.auto_extend_every(every).map_err(refused)?;
+    let _ = guard.release().await;
+    Ok(())
+}
+
+/// An option the library refused, named as the command line spells it.
+fn refused(instances: &InstanceArgs, args: &RunArgs, err: Error) -> CliError {
+    let ttl = humantime::format_duration(args.ttl);
+    let drift = instances
+        .drift_factor
+        .map(|factor| format!(" (with --drift-factor {factor})"))
+        .unwrap_or_default();
+    let message = match &err {
+        Error::EmptyKey | Error::ReservedKey { .. } => format!("--key {:?}: {err}", args.key),
+        Error::InvalidTtl { reason, .. } => format!("--ttl {ttl}: {reason}{drift}"),
+        Error::InvalidConfig { setting, reason } => match *setting {
+            "auto_extend_every" => format!(
+                "--ttl {ttl} is too short for qlock to keep the lock, extending it every third \
+                 of the TTL: {reason}{drift}"
+            ),
+            "metadata" => format!("--metadata: {reason}"),
+            // "{wait:?} is longer than quorumlock::MAX_TTL", in qlock's units.
+            "default_wait" => format!(
+                "--wait {}: longer than quorumlock::MAX_TTL",
+                humantime::format_duration(args.wait)
+            ),
+            "drift_factor" => format!("--drift-factor: {reason}"),
+            "instance_timeout" => format!("--instance-timeout: {reason}"),
+            _ => return CliError::context("checking the options", err),
+        },
+        _ => return CliError::context("checking the options", err),
+    };
+    CliError::usage(message)
+}
+
+/// The watchdog's interval: a third of the TTL as sent, as `auto_extend`'s.
+fn extend_every(lock: &Lock) -> Duration {
+    lock.ttl() / 3
+}
+
+fn metadata(args: &RunArgs) -> String {
+    args.metadata
+        .clone()
+        .unwrap_or_else(|| default_metadata(&args.command))
 }
 
 /// `qlock pid=4242 host=build-7 cmd=backup.sh`: who holds the lock, for
