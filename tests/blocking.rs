@@ -24,10 +24,16 @@ fn plain_threads_contend_and_drops_release_at_once() {
             .spawn(move || other.try_acquire("job", ttl))
             .join()
             .unwrap();
-        assert!(matches!(refused, Err(Error::NotAcquired { .. })), "{refused:?}");
+        assert!(
+            matches!(refused, Err(Error::NotAcquired { .. })),
+            "{refused:?}"
+        );
     });
     assert!(lock.extend(ttl).unwrap() > Duration::from_secs(9));
-    assert_eq!(locker.inspect("job").unwrap().holder(), Some(token.as_str()));
+    assert_eq!(
+        locker.inspect("job").unwrap().holder(),
+        Some(token.as_str())
+    );
     drop(lock);
     // Released before `drop` returned: nothing to wait for.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -70,7 +76,10 @@ async fn inside_a_runtime_it_refuses_rather_than_stall() {
             .unwrap()
     });
     let ttl = Duration::from_secs(1);
-    assert!(matches!(locker.acquire("job", ttl), Err(Error::InsideRuntime)));
+    assert!(matches!(
+        locker.acquire("job", ttl),
+        Err(Error::InsideRuntime)
+    ));
     // Dropped outside a runtime's thread: its runtime shuts down there.
     std::thread::scope(|scope| {
         scope.spawn(move || drop(locker));

@@ -1,18 +1,15 @@
-//! `qlock status`: raw, read-only looks at a key on every instance.
+//! `qlock status`: a read-only look at a key on every instance, through the
+//! locker's `inspect`.
 
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use quorumlock::LockValue;
 
 use crate::args::StatusArgs;
 use crate::error::{code, one_line, print, CliError};
 use crate::target::Target;
-
-/// Connecting plus one round trip; generous, since this is for people.
-const READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What one instance holds under the key.
 pub enum Seen {
@@ -32,50 +29,43 @@ pub struct Observation {
     pub seen: Seen,
 }
 
-/// Reads the key on every instance in parallel, on connections of its own (the
-/// locker's are not public), with GET and PTTL in one MULTI.
+/// Reads the key on every instance in parallel, through the locker's own
+/// `inspect`; a key no lock can have reads as unreachable everywhere (the
+/// callers here have checked it already).
 pub async fn observe(target: &Target, key: &str) -> Vec<Observation> {
-    let redis_key = target.redis_key(key);
-    let addresses: Vec<&str> = target.locker.addresses().collect();
-    let reads = target.urls.iter().enumerate().map(|(index, url)| {
-        let (redis_key, addresses) = (&redis_key, &addresses);
-        async move {
-            let read = async {
-                // The locker's client: the URL with the TLS settings given.
-                let client = match target.locker.redis_client(index) {
-                    Some(client) => client,
-                    None => redis::Client::open(url.as_str())?,
-                };
-                let mut connection = client.get_multiplexed_async_connection().await?;
-                redis::pipe()
-                    .atomic()
-                    .cmd("GET")
-                    .arg(redis_key)
-                    .cmd("PTTL")
-                    .arg(redis_key)
-                    .query_async::<(Option<Vec<u8>>, i64)>(&mut connection)
-                    .await
-            };
-            let seen = match tokio::time::timeout(READ_TIMEOUT, read).await {
-                Ok(Ok((None, _))) => Seen::Free,
-                Ok(Ok((Some(value), pttl))) => Seen::Held {
-                    value: String::from_utf8_lossy(&value).into_owned(),
-                    ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
-                },
-                Ok(Err(err)) => Seen::Unreachable(one_line(&err.to_string())),
-                Err(_) => Seen::Unreachable(format!("no answer within {READ_TIMEOUT:?}")),
-            };
-            Observation {
+    match target.locker.inspect(key).await {
+        Ok(inspection) => observations(&inspection),
+        Err(err) => target
+            .locker
+            .addresses()
+            .enumerate()
+            .map(|(index, address)| Observation {
                 index,
-                // The locker's addresses have passwords redacted; the URLs do not.
-                address: addresses
-                    .get(index)
-                    .map_or_else(|| format!("#{index}"), ToString::to_string),
-                seen,
-            }
-        }
-    });
-    join_all(reads).await
+                address: address.to_string(),
+                seen: Seen::Unreachable(one_line(&err.to_string())),
+            })
+            .collect(),
+    }
+}
+
+/// The library's inspection in this tool's terms.
+fn observations(inspection: &quorumlock::Inspection) -> Vec<Observation> {
+    inspection
+        .instances()
+        .iter()
+        .map(|instance| Observation {
+            index: instance.index,
+            address: instance.address.to_string(),
+            seen: match &instance.read {
+                Ok(None) => Seen::Free,
+                Ok(Some(holding)) => Seen::Held {
+                    value: holding.value.clone(),
+                    ttl: holding.ttl,
+                },
+                Err(reason) => Seen::Unreachable(reason.clone()),
+            },
+        })
+        .collect()
 }
 
 /// What the instances say together.
@@ -163,10 +153,8 @@ pub fn describe_ttl(ttl: Option<Duration>) -> String {
 }
 
 pub async fn status(target: &Target, args: &StatusArgs) -> Result<u8, CliError> {
-    if args.key.is_empty() {
-        return Err(quorumlock::Error::EmptyKey.into());
-    }
-    let observations = observe(target, &args.key).await;
+    // A bad key (empty, reserved) is the library's typed error.
+    let observations = observations(&target.locker.inspect(&args.key).await?);
     let quorum = target.locker.quorum();
     let mut out = String::new();
     let redis_key = target.redis_key(&args.key);
