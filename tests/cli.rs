@@ -915,3 +915,36 @@ fn a_command_dies_with_qlock() {
         panic!("CMD (pid {pid}) still running 5s after qlock was killed");
     }
 }
+
+#[test]
+fn max_hold_stops_a_command_that_hangs_and_exits_124() {
+    let cluster = cluster();
+    let urls = cluster.urls();
+    let run = spawn_qlock(
+        &urls,
+        &[
+            "run",
+            "--key",
+            "hangs",
+            "--ttl",
+            "3s",
+            "--max-hold",
+            "600ms",
+            "--grace",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    let (output, took) = wait_at_most(run, Duration::from_secs(20));
+    assert_eq!(output.status.code(), Some(124), "{}", text(&output.stderr));
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        text(&output.stderr).contains("--max-hold"),
+        "{}",
+        text(&output.stderr)
+    );
+    // Released on the way out.
+    assert_eq!(values(&urls, "hangs"), vec![None, None, None]);
+}

@@ -195,6 +195,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "TEXT")]
     pub metadata: Option<String>,
 
+    /// Stop CMD (SIGTERM, then SIGKILL after --grace) and release the lock
+    /// once it has been held this long, as timeout(1) would: exit code 124. A
+    /// CMD that hangs cannot keep the lock for ever. Default: no bound.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub max_hold: Option<Duration>,
+
     /// Leave QLOCK_REDIS_URLS in CMD's environment (by default it is removed:
     /// its URLs may hold passwords), e.g. for a CMD that runs qlock itself.
     #[arg(long)]

@@ -26,7 +26,12 @@ enum Ending {
     /// have been failing, and the command must stop before the validity ends.
     AtRisk,
     Signal(i32),
+    /// `--max-hold` has passed.
+    MaxHold,
 }
+
+/// The exit code after `--max-hold` stopped the command, as timeout(1)'s.
+const MAX_HOLD_EXIT: u8 = 124;
 
 pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
     // Before anything slow, so that Ctrl-C during the wait is ours to handle.
@@ -76,6 +81,9 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
         }
     };
     let mut told_stopped = false;
+    let hold_until = args
+        .max_hold
+        .and_then(|max_hold| held.acquired_at().checked_add(max_hold));
     // Loss first: a command that ends as the lock goes did not finish under it.
     let ending = loop {
         // A healthy lock's validity never gets this close to its end: each
@@ -97,6 +105,9 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
                 }
                 Event::Stopped(_) => {}
             },
+            () = tokio::time::sleep_until(hold_until.unwrap_or_else(Instant::now)), if hold_until.is_some() => {
+                break Ending::MaxHold;
+            }
             () = tokio::time::sleep_until(at_risk), if !margin.is_zero() => {
                 if held.valid_until() <= Instant::now() + margin {
                     break Ending::AtRisk;
@@ -108,6 +119,18 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
         Ending::Exited(exited) => {
             release(guard).await;
             Ok(child::exit_code(exited))
+        }
+        Ending::MaxHold => {
+            notice!(
+                "lock {:?} held for --max-hold: stopping the command ({}), then releasing it",
+                args.key,
+                child::stopping(args.grace, &held)
+            );
+            // The lock stays held (and extended) while the command stops.
+            let stopped = child.terminate(args.grace, &held, &mut signals).await;
+            release(guard).await;
+            stopped?;
+            Ok(MAX_HOLD_EXIT)
         }
         Ending::Signal(signo) => {
             notice!(
