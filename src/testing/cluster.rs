@@ -78,6 +78,11 @@ impl RedisCluster {
         Ok(Self { servers })
     }
 
+    /// The servers, for a fixture built on them.
+    pub(super) fn into_servers(self) -> Vec<RedisServer> {
+        self.servers
+    }
+
     /// Number of servers.
     pub fn len(&self) -> usize {
         self.servers.len()

@@ -23,6 +23,11 @@ pub struct RedisServerBuilder {
     pub(super) clock: Option<ClockSetting>,
     /// `Some`: a TLS port beside the plain one. Boxed: most servers have none.
     pub(super) tls: Option<Box<TlsFiles>>,
+    /// `Some`: read this configuration file, given as the first argument.
+    pub(super) config_file: Option<PathBuf>,
+    /// `Some`: a Redis Cluster node, with a cluster bus port of its own and its
+    /// `nodes-<port>.conf` in this directory, which outlives its restarts.
+    pub(super) cluster: Option<PathBuf>,
 }
 
 /// The PEM files a TLS server runs with; see [`RedisServerBuilder::tls`].
@@ -175,6 +180,42 @@ impl RedisServerBuilder {
             key: key.into(),
             ca: ca.into(),
         }));
+        self
+    }
+
+    /// Reads this configuration file first (`redis-server <file> ...`); the fixture's
+    /// own flags and the [`arg`](Self::arg)s follow it, so they override it.
+    ///
+    /// The server may write to the file: a Sentinel (`.arg("--sentinel")`) rewrites
+    /// its configuration with what it learns, as [`SentinelSet`] has its sentinels do,
+    /// and reads it back after [`RedisServer::restart_empty`]. Not available on the
+    /// Docker fallback ([`HarnessError::Unsupported`]).
+    ///
+    /// [`SentinelSet`]: crate::testing::SentinelSet
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// Makes the server a Redis Cluster node (`--cluster-enabled yes`) with a free
+    /// cluster bus port (`--cluster-port`) and its cluster configuration in
+    /// `dir/nodes-<port>.conf`; both survive restarts, so a restarted node keeps its
+    /// identity and rejoins. For [`ShardedCluster`](crate::testing::ShardedCluster).
+    pub(in crate::testing) fn cluster_node(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cluster = Some(dir.into());
+        self
+    }
+
+    /// Puts `args` before the ones given so far, as a fixture's defaults that the
+    /// caller's own arguments still override.
+    pub(in crate::testing) fn defaults<I>(mut self, args: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        let mut all: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        all.append(&mut self.args);
+        self.args = all;
         self
     }
 

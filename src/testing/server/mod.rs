@@ -19,9 +19,11 @@ use std::thread;
 use std::time::Duration;
 
 pub use self::builder::RedisServerBuilder;
-use self::ports::{free_port, DEFAULT_REDIS_PORT};
+use self::ports::Ports;
+pub(super) use self::process::spawn_child;
 use self::process::{Launch, Process};
-use self::ready::{answers_ping, poll_until};
+use self::ready::answers_ping;
+pub(super) use self::ready::poll_until;
 use super::clock::{self, ClockSetting};
 use super::HarnessError;
 
@@ -56,9 +58,8 @@ impl RedisServerBuilder {
 ///
 /// Persistence is off, so a killed server loses its keys, like a real crash without AOF.
 pub struct RedisServer {
-    port: u16,
-    /// The TLS port, for servers started with [`RedisServerBuilder::tls`].
-    tls_port: Option<u16>,
+    /// The plain port, and the TLS and cluster bus ports of servers that have them.
+    ports: Ports,
     paused: bool,
     backend: Backend,
 }
@@ -66,7 +67,8 @@ pub struct RedisServer {
 enum Backend {
     Process {
         bin: PathBuf,
-        config: RedisServerBuilder,
+        /// Boxed: the settings are many, and read only at (re)starts.
+        config: Box<RedisServerBuilder>,
         /// `None` once killed.
         run: Option<Process>,
     },
@@ -99,30 +101,22 @@ impl RedisServer {
     fn start_process(bin: PathBuf, config: RedisServerBuilder) -> Result<Self, HarnessError> {
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let port = free_port()?;
-            let tls_port = match config.tls {
-                Some(_) => Some(free_port()?),
-                None => None,
-            };
-            if port == DEFAULT_REDIS_PORT
-                || tls_port.is_some_and(|tls| tls == DEFAULT_REDIS_PORT || tls == port)
-            {
+            let Some(ports) = Ports::pick(config.tls.is_some(), config.cluster.is_some())? else {
                 continue;
-            }
-            match Process::launch(&bin, &config, port, tls_port)? {
+            };
+            match Process::launch(&bin, &config, ports)? {
                 Launch::Ready(run) => {
                     return Ok(Self {
-                        port,
-                        tls_port,
+                        ports,
                         paused: false,
                         backend: Backend::Process {
                             bin,
-                            config,
+                            config: Box::new(config),
                             run: Some(run),
                         },
                     })
                 }
-                // Most likely someone else bound the port first: try another one.
+                // Most likely someone else bound a port first: try others.
                 Launch::Exited(error) => last_error = Some(error),
             }
         }
@@ -142,10 +136,18 @@ impl RedisServer {
                 "a TLS server (it needs a local redis-server)",
             ));
         }
+        if config.cluster.is_some() || config.config_file.is_some() {
+            return Err(HarnessError::Unsupported(
+                "a Redis Cluster node or a configuration file (they need a local redis-server)",
+            ));
+        }
         let (port, container) = container::RedisContainer::start(config)?;
         Ok(Self {
-            port,
-            tls_port: None,
+            ports: Ports {
+                plain: port,
+                tls: None,
+                cluster_bus: None,
+            },
             paused: false,
             backend: Backend::Container(Box::new(container)),
         })
@@ -158,30 +160,38 @@ impl RedisServer {
 
     /// The TCP port, stable across [`restart_empty`](Self::restart_empty).
     pub fn port(&self) -> u16 {
-        self.port
+        self.ports.plain
     }
 
     /// `127.0.0.1:port`.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.ports.plain))
     }
 
     /// `redis://127.0.0.1:port`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://127.0.0.1:{}", self.ports.plain)
     }
 
     /// The TLS port of a server started with [`RedisServerBuilder::tls`],
     /// stable across [`restart_empty`](Self::restart_empty).
     pub fn tls_port(&self) -> Option<u16> {
-        self.tls_port
+        self.ports.tls
     }
 
     /// `rediss://127.0.0.1:tls_port`, for a server started with
     /// [`RedisServerBuilder::tls`].
     pub fn tls_url(&self) -> Option<String> {
-        self.tls_port
+        self.ports
+            .tls
             .map(|port| format!("rediss://127.0.0.1:{port}"))
+    }
+
+    /// The cluster bus port of a node of a [`ShardedCluster`](crate::testing::ShardedCluster)
+    /// (`--cluster-port`), stable across [`restart_empty`](Self::restart_empty); `None`
+    /// for a server outside a Redis Cluster.
+    pub fn cluster_bus_port(&self) -> Option<u16> {
+        self.ports.cluster_bus
     }
 
     /// The server's process id; `None` once killed, or when it runs in a container.
@@ -266,14 +276,14 @@ impl RedisServer {
     /// `PING`.
     pub fn restart_empty(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
-        let (port, tls_port) = (self.port, self.tls_port);
+        let ports = self.ports;
         match &mut self.backend {
             Backend::Process { bin, config, run } => {
                 let mut last_error = None;
                 // The old socket is normally gone once the process is reaped; retrying
                 // covers slow teardown, and reports a port taken by someone else.
                 let restarted = poll_until(REBIND_TIMEOUT, || {
-                    match Process::launch(bin, config, port, tls_port) {
+                    match Process::launch(bin, config, ports) {
                         Ok(Launch::Ready(new)) => Some(Ok(new)),
                         Ok(Launch::Exited(error)) => {
                             last_error = Some(error);
@@ -293,7 +303,7 @@ impl RedisServer {
                 Ok(())
             }
             #[cfg(feature = "testcontainers")]
-            Backend::Container(container) => container.restart(port),
+            Backend::Container(container) => container.restart(ports.plain),
         }
     }
 
@@ -357,7 +367,7 @@ impl RedisServer {
         &mut self,
         change: impl FnOnce(ClockSetting) -> ClockSetting,
     ) -> Result<(), HarnessError> {
-        let port = self.port;
+        let port = self.ports.plain;
         let (config, run) = match &mut self.backend {
             Backend::Process { config, run, .. } => (config, run),
             #[cfg(feature = "testcontainers")]
@@ -392,8 +402,9 @@ impl RedisServer {
     }
 
     fn running<'a>(&self, run: &'a Option<Process>) -> Result<&'a Process, HarnessError> {
-        run.as_ref()
-            .ok_or(HarnessError::NotRunning { port: self.port })
+        run.as_ref().ok_or(HarnessError::NotRunning {
+            port: self.ports.plain,
+        })
     }
 }
 
@@ -402,6 +413,7 @@ impl fmt::Debug for RedisServer {
         f.debug_struct("RedisServer")
             .field("url", &self.url())
             .field("tls_url", &self.tls_url())
+            .field("cluster_bus_port", &self.cluster_bus_port())
             .field("pid", &self.pid())
             .field("paused", &self.paused)
             .field("clock_rate", &self.clock_rate())

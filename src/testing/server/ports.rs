@@ -1,17 +1,55 @@
-//! Which port a server gets: a free one, never Redis's default, and whether it
-//! is the server's own.
+//! Which ports a server gets: free ones, never Redis's default, and whether
+//! they are the server's own.
 
 use std::io;
 use std::net::{Ipv4Addr, TcpListener};
 
 /// The default Redis port may belong to a real server on the developer's machine.
-pub(super) const DEFAULT_REDIS_PORT: u16 = 6379;
+const DEFAULT_REDIS_PORT: u16 = 6379;
 
 /// A port nobody listens on right now. The server binds it a moment later, so another
 /// process can still take it first: callers retry.
 pub(super) fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The ports one server listens on, kept across restarts: the plain one, and the TLS
+/// port and cluster bus port of servers that have them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ports {
+    pub(super) plain: u16,
+    pub(super) tls: Option<u16>,
+    pub(super) cluster_bus: Option<u16>,
+}
+
+impl Ports {
+    /// Free ports for a server with these needs, or `None` when the picks are unusable
+    /// (Redis's default port, or twice the same): the caller picks again.
+    pub(super) fn pick(tls: bool, cluster_bus: bool) -> io::Result<Option<Self>> {
+        let ports = Self {
+            plain: free_port()?,
+            tls: if tls { Some(free_port()?) } else { None },
+            cluster_bus: if cluster_bus {
+                Some(free_port()?)
+            } else {
+                None
+            },
+        };
+        let all: Vec<u16> = ports.all().collect();
+        let usable = all
+            .iter()
+            .enumerate()
+            .all(|(i, port)| *port != DEFAULT_REDIS_PORT && !all[..i].contains(port));
+        Ok(usable.then_some(ports))
+    }
+
+    /// Every port of the server, the plain one first.
+    pub(super) fn all(&self) -> impl Iterator<Item = u16> {
+        [Some(self.plain), self.tls, self.cluster_bus]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// Whether process `pid` holds the listening socket of `port`, read from `/proc`.

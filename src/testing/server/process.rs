@@ -13,7 +13,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::builder::RedisServerBuilder;
-use super::ports::owns_port;
+use super::ports::{owns_port, Ports};
 use super::ready::{answers_ping, poll_until};
 use crate::testing::clock;
 use crate::testing::HarnessError;
@@ -42,9 +42,9 @@ impl Process {
     pub(super) fn launch(
         bin: &Path,
         config: &RedisServerBuilder,
-        port: u16,
-        tls_port: Option<u16>,
+        ports: Ports,
     ) -> Result<Launch, HarnessError> {
+        let port = ports.plain;
         let dir = tempfile::Builder::new()
             .prefix("quorumlock-redis-")
             .tempdir()?;
@@ -63,6 +63,10 @@ impl Process {
             None => (None, Vec::new()),
         };
         let mut command = Command::new(bin);
+        if let Some(file) = &config.config_file {
+            // Redis reads a configuration file only as its first argument.
+            command.arg(file);
+        }
         command
             .arg("--port")
             .arg(port.to_string())
@@ -72,7 +76,14 @@ impl Process {
             .arg(dir.path())
             .arg("--logfile")
             .arg(&log_path);
-        if let (Some(files), Some(tls_port)) = (&config.tls, tls_port) {
+        if let (Some(dir), Some(bus)) = (&config.cluster, ports.cluster_bus) {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-port"])
+                .arg(bus.to_string())
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{port}.conf")));
+        }
+        if let (Some(files), Some(tls_port)) = (&config.tls, ports.tls) {
             command
                 .arg("--tls-port")
                 .arg(tls_port.to_string())
@@ -91,8 +102,7 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        die_with_parent(&mut command);
-        let child = spawn(command).map_err(|source| HarnessError::Spawn {
+        let child = spawn_child(command).map_err(|source| HarnessError::Spawn {
             bin: bin.to_owned(),
             source,
         })?;
@@ -107,11 +117,10 @@ impl Process {
             Ok(Some(status)) => Some(Err(format!("exited during startup ({status})"))),
             Err(error) => Some(Err(format!("could not check the process: {error}"))),
             // PONG could come from another process that won the race for this port.
-            // Redis listens on every port before it serves any, so the TLS
-            // port is ready once the plain one answers.
+            // Redis listens on every port (the TLS one, the cluster bus) before it
+            // serves any, so they are ready once the plain one answers.
             Ok(None) => (answers_ping(port)
-                && owns_port(run.child.id(), port)
-                && tls_port.is_none_or(|tls| owns_port(run.child.id(), tls)))
+                && ports.all().all(|port| owns_port(run.child.id(), port)))
             .then_some(Ok(())),
         });
         let (exited, reason) = match outcome {
@@ -225,6 +234,13 @@ fn die_with_parent(command: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut Command) {}
+
+/// Spawns `command` so that the kernel kills it with the test process: redis-server
+/// here, and the tools other fixtures run (`redis-cli --cluster create`).
+pub(in crate::testing) fn spawn_child(mut command: Command) -> io::Result<Child> {
+    die_with_parent(&mut command);
+    spawn(command)
+}
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 

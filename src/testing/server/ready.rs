@@ -9,7 +9,10 @@ const PING_TIMEOUT: Duration = Duration::from_millis(200);
 const MAX_POLL_PAUSE: Duration = Duration::from_millis(50);
 
 /// Calls `probe` with growing pauses until it returns `Some` or `timeout` has passed.
-pub(super) fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+pub(in crate::testing) fn poll_until<T>(
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
