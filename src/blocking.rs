@@ -1,4 +1,4 @@
-//! A blocking API for code that is not async (scripts, threads, sync
+//! A blocking API (cargo feature `blocking`) for code that is not async (scripts, threads, sync
 //! services), in the shape of `reqwest::blocking`: the locker runs on a small
 //! Tokio runtime of its own, each call blocks the calling thread until it is
 //! done, and dropping a lock releases it before the drop returns.

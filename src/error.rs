@@ -156,12 +156,13 @@ pub enum Error {
     #[error("quorumlock needs a Tokio runtime: build and use the locker inside one")]
     NoRuntime,
 
-    /// A [`blocking`](crate::blocking) call was made from async code, where
-    /// blocking the thread would stall its runtime: use the async API there.
+    /// A `quorumlock::blocking` call (feature `blocking`) was made from async
+    /// code, where blocking the thread would stall its runtime: use the async
+    /// API there.
     #[error("quorumlock::blocking was called inside an async runtime: use the async API there")]
     InsideRuntime,
 
-    /// The [`blocking`](crate::blocking) locker's own runtime could not start.
+    /// The `quorumlock::blocking` locker's own runtime could not start.
     #[error("quorumlock::blocking could not start its runtime: {0}")]
     Runtime(String),
 

@@ -313,6 +313,7 @@ mod guard;
 mod lock;
 mod status;
 
+#[cfg(feature = "blocking")]
 pub mod blocking;
 mod builder;
 mod health;
