@@ -9,6 +9,7 @@ use futures_util::future::join_all;
 
 use crate::instance::connect::CHECK_TIMEOUT;
 use crate::instance::{Peeked, Request};
+use crate::peer::one_line;
 use crate::shared::Shared;
 use crate::token;
 use crate::value::LockValue;
@@ -196,9 +197,4 @@ pub(crate) async fn force_release(
         .into_iter()
         .filter(|deleted| *deleted)
         .count()
-}
-
-/// An error's text on one line.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

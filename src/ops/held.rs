@@ -184,30 +184,8 @@ impl Held {
 
     /// Resolves once the lock is at risk, or lost (whichever comes first).
     pub(crate) async fn endangered(&self) {
-        let mut validity = self.validity.subscribe();
-        loop {
-            let Validity {
-                valid_until,
-                lost,
-                at_risk,
-                ..
-            } = *validity.borrow_and_update();
-            if lost || at_risk {
-                return;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(valid_until) => {
-                    if self.valid_until() <= Instant::now() {
-                        return;
-                    }
-                }
-                changed = validity.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+        self.until(|validity| validity.lost || validity.at_risk)
+            .await;
     }
 
     /// Marks the lock lost, keeping the first reason given.
@@ -238,16 +216,19 @@ impl Held {
 
     /// Resolves once the validity has run out or the lock was marked lost.
     pub(crate) async fn lost(&self) {
+        self.until(|validity| validity.lost).await;
+    }
+
+    /// Resolves once `done` holds of the validity, or it has run out.
+    async fn until(&self, done: impl Fn(&Validity) -> bool) {
         let mut validity = self.validity.subscribe();
         loop {
-            let Validity {
-                valid_until, lost, ..
-            } = *validity.borrow_and_update();
-            if lost {
+            let now = *validity.borrow_and_update();
+            if done(&now) {
                 return;
             }
             tokio::select! {
-                () = tokio::time::sleep_until(valid_until) => {
+                () = tokio::time::sleep_until(now.valid_until) => {
                     // An extend may have landed at the same instant.
                     if self.valid_until() <= Instant::now() {
                         return;

@@ -154,7 +154,9 @@ pub(super) fn verdict(speaks: &Speaks, tls: bool, err: &RedisError) -> Option<St
     }
 }
 
-fn one_line(text: &str) -> String {
+/// An error's text on one line: any run of whitespace, newlines included,
+/// as one space.
+pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 use redis::{ErrorKind, RedisError};
 use tokio::time::Instant;
 
-pub(crate) use self::explain::is_explained;
 use self::explain::{classify, verdict, Cause, Explained};
+pub(crate) use self::explain::{is_explained, one_line};
 use self::sniff::{sniff, Speaks};
 
 /// How long asking the peer may take, both questions together.
