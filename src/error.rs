@@ -106,6 +106,16 @@ pub enum Error {
         key: String,
     },
 
+    /// A locker with a Redis Cluster member was given a key that holds a `}`
+    /// but no hash tag: the keys a lock's scripts touch (its fencing counter)
+    /// could not share its slot. A key with a tag (`{job}`, `locks:{job}:run`)
+    /// or without braces works.
+    #[error("the lock key {key:?} holds a `}}` but no hash tag, so its fencing counter cannot share its Redis Cluster slot; give it a tag such as {{name}}")]
+    KeyNotForCluster {
+        /// The key given.
+        key: String,
+    },
+
     /// The builder was given no instances.
     #[error("no Redis instances were given")]
     NoInstances,

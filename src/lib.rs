@@ -288,6 +288,8 @@ mod metrics;
 mod names;
 mod quorum;
 mod retry;
+#[cfg(any(feature = "testing", feature = "cluster"))]
+mod slot;
 mod token;
 mod value;
 

@@ -19,6 +19,9 @@ pub(crate) fn fence_key(redis_key: &str) -> Arc<str> {
 }
 
 /// Whether a lock key (prefix included) would be one of ours.
+/// A cluster member's epoch hashes, one per slot, are named `EPOCH_KEY:{tag}`.
 pub(crate) fn is_reserved(redis_key: &str) -> bool {
-    redis_key.ends_with(EPOCH_KEY) || redis_key.ends_with(FENCE_SUFFIX)
+    redis_key.ends_with(EPOCH_KEY)
+        || redis_key.ends_with(FENCE_SUFFIX)
+        || redis_key.contains(&format!("{EPOCH_KEY}:{{"))
 }

@@ -78,6 +78,13 @@ impl Shared {
                 key: key.to_string(),
             });
         }
+        #[cfg(feature = "cluster")]
+        if self.settings.clustered && crate::slot::companion(&redis, names::FENCE_SUFFIX).is_none()
+        {
+            return Err(Error::KeyNotForCluster {
+                key: key.to_string(),
+            });
+        }
         Ok(LockKey {
             user: key.into(),
             redis: redis.into(),
@@ -136,6 +143,10 @@ pub(crate) struct Settings {
     /// The key prefix followed by [`EPOCH_KEY`].
     pub(crate) epoch_key: Arc<str>,
     pub(crate) policy: Policy,
+    /// A member is a Redis Cluster: lock keys must fit one (see
+    /// [`Error::KeyNotForCluster`]).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) clustered: bool,
 }
 
 /// A key as the caller gave it, and as stored in Redis (with the prefix).

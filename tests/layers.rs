@@ -16,8 +16,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "values: arithmetic, tokens, errors",
         &[
-            "address", "clock", "error", "lease", "metrics", "names", "quorum", "retry", "token",
-            "value",
+            "address", "clock", "error", "lease", "metrics", "names", "quorum", "retry", "slot",
+            "token", "value",
         ],
     ),
     (
@@ -25,6 +25,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "epoch",
             "instance",
+            "instance::cluster",
+            "instance::cluster::view",
             "instance::connect",
             "instance::memory",
             "instance::memory::adapter",

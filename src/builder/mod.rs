@@ -72,6 +72,8 @@ pub struct Builder {
 
 enum Source {
     Url(String),
+    #[cfg(feature = "cluster")]
+    Cluster(Vec<String>),
     Connection {
         name: String,
         instance: Box<dyn Instance>,
@@ -106,6 +108,45 @@ impl Builder {
     /// lazily and reconnects by itself.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.sources.push(Source::Url(url.into()));
+        self
+    }
+
+    /// Adds a Redis Cluster as one member (feature `cluster`), by the URLs of
+    /// some of its nodes (`redis://host:port`; any node will do, more than one
+    /// in case one is down). Each lock key runs on its slot's primary; the
+    /// member grants where that primary does. Members of both kinds mix freely:
+    /// `[cluster A, cluster B, single server C]`.
+    ///
+    /// On such a locker a lock key must fit one slot with its fencing counter:
+    /// a key with a hash tag (`{job}`) or without braces at all; any other
+    /// is refused as [`Error::KeyNotForCluster`]. The fencing counter of a key
+    /// without a tag is `{key}:fence` on a cluster (`key:fence` elsewhere).
+    ///
+    /// A primary that restarts, loses its keys, or is replaced by a replica
+    /// (a failover), and a slot that moves, quarantine the whole member as a
+    /// restart quarantines a server (see [`restart_quarantine`](Self::restart_quarantine)).
+    /// TLS seeds (`rediss://`) are not supported yet.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), quorumlock::Error> {
+    /// let locker = quorumlock::QuorumLocker::builder()
+    ///     .cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+    ///     .cluster(["redis://10.0.1.1:7000", "redis://10.0.1.2:7000"])
+    ///     .url("redis://10.0.2.1:6379")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I>(mut self, seeds: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.sources
+            .push(Source::Cluster(seeds.into_iter().map(Into::into).collect()));
         self
     }
 
@@ -405,18 +446,27 @@ impl Builder {
         let mut uses_tls = false;
 
         let mut members = Vec::with_capacity(n);
-        let mut identities: Vec<String> = Vec::with_capacity(n);
+        // Each member's servers as named: a cluster names several.
+        let mut identities: Vec<Vec<String>> = Vec::with_capacity(n);
+        #[cfg_attr(not(feature = "cluster"), allow(unused_mut))]
+        let mut clustered = false;
         for (index, source) in self.sources.into_iter().enumerate() {
             let (identity, address, instance) = match source {
                 Source::Url(url) => {
                     let parsed = address::parse_url(index, &url)?;
                     uses_tls |= matches!(parsed.info.addr(), ConnectionAddr::TcpTls { .. });
                     let instance = connect::lazily(index, parsed.info, &parsed.display, &tls)?;
-                    (parsed.identity, parsed.display, instance)
+                    (vec![parsed.identity], parsed.display, instance)
                 }
-                Source::Connection { name, instance } => (name.clone(), name, instance),
+                #[cfg(feature = "cluster")]
+                Source::Cluster(seeds) => {
+                    clustered = true;
+                    cluster_member(index, &seeds)?
+                }
+                Source::Connection { name, instance } => (vec![name.clone()], name, instance),
             };
-            if let Some(first) = identities.iter().position(|seen| *seen == identity) {
+            let seen_before = |seen: &Vec<String>| seen.iter().any(|name| identity.contains(name));
+            if let Some(first) = identities.iter().position(seen_before) {
                 return Err(Error::DuplicateInstance {
                     first,
                     second: index,
@@ -463,10 +513,54 @@ impl Builder {
                 epoch_key: format!("{}{EPOCH_KEY}", self.key_prefix).into(),
                 key_prefix: self.key_prefix,
                 policy,
+                clustered,
             },
             background: Background::new(),
             monitor: Monitor::new(),
             longest_ttl_ms: AtomicU64::new(0),
         }))
     }
+}
+
+/// A cluster member from its seed URLs: the servers it names, how it is shown,
+/// and the instance.
+#[cfg(feature = "cluster")]
+fn cluster_member(
+    index: usize,
+    seeds: &[String],
+) -> crate::Result<(Vec<String>, String, Box<dyn Instance>)> {
+    let Some(first) = seeds.first() else {
+        return Err(Error::InvalidConfig {
+            setting: "cluster",
+            reason: format!("member {index} names no seed node"),
+        });
+    };
+    let mut names = Vec::with_capacity(seeds.len());
+    let mut infos = Vec::with_capacity(seeds.len());
+    let mut display = String::new();
+    for seed in seeds {
+        let parsed = address::parse_url(index, seed)?;
+        let refuse = |reason: &str| Error::InvalidUrl {
+            index,
+            url: parsed.display.clone(),
+            reason: reason.to_string(),
+        };
+        match parsed.info.addr() {
+            ConnectionAddr::Tcp(..) => {}
+            ConnectionAddr::TcpTls { .. } => {
+                return Err(refuse("TLS to a Redis Cluster member is not supported yet"))
+            }
+            _ => return Err(refuse("a Redis Cluster's nodes are reached over TCP")),
+        }
+        if seed == first {
+            display = format!("cluster {}", parsed.display);
+        }
+        names.push(parsed.identity);
+        infos.push(parsed.info);
+    }
+    if seeds.len() > 1 {
+        display.push_str(&format!(" (+{} seeds)", seeds.len() - 1));
+    }
+    let instance = connect::cluster(index, infos, &display)?;
+    Ok((names, display, instance))
 }

@@ -108,3 +108,52 @@ pub(crate) fn lazily(
         sees_reconnects,
     )))
 }
+
+/// A Redis Cluster member from its seed nodes: redis-rs's cluster client,
+/// connecting on first use, with NODELAY and keep-alive. Its retries (after
+/// MOVED, ASK, TRYAGAIN or a lost connection) are few and a few milliseconds
+/// apart, so that they fit in the instance timeout; the locker bounds every call
+/// itself.
+#[cfg(feature = "cluster")]
+pub(crate) fn cluster(
+    index: usize,
+    seeds: Vec<redis::ConnectionInfo>,
+    display: &str,
+) -> crate::Result<Box<dyn Instance>> {
+    let invalid = |err: redis::RedisError| Error::InvalidUrl {
+        index,
+        url: display.to_string(),
+        reason: err.to_string(),
+    };
+    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE);
+    let tcp = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    let seed =
+        redis::Client::open(seeds[0].clone().set_tcp_settings(tcp.clone())).map_err(invalid)?;
+    let client = redis::cluster::ClusterClientBuilder::new(seeds)
+        .retries(CLUSTER_RETRIES)
+        // Waits of rand(1 ms .. min(20 ms, 2 · 2^retry ms)).
+        .min_retry_wait(1)
+        .max_retry_wait(20)
+        .retry_wait_formula(2, 2)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(CHECK_TIMEOUT)
+        .tcp_settings(tcp)
+        .build()
+        .map_err(invalid)?;
+    let config = redis::cluster::ClusterConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(CHECK_TIMEOUT);
+    let connection = client.get_pending_async_connection_with_config(config);
+    Ok(Box::new(super::cluster::ClusterInstance::new(
+        connection, seed,
+    )))
+}
+
+/// How often the cluster client tries a request again (redis-rs's default
+/// is 16, at least 1.28 s apart).
+#[cfg(feature = "cluster")]
+const CLUSTER_RETRIES: u32 = 3;

@@ -2,6 +2,8 @@
 //! instance. Every operation returns a `'static` future so that a reply still in
 //! flight when an attempt is decided can be finished in the background.
 
+#[cfg(feature = "cluster")]
+pub(crate) mod cluster;
 pub(crate) mod connect;
 pub(crate) mod memory;
 pub(crate) mod redis;
@@ -108,6 +110,11 @@ pub(crate) struct Probe {
     pub(crate) run_id: String,
     /// The server's clock (`TIME`), since the Unix epoch.
     pub(crate) server_time: Duration,
+    /// For a member of several servers (a cluster's primaries but the first),
+    /// each one's `run_id` and clock, read in the same probe: a lock on the
+    /// member lasts as long as the server holding its key lets it, so each
+    /// clock's rate is measured.
+    pub(crate) other_clocks: Vec<(Arc<str>, Duration)>,
     /// The epoch hash's id (see `epoch`), written by this probe where it was
     /// missing.
     pub(crate) epoch: Arc<str>,

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, RedisError, Script, Value};
+use redis::{ErrorKind, RedisError, Value};
 
 use super::{counted, BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request};
 use crate::peer::Peer;
-use crate::scripts;
+use crate::scripts::{self, Lua};
 
 /// A Redis instance over connection `C`; every operation clones `C`, which for
 /// multiplexed connections shares one socket.
@@ -84,12 +84,12 @@ impl Arg<'_> {
 
 /// The script a request runs and its `EVALSHA`: the one place the KEYS and
 /// ARGV each script reads (see `scripts`) are laid out.
-fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
+pub(super) fn evalsha(request: &Request<'_>) -> (&'static Lua, redis::Cmd) {
     // At most three keys and six arguments; arrays rather than vectors, on the
     // hot path of every grant and release.
     let mut keys = [""; 3];
     let mut args = [Arg::Str(""); 6];
-    let (script, nkeys, nargs): (&'static Script, usize, usize) = match *request {
+    let (script, nkeys, nargs): (&'static Lua, usize, usize) = match *request {
         Request::Grant {
             key,
             value,
@@ -99,10 +99,10 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
             epoch,
         } => {
             let script = match (retake.is_some(), fence.is_some()) {
-                (false, false) => &*scripts::SET_CHECKED,
-                (true, false) => &*scripts::RETAKE,
-                (false, true) => &*scripts::FENCED_SET,
-                (true, true) => &*scripts::FENCED_RETAKE,
+                (false, false) => &scripts::SET_CHECKED,
+                (true, false) => &scripts::RETAKE,
+                (false, true) => &scripts::FENCED_SET,
+                (true, true) => &scripts::FENCED_RETAKE,
             };
             let mut nkeys = 0;
             for name in [Some(&**key), fence.map(|f| &**f), epoch.map(|e| &*e.key)]
@@ -153,7 +153,7 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
                 Arg::Int(ttl_ms),
                 Arg::Str(if epoch_key.is_some() { "1" } else { "" }),
             ]);
-            (&*scripts::EXTEND, nkeys, 3)
+            (&scripts::EXTEND, nkeys, 3)
         }
         Request::Release {
             key,
@@ -162,7 +162,7 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
         } => {
             keys[0] = key;
             args[0] = Arg::Str(value);
-            (&*scripts::RELEASE, 1, 1)
+            (&scripts::RELEASE, 1, 1)
         }
         Request::Release {
             key,
@@ -171,7 +171,7 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
         } => {
             keys[0] = key;
             args[..3].copy_from_slice(&[Arg::Str(value), Arg::Str(channel), Arg::Str(message)]);
-            (&*scripts::RELEASE_PUBLISH, 1, 3)
+            (&scripts::RELEASE_PUBLISH, 1, 3)
         }
         Request::FenceWriteBack {
             key,
@@ -181,7 +181,7 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
         } => {
             keys[..2].copy_from_slice(&[key, fence]);
             args[..2].copy_from_slice(&[Arg::Str(value), Arg::Int(token)]);
-            (&*scripts::FENCE_WRITE_BACK, 2, 2)
+            (&scripts::FENCE_WRITE_BACK, 2, 2)
         }
     };
     let (keys, args) = (&keys[..nkeys], &args[..nargs]);
@@ -203,10 +203,43 @@ fn evalsha(request: &Request<'_>) -> (&'static Script, redis::Cmd) {
     (script, cmd)
 }
 
+/// A grant with nothing to check is a plain `SET NX PX`: no script to run.
+pub(super) fn plain_set(request: &Request<'_>) -> Option<redis::Cmd> {
+    let Request::Grant {
+        key,
+        value,
+        ttl_ms,
+        retake: None,
+        fence: None,
+        epoch: None,
+    } = *request
+    else {
+        return None;
+    };
+    let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
+    set.arg("SET")
+        .arg(&**key)
+        .arg(&**value)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl_ms);
+    Some(set)
+}
+
+/// [`plain_set`]'s answer as a [`Reply`].
+pub(super) fn set_reply(reply: Value) -> Reply {
+    match reply {
+        Value::Okay => Ok(1),
+        Value::SimpleString(ok) if ok == "OK" => Ok(1),
+        Value::Nil => Ok(0),
+        other => Err(unexpected("SET NX PX", &other)),
+    }
+}
+
 /// Runs `evalsha`; after a restart or `SCRIPT FLUSH` the server answers
 /// `NOSCRIPT`, and the script is loaded and the call repeated once.
 async fn call<C: ConnectionLike>(
-    script: &'static Script,
+    script: &'static Lua,
     evalsha: &redis::Cmd,
     connection: &mut C,
 ) -> Result<i64, RedisError> {
@@ -226,30 +259,9 @@ where
     fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
         let mut connection = self.connection.clone();
         let peer = self.peer.clone();
-        // A grant with nothing to check is a plain `SET`: no script to run.
-        if let Request::Grant {
-            key,
-            value,
-            ttl_ms,
-            retake: None,
-            fence: None,
-            epoch: None,
-        } = *request
-        {
-            let mut set = redis::Cmd::with_capacity(6, 32 + key.len() + value.len());
-            set.arg("SET")
-                .arg(&**key)
-                .arg(&**value)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms);
+        if let Some(set) = plain_set(request) {
             return Box::pin(async move {
-                match explained(peer, set.query_async::<Value>(&mut connection).await).await? {
-                    Value::Okay => Ok(1),
-                    Value::SimpleString(ok) if ok == "OK" => Ok(1),
-                    Value::Nil => Ok(0),
-                    other => Err(unexpected("SET NX PX", &other)),
-                }
+                set_reply(explained(peer, set.query_async::<Value>(&mut connection).await).await?)
             });
         }
         let (script, evalsha) = evalsha(request);
@@ -347,6 +359,7 @@ where
             Ok(Probe {
                 run_id,
                 server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
+                other_clocks: Vec::new(),
                 epoch: epoch.into(),
                 longest_ttl: longest_ttl(longest_ms.as_deref()),
             })
@@ -357,7 +370,7 @@ where
 /// The epoch hash's `ttl` field: milliseconds, or missing. Anything else (an
 /// operator's edit) is taken as the longest TTL there can be: a quarantine too
 /// long only costs availability, one too short costs exclusion.
-fn longest_ttl(field: Option<&str>) -> Duration {
+pub(super) fn longest_ttl(field: Option<&str>) -> Duration {
     match field.map(str::parse::<u64>) {
         None => Duration::ZERO,
         Some(Ok(ms)) => Duration::from_millis(ms).min(crate::MAX_TTL),

@@ -59,6 +59,9 @@ struct Standing {
     /// The identity above has been compared with every other member's.
     identity_checked: bool,
     clock: RateEstimator,
+    /// The other servers' clocks, by `run_id`, for a member of several (see
+    /// `Probe::other_clocks`).
+    other_clocks: Vec<(Arc<str>, RateEstimator)>,
     /// The bound on the clock's rate, refitted at each probe: attempts read it,
     /// and a fit per attempt would cost more than the rest of the attempt's
     /// bookkeeping.
@@ -72,6 +75,47 @@ struct Standing {
     unreachable: bool,
     /// When the probe now out was sent.
     probing_since: Option<Instant>,
+}
+
+impl Standing {
+    /// Records the other servers' clocks; a server no longer in the probe
+    /// (a primary gone from the cluster) is forgotten.
+    fn record_others(&mut self, clocks: &[(Arc<str>, Duration)], sent: Instant, received: Instant) {
+        self.other_clocks
+            .retain(|(id, _)| clocks.iter().any(|(other, _)| other == id));
+        for (id, time) in clocks {
+            let index = match self.other_clocks.iter().position(|(known, _)| known == id) {
+                Some(index) => index,
+                None => {
+                    self.other_clocks
+                        .push((Arc::clone(id), RateEstimator::default()));
+                    self.other_clocks.len() - 1
+                }
+            };
+            self.other_clocks[index].1.record(sent, received, *time);
+        }
+    }
+
+    /// The bound on the fastest clock: a member's lock may sit on any of its
+    /// servers. None until every server's clock has one.
+    fn rate_bound(&self) -> Option<f64> {
+        self.other_clocks
+            .iter()
+            .map(|(_, clock)| clock.bound())
+            .try_fold(self.clock.bound()?, |fastest, bound| {
+                Some(fastest.max(bound?))
+            })
+    }
+
+    /// The fastest clock's rate, where measured.
+    fn rate(&self) -> Option<f64> {
+        self.other_clocks
+            .iter()
+            .filter_map(|(_, clock)| clock.rate())
+            .fold(self.clock.rate(), |fastest, rate| {
+                Some(fastest.map_or(rate, |f| f.max(rate)))
+            })
+    }
 }
 
 /// What an instance may be asked to grant with: the identity its grants must
@@ -310,6 +354,7 @@ impl InstanceState {
             .is_some_and(|known| known != &*probe.epoch);
         if restarted {
             standing.clock.reset();
+            standing.other_clocks.clear();
             standing.rate = None;
             standing.rate_bound = None;
             // Measured afresh at the quicker pace, also when a health check
@@ -337,8 +382,9 @@ impl InstanceState {
             standing.identity_checked = false;
         }
         standing.clock.record(sent, received, probe.server_time);
-        standing.rate_bound = standing.clock.bound();
-        standing.rate = standing.clock.rate();
+        standing.record_others(&probe.other_clocks, sent, received);
+        standing.rate_bound = standing.rate_bound();
+        standing.rate = standing.rate();
     }
 
     /// Whether the instance lost its keys and has not voted since (its

@@ -112,6 +112,7 @@ impl Instance for MemoryInstance {
             Ok(Probe {
                 run_id: store.run_id.clone(),
                 server_time: now,
+                other_clocks: Vec::new(),
                 epoch,
                 longest_ttl: Duration::from_millis(longest_ms).min(crate::MAX_TTL),
             })

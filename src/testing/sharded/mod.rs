@@ -10,7 +10,7 @@
 //! nodes say and the check that they agree; in `slot`, the hash slot of a key.
 
 mod create;
-mod slot;
+
 mod topology;
 
 use std::time::{Duration, Instant};
@@ -202,7 +202,7 @@ impl ShardedCluster {
     /// assert_eq!(ShardedCluster::key_slot("{user1}.name"), ShardedCluster::key_slot("user1"));
     /// ```
     pub fn key_slot(key: impl AsRef<[u8]>) -> u16 {
-        slot::key_slot(key.as_ref())
+        crate::slot::key_slot(key.as_ref())
     }
 
     /// The node that serves `slot` now, as the first running node sees it.
@@ -212,7 +212,7 @@ impl ShardedCluster {
     /// [`HarnessError::InvalidRequest`] for a slot of 16384 or more, or one no node
     /// serves; as for [`primaries`](Self::primaries) otherwise.
     pub fn slot_primary(&self, slot: u16) -> Result<usize, HarnessError> {
-        if slot >= slot::SLOTS {
+        if slot >= crate::slot::SLOTS {
             return Err(invalid(format!(
                 "there is no slot {slot}: slots are 0..16384"
             )));

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::slot::SLOTS;
+use crate::slot::SLOTS;
 use crate::testing::probe::{info_field, query, unexpected};
 use crate::testing::server::RedisServer;
 use crate::testing::HarnessError;

@@ -1,0 +1,521 @@
+//! A Redis Cluster as one quorum member (feature `cluster`): each key runs on
+//! its slot's primary through redis-rs's cluster client, and the member's
+//! defences apply to each primary.
+//!
+//! - **Keys.** Every key one script touches shares the lock key's slot: the
+//!   fencing counter is `{key}:fence` for a key without a hash tag (which hashes
+//!   as `key` does) and `key:fence` for one with a tag; the epoch hash is one
+//!   per slot, `…quorumlock:epoch:{t}` with `t` a tag of that slot.
+//! - **Restarts and failovers.** A grant checks, in its script, the slot's
+//!   epoch id and the `run_id` of the primary the last probe saw serving the
+//!   slot: a primary that restarted, lost its keys, or was replaced by a
+//!   replica refuses. The first grant in a slot writes the slot's epoch hash
+//!   and checks the node answering is that primary and still holds its anchor.
+//! - **What the standing sees** (see `view`): one `run_id` for the slot map and
+//!   every primary's `run_id`, one epoch for the primaries' data sets; a change
+//!   of either quarantines the whole member, as a restart of a server does.
+//! - **Clocks.** Each primary's clock is probed and its rate measured; the
+//!   member's bound is the fastest's.
+//! - **Timeouts.** The cluster client retries a few times, a few milliseconds
+//!   apart (MOVED and ASK are followed within the instance timeout); the locker
+//!   bounds every call itself.
+
+pub(crate) mod view;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::future::{join_all, try_join_all};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{ErrorKind, RedisError, Value};
+
+use self::view::{Primary, View};
+use super::redis::{evalsha, longest_ttl, plain_set, set_reply};
+use super::{counted, BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request};
+use crate::epoch::{self, Epoch};
+use crate::names::FENCE_SUFFIX;
+use crate::scripts::{self, Lua};
+use crate::slot;
+
+/// A Redis Cluster member.
+pub(crate) struct ClusterInstance {
+    connection: ClusterConnection,
+    /// A client of the first seed node, for the release messages: `PUBLISH`
+    /// reaches every node of a cluster.
+    seed: redis::Client,
+    known: Arc<Mutex<Known>>,
+}
+
+/// What the member has learnt since its last probe.
+#[derive(Default)]
+struct Known {
+    view: Option<Arc<View>>,
+    /// The epoch id of each slot a grant has verified under `view`.
+    slots: HashMap<u16, Arc<str>>,
+    /// How many slots a grant found changed: part of the epoch, so that the
+    /// next probe quarantines the member.
+    changed: u64,
+    /// Each slot's epoch hash key, once made (its tag takes a search).
+    keys: HashMap<u16, Arc<str>>,
+}
+
+impl Known {
+    fn slot_key(&mut self, epoch_key: &str, slot: u16) -> Arc<str> {
+        Arc::clone(
+            self.keys
+                .entry(slot)
+                .or_insert_with(|| format!("{epoch_key}:{{{}}}", slot::tag_for(slot)).into()),
+        )
+    }
+}
+
+impl ClusterInstance {
+    pub(crate) fn new(connection: ClusterConnection, seed: redis::Client) -> Self {
+        Self {
+            connection,
+            seed,
+            known: Arc::default(),
+        }
+    }
+}
+
+fn lock(known: &Mutex<Known>) -> MutexGuard<'_, Known> {
+    known.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The fencing counter's key on a cluster: in the lock key's slot.
+fn fence_of(key: &str) -> Result<Arc<str>, RedisError> {
+    slot::companion(key, FENCE_SUFFIX)
+        .map(Arc::from)
+        .ok_or_else(|| {
+            RedisError::from((
+                ErrorKind::Client,
+                "key not fit for a cluster",
+                format!(
+                    "{key} holds a `}}` but no hash tag: its fencing counter cannot share its slot"
+                ),
+            ))
+        })
+}
+
+/// Runs a script on the node serving `key`: after a restart the node answers
+/// `NOSCRIPT`, and the script is loaded there (only there: a cluster-wide
+/// `SCRIPT LOAD` fails while any node is down) and the call repeated once.
+async fn call(
+    connection: &mut ClusterConnection,
+    script: &'static Lua,
+    command: &redis::Cmd,
+    key: &str,
+) -> Result<i64, RedisError> {
+    match command.query_async(connection).await {
+        Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(script.code);
+            let node = Route::new(slot::key_slot(key.as_bytes()), SlotAddr::Master);
+            connection
+                .route_command(
+                    load,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(node)),
+                )
+                .await?;
+            command.query_async(connection).await
+        }
+        other => other,
+    }
+}
+
+/// Runs `request` as it is (its keys already in one slot).
+async fn run(connection: &mut ClusterConnection, request: &Request<'_>) -> Reply {
+    if let Some(set) = plain_set(request) {
+        return set_reply(set.query_async(connection).await?);
+    }
+    let (script, command) = evalsha(request);
+    counted(call(connection, script, &command, first_key(request)).await?)
+}
+
+fn first_key<'a>(request: &Request<'a>) -> &'a str {
+    match *request {
+        Request::Grant { key, .. }
+        | Request::Extend { key, .. }
+        | Request::Release { key, .. }
+        | Request::FenceWriteBack { key, .. } => key,
+    }
+}
+
+/// Raises the longest TTL on every primary's anchor to `ttl_ms`, before a
+/// grant or extend that sets it.
+async fn raise_anchors(
+    connection: &ClusterConnection,
+    view: &View,
+    ttl_ms: u64,
+) -> Result<(), RedisError> {
+    try_join_all(view.primaries.iter().map(|primary| {
+        let mut connection = connection.clone();
+        let mut raise = redis::cmd("EVALSHA");
+        raise
+            .arg(scripts::RAISE_TTL.get_hash())
+            .arg(1)
+            .arg(&*primary.anchor)
+            .arg(ttl_ms);
+        let anchor = Arc::clone(&primary.anchor);
+        async move { call(&mut connection, &scripts::RAISE_TTL, &raise, &anchor).await }
+    }))
+    .await
+    .map(|_| ())
+}
+
+/// The first grant in `slot`: writes the slot's epoch hash where missing, and
+/// checks that the node holding it is `primary` and still holds its anchor id.
+/// In that order: a node that lost its keys before the first step has lost its
+/// anchor; one that loses them after it loses the slot's hash, which the grant
+/// checks.
+async fn verify_slot(
+    connection: &mut ClusterConnection,
+    slot_key: &str,
+    primary: &Primary,
+) -> Result<Arc<str>, RedisError> {
+    let candidate = Epoch::generate()?;
+    let mut learn = redis::cmd("EVALSHA");
+    learn
+        .arg(scripts::SLOT_EPOCH.get_hash())
+        .arg(1)
+        .arg(slot_key)
+        .arg(&*candidate);
+    let (id, run_id): (Option<String>, Option<String>) = match learn.query_async(connection).await {
+        Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(scripts::SLOT_EPOCH.code)
+                .arg(1)
+                .arg(slot_key)
+                .arg(&*candidate);
+            eval.query_async(connection).await?
+        }
+        other => other?,
+    };
+    if run_id.as_deref() != Some(&*primary.run_id) {
+        return Err(epoch::changed());
+    }
+    let mut anchor = redis::cmd("HGET");
+    anchor.arg(&*primary.anchor).arg("id");
+    let held = connection
+        .route_command(
+            anchor,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: primary.host.clone(),
+                port: primary.port,
+            }),
+        )
+        .await?;
+    let held: Option<String> = redis::from_redis_value(held).map_err(RedisError::from)?;
+    if held.as_deref() != Some(&*primary.anchor_id) {
+        return Err(epoch::changed());
+    }
+    id.filter(|id| !id.is_empty())
+        .map(Arc::from)
+        .ok_or_else(|| view::unexpected("the slot's epoch hash holds no id"))
+}
+
+impl ClusterInstance {
+    /// A grant checked against the member's identity: see the module's
+    /// documentation.
+    fn checked_grant(&self, request: &Request<'_>, checked: &Epoch) -> BoxFuture<Reply> {
+        let Request::Grant {
+            key,
+            value,
+            ttl_ms,
+            retake,
+            fence,
+            ..
+        } = *request
+        else {
+            unreachable!("only grants are checked");
+        };
+        let mut connection = self.connection.clone();
+        let known = Arc::clone(&self.known);
+        let (key, value, retake) = (Arc::clone(key), Arc::clone(value), retake.cloned());
+        let fence = fence.map(|_| fence_of(&key));
+        let checked = checked.clone();
+        Box::pin(async move {
+            let fence = fence.transpose()?;
+            let slot = slot::key_slot(key.as_bytes());
+            let (view, slot_key, verified) = {
+                let mut known = lock(&known);
+                let view = known.view.clone().filter(|view| {
+                    view.epoch == checked.id
+                        && checked
+                            .run_id
+                            .as_ref()
+                            .is_none_or(|run| *run == view.run_id)
+                });
+                let Some(view) = view else {
+                    return Err(epoch::changed());
+                };
+                let slot_key = known.slot_key(&checked.key, slot);
+                let verified = known.slots.get(&slot).cloned();
+                (view, slot_key, verified)
+            };
+            let Some(primary) = view.primary_of(slot).cloned() else {
+                // No primary served the slot at the last probe.
+                return Err(epoch::changed());
+            };
+            let id = match verified {
+                Some(id) => id,
+                None => {
+                    let id = verify_slot(&mut connection, &slot_key, &primary).await?;
+                    let mut known = lock(&known);
+                    if known
+                        .view
+                        .as_ref()
+                        .is_some_and(|now| Arc::ptr_eq(now, &view))
+                    {
+                        known.slots.insert(slot, Arc::clone(&id));
+                    }
+                    id
+                }
+            };
+            if checked.raise {
+                raise_anchors(&connection, &view, ttl_ms).await?;
+            }
+            let epoch = Epoch {
+                key: slot_key,
+                id,
+                run_id: Some(Arc::clone(&primary.run_id)),
+                raise: false,
+            };
+            let grant = Request::Grant {
+                key: &key,
+                value: &value,
+                ttl_ms,
+                retake: retake.as_ref(),
+                fence: fence.as_ref(),
+                epoch: Some(&epoch),
+            };
+            let reply = run(&mut connection, &grant).await;
+            if reply.as_ref().is_err_and(epoch::is_changed) {
+                let mut known = lock(&known);
+                known.slots.remove(&slot);
+                known.changed += 1;
+            }
+            reply
+        })
+    }
+}
+
+impl Instance for ClusterInstance {
+    fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
+        let mut connection = self.connection.clone();
+        match *request {
+            Request::Grant {
+                epoch: Some(checked),
+                ..
+            } => self.checked_grant(request, checked),
+            Request::Grant {
+                key,
+                value,
+                ttl_ms,
+                retake,
+                fence,
+                epoch: None,
+            } => {
+                let fence = fence.map(|_| fence_of(key));
+                let (key, value, retake) = (Arc::clone(key), Arc::clone(value), retake.cloned());
+                Box::pin(async move {
+                    let fence = fence.transpose()?;
+                    let grant = Request::Grant {
+                        key: &key,
+                        value: &value,
+                        ttl_ms,
+                        retake: retake.as_ref(),
+                        fence: fence.as_ref(),
+                        epoch: None,
+                    };
+                    run(&mut connection, &grant).await
+                })
+            }
+            Request::Extend {
+                key,
+                value,
+                ttl_ms,
+                epoch_key,
+            } => {
+                let view = epoch_key.and(lock(&self.known).view.clone());
+                let (key, value) = (Arc::clone(key), Arc::clone(value));
+                Box::pin(async move {
+                    if let Some(view) = view {
+                        raise_anchors(&connection, &view, ttl_ms).await?;
+                    }
+                    let extend = Request::Extend {
+                        key: &key,
+                        value: &value,
+                        ttl_ms,
+                        epoch_key: None,
+                    };
+                    run(&mut connection, &extend).await
+                })
+            }
+            Request::Release { .. } => {
+                let (script, command) = evalsha(request);
+                let key = first_key(request).to_string();
+                Box::pin(
+                    async move { counted(call(&mut connection, script, &command, &key).await?) },
+                )
+            }
+            Request::FenceWriteBack {
+                key, value, token, ..
+            } => {
+                let fence = fence_of(key);
+                let (key, value) = (Arc::clone(key), Arc::clone(value));
+                Box::pin(async move {
+                    let fence = fence?;
+                    let write = Request::FenceWriteBack {
+                        key: &key,
+                        fence: &fence,
+                        value: &value,
+                        token,
+                    };
+                    run(&mut connection, &write).await
+                })
+            }
+        }
+    }
+
+    fn pubsub(&self) -> Option<PubSubSource> {
+        Some(PubSubSource::Redis(Box::new(self.seed.clone())))
+    }
+
+    fn peek(&self, key: &Arc<str>) -> BoxFuture<Result<Option<Peeked>, RedisError>> {
+        let mut connection = self.connection.clone();
+        let mut read = redis::cmd("EVAL");
+        read.arg(r#"return {redis.call("GET", KEYS[1]), redis.call("PTTL", KEYS[1])}"#)
+            .arg(1)
+            .arg(&**key);
+        Box::pin(async move {
+            let (value, pttl): (Option<Vec<u8>>, i64) = read.query_async(&mut connection).await?;
+            Ok(value.map(|value| Peeked {
+                value: String::from_utf8_lossy(&value).into_owned(),
+                ttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+            }))
+        })
+    }
+
+    fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {
+        let scripts = scripts::all()
+            .into_iter()
+            .chain([&scripts::SLOT_EPOCH, &scripts::RAISE_TTL]);
+        let loads: Vec<_> = scripts
+            .map(|script| {
+                let mut connection = self.connection.clone();
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(script.code);
+                async move { load.query_async::<Value>(&mut connection).await }
+            })
+            .collect();
+        Box::pin(async move {
+            // To every node (replicas too: one may be promoted).
+            try_join_all(loads).await.map(|_| ())
+        })
+    }
+
+    fn probe(
+        &self,
+        epoch_key: &Arc<str>,
+        candidate: &Arc<str>,
+    ) -> BoxFuture<Result<Probe, RedisError>> {
+        let connection = self.connection.clone();
+        let known = Arc::clone(&self.known);
+        let (epoch_key, candidate) = (Arc::clone(epoch_key), Arc::clone(candidate));
+        Box::pin(async move { probe(connection, &known, &epoch_key, &candidate).await })
+    }
+}
+
+/// One probe of the cluster: its slot map, then each primary's identity,
+/// clock and anchor, in one round trip per primary.
+async fn probe(
+    mut connection: ClusterConnection,
+    known: &Mutex<Known>,
+    epoch_key: &str,
+    candidate: &str,
+) -> Result<Probe, RedisError> {
+    let mut slots = redis::cmd("CLUSTER");
+    slots.arg("SLOTS");
+    let reply = connection
+        .route_command(
+            slots,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    let (ranges, addresses) = view::parse_slots(reply)?;
+    let anchors: Vec<Arc<str>> = {
+        let mut known = lock(known);
+        addresses
+            .iter()
+            .map(|(_, first)| known.slot_key(epoch_key, *first))
+            .collect()
+    };
+    let answers = join_all(
+        addresses
+            .iter()
+            .zip(&anchors)
+            .map(|((address, _), anchor)| {
+                let mut connection = connection.clone();
+                let mut pipe = redis::pipe();
+                pipe.cmd("INFO")
+                    .arg("server")
+                    .cmd("TIME")
+                    .cmd("HSETNX")
+                    .arg(&**anchor)
+                    .arg("id")
+                    .arg(candidate)
+                    .cmd("HMGET")
+                    .arg(&**anchor)
+                    .arg("id")
+                    .arg("ttl");
+                let route = SingleNodeRoutingInfo::ByAddress {
+                    host: address.host.clone(),
+                    port: address.port,
+                };
+                async move { connection.route_pipeline(pipe, 0, 4, route).await }
+            }),
+    )
+    .await;
+    let mut primaries = Vec::with_capacity(addresses.len());
+    let mut clocks = Vec::with_capacity(addresses.len());
+    let mut longest = Duration::ZERO;
+    for (((address, _), anchor), answer) in addresses.into_iter().zip(anchors).zip(answers) {
+        let answer = view::parse_answer(answer?)?;
+        longest = longest.max(longest_ttl(answer.longest_ttl_ms.as_deref()));
+        clocks.push((Arc::clone(&answer.run_id), answer.server_time));
+        primaries.push(Primary {
+            host: address.host,
+            port: address.port,
+            run_id: answer.run_id,
+            anchor,
+            anchor_id: answer.anchor_id,
+        });
+    }
+    let mut known = lock(known);
+    let view = Arc::new(View::new(ranges, primaries, known.changed));
+    let same = known
+        .view
+        .as_ref()
+        .is_some_and(|old| old.run_id == view.run_id && old.epoch == view.epoch);
+    if !same {
+        // Verified under another slot map or data set: verified again.
+        known.slots.clear();
+    }
+    known.view = Some(Arc::clone(&view));
+    drop(known);
+    let mut clocks = clocks.into_iter();
+    let (_, server_time) = clocks
+        .next()
+        .ok_or_else(|| view::unexpected("CLUSTER SLOTS names no primary"))?;
+    Ok(Probe {
+        run_id: view.run_id.to_string(),
+        server_time,
+        other_clocks: clocks.collect(),
+        epoch: Arc::clone(&view.epoch),
+        longest_ttl: longest,
+    })
+}
