@@ -224,3 +224,222 @@ async fn a_failover_quarantines_the_member() {
     ));
     drop(lock);
 }
+
+#[test]
+fn qlock_runs_a_command_under_a_lock_on_clusters() {
+    let (a, b) = (start(3, 0), start(3, 0));
+    let c = RedisServer::start().unwrap();
+    let qlock = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_qlock"));
+        command
+            .env_remove("QLOCK_REDIS_URLS")
+            .env_remove("QLOCK_KEY_PREFIX")
+            .arg("--redis")
+            .arg(c.url())
+            .arg("--cluster")
+            .arg(a.urls().join(","))
+            .arg("--cluster")
+            .arg(&b.urls()[1]);
+        command
+    };
+    let output = qlock()
+        .args([
+            "run",
+            "--key",
+            "{nightly}:report",
+            "--",
+            "sh",
+            "-c",
+            "echo ran",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "ran");
+    // A key that cannot fit a slot is a usage error, before CMD starts.
+    let output = qlock()
+        .args(["run", "--key", "a}b", "--", "sh", "-c", "echo ran"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("hash tag"));
+    let health = qlock().arg("health").output().unwrap();
+    assert!(health.status.success(), "{health:?}");
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains("cluster redis://"),
+        "{health:?}"
+    );
+}
+
+/// Workers with fresh lockers at the defaults (no `prepare`) contend for a few
+/// keys on `[cluster A, cluster B, single C]` while A's primaries are restarted
+/// empty and killed and B fails over to a replica; the checker finds no two
+/// holders of one key at once and no fencing token out of order, and no lock
+/// key is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_overlap_through_restarts_and_failovers_of_cluster_primaries() {
+    use quorumlock::testing::Checker;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    const WORKERS: usize = 6;
+    const KEYS: [&str; 3] = ["ledger", "{acct-1}:ledger", "cron"];
+    let mut a = start(3, 0);
+    let mut b = start(3, 1);
+    let c = RedisServer::start().unwrap();
+    let checker = Checker::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let (a, b, c) = (a.urls(), b.urls(), c.url());
+        let (checker, stop) = (checker.clone(), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move {
+            let locker = QuorumLocker::builder()
+                .cluster(a)
+                .cluster(b)
+                .url(c)
+                .build()
+                .await
+                .unwrap();
+            let mut held = 0;
+            // Bounded in count as well as by the stop flag.
+            for round in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = KEYS[(worker + round) % KEYS.len()];
+                let attempt = locker
+                    .lock(key)
+                    .ttl(Duration::from_millis(800))
+                    .wait(Duration::from_millis(300))
+                    .fenced()
+                    .acquire()
+                    .await;
+                let Ok(lock) = attempt else { continue };
+                let start = Instant::now();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let end = Instant::now().min(lock.valid_until());
+                checker.record_fenced(key, worker, start, end, lock.fencing_token());
+                let _ = lock.release().await;
+                held += 1;
+            }
+            locker.settle().await;
+            held
+        }));
+    }
+    let faults = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        let primary = a.primaries().unwrap()[0];
+        a.node_mut(primary).restart_empty().unwrap();
+        a.wait_until_ok(Duration::from_secs(30)).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let primary = b.primary_for_key("ledger").unwrap();
+        let replica = b.replicas_of(primary).unwrap()[0];
+        b.failover(replica).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let primary = a.primary_for_key("cron").unwrap();
+        a.node_mut(primary).kill().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        (a, b)
+    });
+    let (a, b) = faults.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.unwrap();
+    }
+    let violations = checker.violations();
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(
+        checker.stale_tokens().is_empty(),
+        "{:?}",
+        checker.stale_tokens()
+    );
+    assert!(total > 50, "only {total} locks held");
+    eprintln!("{total} locks held, 0 overlaps");
+    // No lock key left on the servers that are up.
+    let mut left = lock_keys_running(&a).await;
+    left.extend(lock_keys_running(&b).await);
+    assert!(left.is_empty(), "{left:?}");
+    drop(c);
+}
+
+/// As `lock_keys`, on the primaries still running.
+async fn lock_keys_running(cluster: &ShardedCluster) -> Vec<String> {
+    let mut keys = Vec::new();
+    for node in cluster.nodes().iter().filter(|node| node.is_running()) {
+        let client = redis::Client::open(node.url()).expect("url");
+        let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let all: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_default();
+        keys.extend(
+            all.into_iter()
+                .filter(|key| !key.contains("quorumlock:epoch") && !key.ends_with(":fence")),
+        );
+    }
+    keys
+}
+
+/// The restart hole, on one primary of a cluster: a holder has `job` on the
+/// cluster A and on B (C was out of its reach); A's primary for `job` restarts
+/// empty. A second locker that knew A before the restart must not count A's
+/// grant: it would get A and C, two of three, while the first still holds the
+/// lock.
+#[tokio::test]
+async fn a_locker_that_knew_the_primary_does_not_count_its_grant_after_a_restart() {
+    let mut a = start(3, 0);
+    let b = RedisServer::start().unwrap();
+    let c = RedisServer::start().unwrap();
+    // The holder's third instance is unreachable (nothing listens on port 1).
+    let holder = QuorumLocker::builder()
+        .cluster(a.urls())
+        .url(b.url())
+        .url("redis://127.0.0.1:1")
+        .build()
+        .await
+        .unwrap();
+    let witness = QuorumLocker::builder()
+        .cluster(a.urls())
+        .url(b.url())
+        .url(c.url())
+        .build()
+        .await
+        .unwrap();
+    witness.prepare().await.unwrap();
+    // The witness has granted in the key's slot before.
+    witness
+        .try_acquire("job", TTL)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let held = holder
+        .lock("job")
+        .ttl(TTL)
+        .wait(Duration::from_secs(10))
+        .acquire()
+        .await
+        .unwrap();
+    let primary = a.primary_for_key("job").unwrap();
+    a.node_mut(primary).restart_empty().unwrap();
+    a.wait_until_ok(Duration::from_secs(30)).unwrap();
+    for _ in 0..20 {
+        match witness.try_acquire("job", TTL).await {
+            Err(Error::NotAcquired { .. }) => {}
+            Ok(second) => panic!(
+                "a second holder while the first holds the lock for {:?} more",
+                held.remaining().min(second.remaining())
+            ),
+            Err(other) => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.release().await.unwrap();
+}

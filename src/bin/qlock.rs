@@ -72,7 +72,7 @@ fn execute(cli: Cli) -> Result<u8, CliError> {
     // Local servers, if qlock starts its own, live until the end of this function.
     let instances = Instances::resolve(&cli.instances)?;
     let result = runtime.block_on(async {
-        let target = Target::build(&instances.urls, &cli.instances).await?;
+        let target = Target::build(&instances, &cli.instances).await?;
         let result = match &cli.command {
             Command::Run(args) => run::run(&target, args).await,
             Command::Status(args) => status::status(&target, args).await,

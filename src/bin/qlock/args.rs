@@ -21,7 +21,7 @@ pub const SECRET_VARS: &[&str] = &[REDIS_URLS_VAR];
 /// Distributed locks over N Redis instances (Redlock), from the shell.
 ///
 /// Instances come from repeated --redis URL or QLOCK_REDIS_URLS (comma
-/// separated). With neither, qlock starts 3 local redis-server processes for the
+/// separated), and --cluster for Redis Cluster members. With neither, qlock starts 3 local redis-server processes for the
 /// duration of the command (a demo: they share this machine's fate).
 #[derive(Debug, Parser)]
 #[command(name = "qlock", version, after_help = EXIT_CODES_HELP)]
@@ -46,6 +46,13 @@ pub struct InstanceArgs {
         global = true
     )]
     pub redis: Vec<String>,
+
+    /// A Redis Cluster as one instance, by one or more of its nodes'
+    /// redis:// URLs (commas between the nodes of one cluster); repeat for
+    /// more clusters. It follows the --redis instances in the quorum's order.
+    /// Lock keys must then have a hash tag ({name}) or no braces at all.
+    #[arg(long = "cluster", value_name = "URL[,URL…]", global = true)]
+    pub cluster: Vec<String>,
 
     /// Instances that must grant a lock [default: a majority, N/2 + 1].
     #[arg(long, value_name = "N", global = true)]

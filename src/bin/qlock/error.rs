@@ -88,6 +88,7 @@ impl From<Error> for CliError {
             | Error::InvalidConfig { .. }
             | Error::EmptyKey
             | Error::ReservedKey { .. }
+            | Error::KeyNotForCluster { .. }
             | Error::NoInstances
             | Error::DuplicateInstance { .. } => code::USAGE,
             _ => code::FAILURE,

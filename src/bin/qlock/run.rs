@@ -231,7 +231,9 @@ fn refused(instances: &InstanceArgs, args: &RunArgs, err: Error) -> CliError {
         .map(|factor| format!(" (with --drift-factor {factor})"))
         .unwrap_or_default();
     let message = match &err {
-        Error::EmptyKey | Error::ReservedKey { .. } => format!("--key {:?}: {err}", args.key),
+        Error::EmptyKey | Error::ReservedKey { .. } | Error::KeyNotForCluster { .. } => {
+            format!("--key {:?}: {err}", args.key)
+        }
         Error::InvalidTtl { reason, .. } => format!("--ttl {ttl}: {reason}{drift}"),
         Error::InvalidConfig { setting, reason } => match *setting {
             "auto_extend_every" => format!(

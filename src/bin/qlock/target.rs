@@ -17,6 +17,8 @@ const EMBEDDED_INSTANCES: usize = 3;
 /// its own (they stop when this is dropped).
 pub struct Instances {
     pub urls: Vec<String>,
+    /// The Redis Cluster members, each by its seed nodes' URLs.
+    pub clusters: Vec<Vec<String>>,
     _cluster: Option<RedisCluster>,
 }
 
@@ -31,9 +33,27 @@ impl Instances {
             .filter(|url| !url.is_empty())
             .map(String::from)
             .collect();
-        if !urls.is_empty() {
+        let clusters: Vec<Vec<String>> = args
+            .cluster
+            .iter()
+            .map(|seeds| {
+                seeds
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|url| !url.is_empty())
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if clusters.iter().any(Vec::is_empty) {
+            return Err(CliError::usage(
+                "--cluster needs the URL of at least one of its nodes",
+            ));
+        }
+        if !urls.is_empty() || !clusters.is_empty() {
             return Ok(Self {
                 urls,
+                clusters,
                 _cluster: None,
             });
         }
@@ -51,6 +71,7 @@ impl Instances {
         );
         Ok(Self {
             urls,
+            clusters,
             _cluster: Some(cluster),
         })
     }
@@ -59,8 +80,10 @@ impl Instances {
 /// A locker over the instances, with what raw reads of a key need.
 pub struct Target {
     pub locker: QuorumLocker,
-    /// In the locker's order.
+    /// In the locker's order: the single servers, then the clusters.
     pub urls: Vec<String>,
+    /// How many Redis Cluster members follow the URLs.
+    pub clusters: usize,
     /// The settings given, for lockers built later over the same instances.
     settings: InstanceArgs,
 }
@@ -111,10 +134,15 @@ fn tls(builder: Builder, args: &InstanceArgs) -> Result<Builder, CliError> {
 impl Target {
     /// Builds the locker; a bad URL, quorum, drift factor or timeout is a usage
     /// error. Connects to nothing yet.
-    pub async fn build(urls: &[String], args: &InstanceArgs) -> Result<Self, CliError> {
+    pub async fn build(instances: &Instances, args: &InstanceArgs) -> Result<Self, CliError> {
+        let builder = builder(args)?.urls(instances.urls.iter().cloned());
+        let builder = instances.clusters.iter().fold(builder, |builder, seeds| {
+            builder.cluster(seeds.iter().cloned())
+        });
         Ok(Self {
-            locker: builder(args)?.urls(urls.iter().cloned()).build().await?,
-            urls: urls.to_vec(),
+            locker: builder.build().await?,
+            urls: instances.urls.clone(),
+            clusters: instances.clusters.len(),
             settings: args.clone(),
         })
     }
@@ -128,6 +156,11 @@ impl Target {
         slow: usize,
         latency: Duration,
     ) -> Result<(QuorumLocker, Vec<FaultProxy>), CliError> {
+        if self.clusters > 0 {
+            return Err(CliError::usage(
+                "bench --latency slows single servers only: leave out --cluster",
+            ));
+        }
         let n = self.urls.len();
         let mut builder = builder(&self.settings)?;
         let mut proxies = Vec::new();
