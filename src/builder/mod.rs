@@ -481,6 +481,17 @@ impl Builder {
                 state: Arc::new(InstanceState::new()),
             });
         }
+        if clustered && self.key_prefix.contains(['{', '}']) {
+            // A brace in the prefix would make its own hash tag, or break the
+            // one of the key after it: a lock's keys would land in other slots.
+            return Err(Error::InvalidConfig {
+                setting: "key_prefix",
+                reason: format!(
+                    "{:?} holds a brace, which a Redis Cluster member would read as a hash tag",
+                    self.key_prefix
+                ),
+            });
+        }
         #[cfg(feature = "tls")]
         if let Some(setting) = self.tls.any_setting().filter(|_| !uses_tls) {
             // Most likely a redis:// URL meant to be rediss://.

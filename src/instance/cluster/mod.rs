@@ -14,6 +14,10 @@
 //! - **What the standing sees** (see `view`): one `run_id` for the slot map and
 //!   every primary's `run_id`, one epoch for the primaries' data sets; a change
 //!   of either quarantines the whole member, as a restart of a server does.
+//! - **The longest TTL.** Before a grant or extend, every primary's anchor
+//!   that records less gets the TTL; each probe writes the longest it read
+//!   onto anchors that came back empty, so that the record outlives any one
+//!   primary's restart.
 //! - **Clocks.** Each primary's clock is probed and its rate measured; the
 //!   member's bound is the fastest's.
 //! - **Timeouts.** The cluster client retries a few times, a few milliseconds
@@ -28,7 +32,7 @@ use std::time::Duration;
 
 use futures_util::future::{join_all, try_join_all};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ErrorKind, RedisError, Value};
 
 use self::view::{Primary, View};
@@ -100,27 +104,26 @@ fn fence_of(key: &str) -> Result<Arc<str>, RedisError> {
         })
 }
 
-/// Runs a script on the node serving `key`: after a restart the node answers
-/// `NOSCRIPT`, and the script is loaded there (only there: a cluster-wide
-/// `SCRIPT LOAD` fails while any node is down) and the call repeated once.
+/// Runs a script by `EVALSHA`; a node that answers `NOSCRIPT` (restarted, or
+/// new to the cluster) gets the script's source by `EVAL`, which loads it
+/// there and follows an `ASK` to the node importing the slot (a `SCRIPT
+/// LOAD` routed by the slot map would reach the old owner instead).
 async fn call(
     connection: &mut ClusterConnection,
     script: &'static Lua,
     command: &redis::Cmd,
-    key: &str,
 ) -> Result<i64, RedisError> {
     match command.query_async(connection).await {
         Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(script.code);
-            let node = Route::new(slot::key_slot(key.as_bytes()), SlotAddr::Master);
-            connection
-                .route_command(
-                    load,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(node)),
-                )
-                .await?;
-            command.query_async(connection).await
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(script.code);
+            // After `EVALSHA` and the hash: the key count, keys and arguments.
+            for arg in command.args_iter().skip(2) {
+                if let redis::Arg::Simple(bytes) = arg {
+                    eval.arg(bytes);
+                }
+            }
+            eval.query_async(connection).await
         }
         other => other,
     }
@@ -132,38 +135,56 @@ async fn run(connection: &mut ClusterConnection, request: &Request<'_>) -> Reply
         return set_reply(set.query_async(connection).await?);
     }
     let (script, command) = evalsha(request);
-    counted(call(connection, script, &command, first_key(request)).await?)
+    counted(call(connection, script, &command).await?)
 }
 
-fn first_key<'a>(request: &Request<'a>) -> &'a str {
-    match *request {
-        Request::Grant { key, .. }
-        | Request::Extend { key, .. }
-        | Request::Release { key, .. }
-        | Request::FenceWriteBack { key, .. } => key,
-    }
-}
-
-/// Raises the longest TTL on every primary's anchor to `ttl_ms`, before a
-/// grant or extend that sets it.
+/// Raises the longest TTL on every primary's anchor that records less than
+/// `ttl_ms`, before a grant or extend that sets it: whichever primary loses
+/// its keys later, the others then know how long its locks may last. An anchor
+/// that came back empty from a restart is raised at the next such grant (and
+/// by the next probe, see [`heal_anchors`]).
 async fn raise_anchors(
     connection: &ClusterConnection,
     view: &View,
     ttl_ms: u64,
 ) -> Result<(), RedisError> {
-    try_join_all(view.primaries.iter().map(|primary| {
-        let mut connection = connection.clone();
-        let mut raise = redis::cmd("EVALSHA");
-        raise
-            .arg(scripts::RAISE_TTL.get_hash())
-            .arg(1)
-            .arg(&*primary.anchor)
-            .arg(ttl_ms);
-        let anchor = Arc::clone(&primary.anchor);
-        async move { call(&mut connection, &scripts::RAISE_TTL, &raise, &anchor).await }
-    }))
+    let ttl = Duration::from_millis(ttl_ms);
+    try_join_all(
+        view.primaries
+            .iter()
+            .filter(|primary| primary.longest_ttl < ttl)
+            .map(|primary| raise(connection.clone(), &primary.anchor, ttl_ms)),
+    )
     .await
     .map(|_| ())
+}
+
+/// Raises one anchor's `ttl` to `ttl_ms` where lower.
+async fn raise(
+    mut connection: ClusterConnection,
+    anchor: &str,
+    ttl_ms: u64,
+) -> Result<i64, RedisError> {
+    let mut raise = redis::cmd("EVALSHA");
+    raise
+        .arg(scripts::RAISE_TTL.get_hash())
+        .arg(1)
+        .arg(anchor)
+        .arg(ttl_ms);
+    call(&mut connection, &scripts::RAISE_TTL, &raise).await
+}
+
+/// Writes the longest TTL the probe read onto the anchors that record less
+/// (a primary that restarted empty): the record then survives the other
+/// primaries' restarts. Best effort: the next probe tries again.
+async fn heal_anchors(connection: &ClusterConnection, view: &View, longest: Duration) {
+    let ms = u64::try_from(longest.as_millis()).unwrap_or(u64::MAX);
+    let behind = view
+        .primaries
+        .iter()
+        .filter(|primary| primary.longest_ttl < longest)
+        .map(|primary| raise(connection.clone(), &primary.anchor, ms));
+    let _ = join_all(behind).await;
 }
 
 /// The first grant in `slot`: writes the slot's epoch hash where missing, and
@@ -275,9 +296,9 @@ impl ClusterInstance {
                     id
                 }
             };
-            if checked.raise {
-                raise_anchors(&connection, &view, ttl_ms).await?;
-            }
+            // Every anchor, not only where `checked.raise` says the member's
+            // longest is below: one primary's may lag the others'.
+            raise_anchors(&connection, &view, ttl_ms).await?;
             let epoch = Epoch {
                 key: slot_key,
                 id,
@@ -340,7 +361,9 @@ impl Instance for ClusterInstance {
                 ttl_ms,
                 epoch_key,
             } => {
-                let view = epoch_key.and(lock(&self.known).view.clone());
+                // Raised as a grant raises them, whatever `epoch_key` says.
+                let view = lock(&self.known).view.clone();
+                let _ = epoch_key;
                 let (key, value) = (Arc::clone(key), Arc::clone(value));
                 Box::pin(async move {
                     if let Some(view) = view {
@@ -357,10 +380,7 @@ impl Instance for ClusterInstance {
             }
             Request::Release { .. } => {
                 let (script, command) = evalsha(request);
-                let key = first_key(request).to_string();
-                Box::pin(
-                    async move { counted(call(&mut connection, script, &command, &key).await?) },
-                )
+                Box::pin(async move { counted(call(&mut connection, script, &command).await?) })
             }
             Request::FenceWriteBack {
                 key, value, token, ..
@@ -463,6 +483,8 @@ async fn probe(
                 let mut pipe = redis::pipe();
                 pipe.cmd("INFO")
                     .arg("server")
+                    .cmd("INFO")
+                    .arg("replication")
                     .cmd("TIME")
                     .cmd("HSETNX")
                     .arg(&**anchor)
@@ -476,7 +498,7 @@ async fn probe(
                     host: address.host.clone(),
                     port: address.port,
                 };
-                async move { connection.route_pipeline(pipe, 0, 4, route).await }
+                async move { connection.route_pipeline(pipe, 0, 5, route).await }
             }),
     )
     .await;
@@ -485,28 +507,34 @@ async fn probe(
     let mut longest = Duration::ZERO;
     for (((address, _), anchor), answer) in addresses.into_iter().zip(anchors).zip(answers) {
         let answer = view::parse_answer(answer?)?;
-        longest = longest.max(longest_ttl(answer.longest_ttl_ms.as_deref()));
+        let recorded = longest_ttl(answer.longest_ttl_ms.as_deref());
+        longest = longest.max(recorded);
         clocks.push((Arc::clone(&answer.run_id), answer.server_time));
         primaries.push(Primary {
             host: address.host,
             port: address.port,
             run_id: answer.run_id,
+            replication_id: answer.replication_id,
             anchor,
             anchor_id: answer.anchor_id,
+            longest_ttl: recorded,
         });
     }
-    let mut known = lock(known);
-    let view = Arc::new(View::new(ranges, primaries, known.changed));
-    let same = known
-        .view
-        .as_ref()
-        .is_some_and(|old| old.run_id == view.run_id && old.epoch == view.epoch);
-    if !same {
-        // Verified under another slot map or data set: verified again.
-        known.slots.clear();
-    }
-    known.view = Some(Arc::clone(&view));
-    drop(known);
+    let view = {
+        let mut known = lock(known);
+        let view = Arc::new(View::new(ranges, primaries, known.changed));
+        let same = known
+            .view
+            .as_ref()
+            .is_some_and(|old| old.run_id == view.run_id && old.epoch == view.epoch);
+        if !same {
+            // Verified under another slot map or data set: verified again.
+            known.slots.clear();
+        }
+        known.view = Some(Arc::clone(&view));
+        view
+    };
+    heal_anchors(&connection, &view, longest).await;
     let mut clocks = clocks.into_iter();
     let (_, server_time) = clocks
         .next()

@@ -22,10 +22,15 @@ pub(super) struct Primary {
     pub(super) host: String,
     pub(super) port: u16,
     pub(super) run_id: Arc<str>,
+    /// `master_replid`: a promotion gives the new primary a new one, so that a
+    /// failover and a failback between two probes still change the view.
+    pub(super) replication_id: Arc<str>,
     /// The epoch hash of the first slot it serves: its id stands for the
     /// primary's data set, its `ttl` for the longest TTL set on the primary.
     pub(super) anchor: Arc<str>,
     pub(super) anchor_id: Arc<str>,
+    /// The longest TTL the anchor records, as read.
+    pub(super) longest_ttl: Duration,
 }
 
 /// The slot map and primaries of one probe, and the identities made of them.
@@ -49,7 +54,7 @@ impl View {
         let mut data = DefaultHasher::new();
         for &(start, end, primary) in &ranges {
             let primary = &primaries[primary];
-            (start, end, &*primary.run_id).hash(&mut servers);
+            (start, end, &*primary.run_id, &*primary.replication_id).hash(&mut servers);
             (start, &*primary.anchor_id).hash(&mut data);
         }
         changed.hash(&mut data);
@@ -153,34 +158,41 @@ fn slot(value: Value) -> Result<u16, RedisError> {
     Ok(slot)
 }
 
-/// One primary's answer to the probe's pipeline: `INFO server`, `TIME`,
-/// `HSETNX` of its anchor, `HMGET` of the anchor's `id` and `ttl`.
+/// One primary's answer to the probe's pipeline: `INFO server`, `INFO
+/// replication`, `TIME`, `HSETNX` of its anchor, `HMGET` of the anchor's `id`
+/// and `ttl`.
 pub(super) struct Answer {
     pub(super) run_id: Arc<str>,
+    pub(super) replication_id: Arc<str>,
     pub(super) server_time: Duration,
     pub(super) anchor_id: Arc<str>,
     pub(super) longest_ttl_ms: Option<String>,
 }
 
 pub(super) fn parse_answer(replies: Vec<Value>) -> Result<Answer, RedisError> {
-    let [info, time, _set, read]: [Value; 4] = replies
+    let [info, replication, time, _set, read]: [Value; 5] = replies
         .try_into()
         .map_err(|_| unexpected("a primary's probe answered the wrong number of replies"))?;
     let info: String = redis::from_redis_value(info).map_err(RedisError::from)?;
     let (seconds, micros): (u64, u64) = redis::from_redis_value(time).map_err(RedisError::from)?;
     let (id, ttl): (Option<String>, Option<String>) =
         redis::from_redis_value(read).map_err(RedisError::from)?;
-    let run_id = info
-        .lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(|id| Arc::from(id.trim()))
-        .ok_or_else(|| unexpected("INFO server has no run_id"))?;
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map(|value| Arc::from(value.trim()))
+    };
+    let run_id = field(&info, "run_id").ok_or_else(|| unexpected("INFO server has no run_id"))?;
+    let replication: String = redis::from_redis_value(replication).map_err(RedisError::from)?;
+    let replication_id = field(&replication, "master_replid")
+        .ok_or_else(|| unexpected("INFO replication has no master_replid"))?;
     let anchor_id = id
         .filter(|id| !id.is_empty())
         .map(Arc::from)
         .ok_or_else(|| unexpected("the epoch hash holds no id"))?;
     Ok(Answer {
         run_id,
+        replication_id,
         server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
         anchor_id,
         longest_ttl_ms: ttl,
@@ -204,8 +216,10 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 7000,
             run_id: run_id.into(),
+            replication_id: "x".into(),
             anchor: "a".into(),
             anchor_id: anchor_id.into(),
+            longest_ttl: Duration::ZERO,
         }
     }
 
