@@ -341,6 +341,7 @@ pub use handoff::RELEASE_CHANNEL_PREFIX;
 pub use health::{Health, InstanceHealth};
 pub use inspect::{Holding, Inspection, KeyOnInstance};
 pub use instance::memory::MemoryInstance;
+pub use instance::sentinel::SentinelMember;
 pub use lease::MAX_TTL;
 pub use lock::Lock;
 pub use locker::QuorumLocker;

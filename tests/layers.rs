@@ -34,6 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "instance::memory::faults",
             "instance::memory::store",
             "instance::redis",
+            "instance::sentinel",
             "peer",
             "peer::explain",
             "peer::sniff",

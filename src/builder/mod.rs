@@ -74,6 +74,7 @@ enum Source {
     Url(String),
     #[cfg(feature = "cluster")]
     Cluster(Vec<String>),
+    Sentinel(crate::SentinelMember),
     Connection {
         name: String,
         instance: Box<dyn Instance>,
@@ -147,6 +148,33 @@ impl Builder {
     {
         self.sources
             .push(Source::Cluster(seeds.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Adds a Sentinel-managed primary as one member: the member asks the
+    /// Sentinels where the primary is and follows a failover to the replica
+    /// promoted. A failover quarantines the member as a restart does (the
+    /// replica may lack recent locks); [`SentinelMember::wait_for_replicas`]
+    /// makes each grant wait until replicas have it. Waiters are not woken
+    /// through this member's releases ([`wake_waiters`](Self::wake_waiters)):
+    /// they retry. TLS to Sentinels is not supported yet.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), quorumlock::Error> {
+    /// use quorumlock::{QuorumLocker, SentinelMember};
+    ///
+    /// let locker = QuorumLocker::builder()
+    ///     .sentinel(SentinelMember::new("locks", ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"]))
+    ///     .url("redis://10.0.1.1:6379")
+    ///     .url("redis://10.0.2.1:6379")
+    ///     .build()
+    ///     .await?;
+    /// # drop(locker); Ok(()) }
+    /// ```
+    pub fn sentinel(mut self, member: crate::SentinelMember) -> Self {
+        self.sources.push(Source::Sentinel(member));
         self
     }
 
@@ -463,6 +491,7 @@ impl Builder {
                     clustered = true;
                     cluster_member(index, &seeds)?
                 }
+                Source::Sentinel(member) => sentinel_member(index, &member)?,
                 Source::Connection { name, instance } => (vec![name.clone()], name, instance),
             };
             let seen_before = |seen: &Vec<String>| seen.iter().any(|name| identity.contains(name));
@@ -574,4 +603,50 @@ fn cluster_member(
     }
     let instance = connect::cluster(index, infos, &display)?;
     Ok((names, display, instance))
+}
+
+/// A Sentinel member: the Sentinels it names (and its service), how it is
+/// shown, and the instance.
+fn sentinel_member(
+    index: usize,
+    member: &crate::SentinelMember,
+) -> crate::Result<(Vec<String>, String, Box<dyn Instance>)> {
+    if member.sentinels.is_empty() || member.service.is_empty() {
+        return Err(Error::InvalidConfig {
+            setting: "sentinel",
+            reason: format!("member {index} needs a service name and at least one Sentinel URL"),
+        });
+    }
+    if member.wait.is_some_and(|(replicas, _)| replicas == 0) {
+        return Err(Error::InvalidConfig {
+            setting: "wait_for_replicas",
+            reason: "0 replicas would wait for nothing".to_string(),
+        });
+    }
+    let mut names = Vec::with_capacity(member.sentinels.len());
+    let mut clients = Vec::with_capacity(member.sentinels.len());
+    let mut display = String::new();
+    for url in &member.sentinels {
+        let parsed = address::parse_url(index, url)?;
+        if !matches!(parsed.info.addr(), ConnectionAddr::Tcp(..)) {
+            return Err(Error::InvalidUrl {
+                index,
+                url: parsed.display,
+                reason: "Sentinels are reached over plain TCP (TLS is not supported yet)"
+                    .to_string(),
+            });
+        }
+        if display.is_empty() {
+            display = format!("sentinel {:?} via {}", member.service, parsed.display);
+        }
+        names.push(format!("{}@{}", member.service, parsed.identity));
+        let client = redis::Client::open(parsed.info).map_err(|err| Error::InvalidUrl {
+            index,
+            url: parsed.display.clone(),
+            reason: err.to_string(),
+        })?;
+        clients.push(client);
+    }
+    let instance = crate::instance::sentinel::SentinelInstance::new(member, clients);
+    Ok((names, display, Box::new(instance)))
 }

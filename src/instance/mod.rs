@@ -7,6 +7,7 @@ pub(crate) mod cluster;
 pub(crate) mod connect;
 pub(crate) mod memory;
 pub(crate) mod redis;
+pub(crate) mod sentinel;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,373 @@
+//! A Sentinel-managed primary as one quorum member (feature `sentinel`): the
+//! member asks the Sentinels where the primary is, talks to it over one
+//! multiplexed connection, and follows a failover to the new primary.
+//!
+//! - **Following.** Every probe asks a Sentinel for the primary's address
+//!   (`SENTINEL get-master-addr-by-name`) and checks the server there says it
+//!   is a primary (`ROLE`); a new address gets a new connection. A request
+//!   that fails on the connection, or that a demoted primary refuses
+//!   (`READONLY`), drops it, and the next probe connects afresh.
+//! - **A failover is a restart.** The promoted replica has the epoch hash
+//!   (replicated long ago) but another `run_id`, and asynchronous replication
+//!   may have lost recent locks: every grant checks the `run_id` (this member
+//!   never counts on a reconnect failing a request), and the probe that sees
+//!   the new `run_id` quarantines the member for the longest TTL.
+//! - **`WAIT` after a grant** (opt-in, [`SentinelMember::wait_for_replicas`]):
+//!   a grant counts only once that many replicas acknowledged it, so that a
+//!   promoted replica has it. Otherwise the vote fails, and the attempt rolls
+//!   the key back as for any failed vote.
+//!
+//! redis-rs's own Sentinel client opens a new connection to the primary each
+//! time it resolves it (to check its role); the member resolves every probe,
+//! so it keeps its connections instead.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, RedisError, Value};
+
+use super::connect::CONNECT_TIMEOUT;
+use super::redis::RedisInstance;
+use super::{BoxFuture, Instance, Peeked, Probe, Reply, Request};
+
+/// A Sentinel-managed primary, as given to
+/// [`Builder::sentinel`](crate::Builder::sentinel): the service name the
+/// Sentinels monitor, their URLs, and how the member treats grants.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run() -> Result<(), quorumlock::Error> {
+/// use std::time::Duration;
+/// use quorumlock::{QuorumLocker, SentinelMember};
+///
+/// let member = SentinelMember::new(
+///     "locks",
+///     ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"],
+/// )
+/// .wait_for_replicas(1, Duration::from_millis(20));
+/// let locker = QuorumLocker::builder()
+///     .sentinel(member)
+///     .url("redis://10.0.1.1:6379")
+///     .url("redis://10.0.2.1:6379")
+///     .build()
+///     .await?;
+/// # drop(locker); Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SentinelMember {
+    pub(crate) service: String,
+    pub(crate) sentinels: Vec<String>,
+    pub(crate) wait: Option<(usize, Duration)>,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+}
+
+impl SentinelMember {
+    /// The primary the Sentinels at `sentinels` (`redis://host:port` URLs,
+    /// with the Sentinels' own credentials if any) monitor as `service`.
+    pub fn new<I>(service: impl Into<String>, sentinels: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self {
+            service: service.into(),
+            sentinels: sentinels.into_iter().map(Into::into).collect(),
+            wait: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// Counts a grant only once `replicas` replicas acknowledged it (`WAIT
+    /// replicas timeout`), so that a failover to one of them keeps the lock.
+    /// Costs a replication round trip per grant, and fails every grant while
+    /// fewer replicas are in sync. `timeout` is what `WAIT` waits, within the
+    /// instance timeout.
+    #[must_use]
+    pub fn wait_for_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.wait = Some((replicas, timeout));
+        self
+    }
+
+    /// The password (and user, for ACLs) of the primary and replicas, where
+    /// they need one: the Sentinels' URLs carry only the Sentinels' own.
+    #[must_use]
+    pub fn auth(mut self, username: Option<String>, password: impl Into<String>) -> Self {
+        self.username = username;
+        self.password = Some(password.into());
+        self
+    }
+}
+
+/// The member: where the primary is, and how to reach it.
+pub(crate) struct SentinelInstance {
+    service: Arc<str>,
+    sentinels: Arc<[redis::Client]>,
+    wait: Option<(usize, Duration)>,
+    auth: (Option<String>, Option<String>),
+    current: Arc<Mutex<Option<Current>>>,
+}
+
+/// The primary the member talks to now.
+#[derive(Clone)]
+struct Current {
+    host: String,
+    port: u16,
+    connection: MultiplexedConnection,
+}
+
+fn lock(current: &Mutex<Option<Current>>) -> MutexGuard<'_, Option<Current>> {
+    current.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl SentinelInstance {
+    pub(crate) fn new(member: &SentinelMember, sentinels: Vec<redis::Client>) -> Self {
+        Self {
+            service: member.service.as_str().into(),
+            sentinels: sentinels.into(),
+            wait: member.wait,
+            auth: (member.username.clone(), member.password.clone()),
+            current: Arc::default(),
+        }
+    }
+
+    /// The connection to the primary, if the member has one.
+    fn connection(&self) -> Result<(MultiplexedConnection, String, u16), RedisError> {
+        lock(&self.current)
+            .as_ref()
+            .map(|current| {
+                (
+                    current.connection.clone(),
+                    current.host.clone(),
+                    current.port,
+                )
+            })
+            .ok_or_else(|| {
+                RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "no primary known yet: the next probe asks the Sentinels",
+                ))
+            })
+    }
+}
+
+impl SentinelInstance {
+    /// The connection to the primary, found through the Sentinels where the
+    /// member has none (off the grants' path: they fail at once instead).
+    fn primary(&self) -> BoxFuture<Result<MultiplexedConnection, RedisError>> {
+        let kept = self.connection().ok();
+        let sentinels = Arc::clone(&self.sentinels);
+        let service = Arc::clone(&self.service);
+        let current = Arc::clone(&self.current);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            match kept {
+                Some((connection, _, _)) => Ok(connection),
+                None => Ok(follow(&sentinels, &service, &current, &auth).await?.0),
+            }
+        })
+    }
+}
+
+/// Drops the connection to `host:port` after `err`, where it means the
+/// connection or the server's role went: the next probe connects afresh.
+fn forget_on(current: &Mutex<Option<Current>>, host: &str, port: u16, err: &RedisError) {
+    let readonly = err.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+    if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || readonly {
+        let mut current = lock(current);
+        if current
+            .as_ref()
+            .is_some_and(|now| now.host == host && now.port == port)
+        {
+            *current = None;
+        }
+    }
+}
+
+/// Asks the Sentinels, in order, where the primary is.
+async fn resolve(sentinels: &[redis::Client], service: &str) -> Result<(String, u16), RedisError> {
+    let mut last = None;
+    for sentinel in sentinels {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        let answer = async {
+            let mut connection = sentinel
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(service)
+                .query_async::<Option<(String, u16)>>(&mut connection)
+                .await
+        };
+        match answer.await {
+            Ok(Some(address)) => return Ok(address),
+            Ok(None) => {
+                last = Some(RedisError::from((
+                    ErrorKind::Client,
+                    "unknown service",
+                    format!("the Sentinels monitor no primary named {service:?}"),
+                )))
+            }
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        RedisError::from((
+            ErrorKind::Client,
+            "no Sentinel",
+            "none was given".to_string(),
+        ))
+    }))
+}
+
+impl Instance for SentinelInstance {
+    fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
+        let (connection, host, port) = match self.connection() {
+            Ok(found) => found,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
+        let current = Arc::clone(&self.current);
+        let wait = self
+            .wait
+            .filter(|_| matches!(request, Request::Grant { .. }));
+        let mut waiting = connection.clone();
+        let run = RedisInstance::new(connection).eval(request);
+        Box::pin(async move {
+            let reply = run.await;
+            let reply = match (reply, wait) {
+                (Ok(granted), Some((replicas, timeout))) if granted > 0 => {
+                    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                    let acknowledged: Result<usize, RedisError> = redis::cmd("WAIT")
+                        .arg(replicas)
+                        .arg(ms)
+                        .query_async(&mut waiting)
+                        .await;
+                    match acknowledged {
+                        Ok(acked) if acked >= replicas => Ok(granted),
+                        Ok(acked) => Err(RedisError::from((
+                            ErrorKind::Client,
+                            "not replicated",
+                            format!("{acked} of the {replicas} replicas asked for acknowledged the grant in {timeout:?}"),
+                        ))),
+                        Err(err) => Err(err),
+                    }
+                }
+                (reply, _) => reply,
+            };
+            if let Err(err) = &reply {
+                forget_on(&current, &host, port, err);
+            }
+            reply
+        })
+    }
+
+    fn peek(&self, key: &Arc<str>) -> BoxFuture<Result<Option<Peeked>, RedisError>> {
+        let key = Arc::clone(key);
+        let primary = self.primary();
+        Box::pin(async move { RedisInstance::new(primary.await?).peek(&key).await })
+    }
+
+    fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {
+        let primary = self.primary();
+        Box::pin(async move { RedisInstance::new(primary.await?).load_scripts().await })
+    }
+
+    fn probe(
+        &self,
+        epoch_key: &Arc<str>,
+        candidate: &Arc<str>,
+    ) -> BoxFuture<Result<Probe, RedisError>> {
+        let sentinels = Arc::clone(&self.sentinels);
+        let service = Arc::clone(&self.service);
+        let current = Arc::clone(&self.current);
+        let auth = self.auth.clone();
+        let (epoch_key, candidate) = (Arc::clone(epoch_key), Arc::clone(candidate));
+        Box::pin(async move {
+            let (mut connection, host, port) =
+                follow(&sentinels, &service, &current, &auth).await?;
+            let checked = async {
+                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut connection).await?;
+                let primary =
+                    matches!(role.first(), Some(Value::BulkString(role)) if role == b"master");
+                if !primary {
+                    return Err(RedisError::from((
+                        ErrorKind::Client,
+                        "not a primary",
+                        format!("{host}:{port}, where the Sentinels place the primary, is a replica (mid-failover)"),
+                    )));
+                }
+                RedisInstance::new(connection.clone())
+                    .probe(&epoch_key, &candidate)
+                    .await
+            };
+            let answer = checked.await;
+            if let Err(err) = &answer {
+                forget_on(&current, &host, port, err);
+                if err.kind() == ErrorKind::Client {
+                    *lock(&current) = None;
+                }
+            }
+            answer
+        })
+    }
+}
+
+/// The connection to the primary where the Sentinels place it now: the one
+/// kept if it goes there, a new one if not.
+async fn follow(
+    sentinels: &[redis::Client],
+    service: &str,
+    current: &Mutex<Option<Current>>,
+    auth: &(Option<String>, Option<String>),
+) -> Result<(MultiplexedConnection, String, u16), RedisError> {
+    let (host, port) = resolve(sentinels, service).await?;
+    let known = lock(current)
+        .as_ref()
+        .filter(|now| now.host == host && now.port == port)
+        .map(|now| now.connection.clone());
+    let connection = match known {
+        Some(connection) => connection,
+        None => {
+            let connection = connect(&host, port, auth).await?;
+            *lock(current) = Some(Current {
+                host: host.clone(),
+                port,
+                connection: connection.clone(),
+            });
+            connection
+        }
+    };
+    Ok((connection, host, port))
+}
+
+/// A connection to the primary at `host:port`, with NODELAY; redis-rs's
+/// response timeout off (the locker bounds every call).
+async fn connect(
+    host: &str,
+    port: u16,
+    (username, password): &(Option<String>, Option<String>),
+) -> Result<MultiplexedConnection, RedisError> {
+    let mut redis = redis::RedisConnectionInfo::default();
+    if let Some(username) = username {
+        redis = redis.set_username(username);
+    }
+    if let Some(password) = password {
+        redis = redis.set_password(password);
+    }
+    let info = redis::ConnectionAddr::Tcp(host.to_string(), port)
+        .into_connection_info()?
+        .set_redis_settings(redis)
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info)?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None);
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
