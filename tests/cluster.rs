@@ -443,3 +443,123 @@ async fn a_locker_that_knew_the_primary_does_not_count_its_grant_after_a_restart
     }
     held.release().await.unwrap();
 }
+
+/// As above, through a slot migrated between primaries mid-run (`ASK` and
+/// `TRYAGAIN` for as long as it lasts) and a primary paused for a second:
+/// no overlap, no stale token, no key left, and no call much past its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_overlap_through_a_slot_migration_and_a_paused_primary() {
+    use quorumlock::testing::Checker;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    const WORKERS: usize = 4;
+    const KEYS: [&str; 3] = ["{mig}:a", "{mig}:b", "other"];
+    const WAIT: Duration = Duration::from_millis(300);
+    let mut a = start(3, 0);
+    let (b, c) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
+    let checker = Checker::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let longest = Arc::new(Mutex::new(Duration::ZERO));
+    let mut workers = Vec::new();
+    for worker in 0..WORKERS {
+        let (a, b, c) = (a.urls(), b.url(), c.url());
+        let (checker, stop, longest) = (checker.clone(), Arc::clone(&stop), Arc::clone(&longest));
+        workers.push(tokio::spawn(async move {
+            let locker = QuorumLocker::builder()
+                .cluster(a)
+                .url(b)
+                .url(c)
+                .build()
+                .await
+                .unwrap();
+            let mut held = 0;
+            for round in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = KEYS[(worker + round) % KEYS.len()];
+                let asked = Instant::now();
+                let attempt = locker
+                    .lock(key)
+                    .ttl(Duration::from_millis(800))
+                    .wait(WAIT)
+                    .fenced()
+                    .acquire()
+                    .await;
+                let call = asked.elapsed();
+                {
+                    let mut longest = longest.lock().unwrap();
+                    *longest = (*longest).max(call);
+                }
+                let Ok(lock) = attempt else { continue };
+                let start = Instant::now();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let end = Instant::now().min(lock.valid_until());
+                checker.record_fenced(key, worker, start, end, lock.fencing_token());
+                let _ = lock.release().await;
+                held += 1;
+            }
+            locker.settle().await;
+            held
+        }));
+    }
+    let faults = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let slot = ShardedCluster::key_slot("{mig}");
+        let from = a.slot_primary(slot).unwrap();
+        let to = a
+            .primaries()
+            .unwrap()
+            .into_iter()
+            .find(|&node| node != from)
+            .unwrap();
+        a.migrate_slot(slot, to, Duration::from_millis(300))
+            .unwrap();
+        assert_eq!(a.slot_primary(slot).unwrap(), to);
+        std::thread::sleep(Duration::from_secs(1));
+        let paused = a.primary_for_key("other").unwrap();
+        a.node_mut(paused).pause().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        a.node_mut(paused).resume().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        a
+    });
+    let a = faults.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.unwrap();
+    }
+    let violations = checker.violations();
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(
+        checker.stale_tokens().is_empty(),
+        "{:?}",
+        checker.stale_tokens()
+    );
+    assert!(total > 20, "only {total} locks held");
+    let longest = *longest.lock().unwrap();
+    eprintln!("{total} locks held, 0 overlaps, longest acquire {longest:?}");
+    // A hang check, not a speed limit: the wait, a rollback bound and slack.
+    assert!(longest < WAIT + Duration::from_secs(3), "{longest:?}");
+    let mut left = lock_keys_running(&a).await;
+    for server in [&b, &c] {
+        let mut connection = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        left.extend(
+            keys.into_iter()
+                .filter(|key| !key.contains("quorumlock:epoch") && !key.ends_with(":fence")),
+        );
+    }
+    assert!(left.is_empty(), "{left:?}");
+}

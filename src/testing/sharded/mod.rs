@@ -10,6 +10,7 @@
 //! nodes say and the check that they agree; in `slot`, the hash slot of a key.
 
 mod create;
+mod migrate;
 
 mod topology;
 
