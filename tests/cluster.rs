@@ -563,3 +563,65 @@ async fn no_overlap_through_a_slot_migration_and_a_paused_primary() {
     }
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Moving from one Redis to a cluster in the three phases of
+/// docs/MIGRATION.md: `[old]`, `[old, cluster]` with quorum 2, `[cluster]`.
+/// Clients of adjacent phases run side by side (a rolling deploy) on shared
+/// keys: the checker finds no overlap, and keys pass between the phases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_from_one_server_to_a_cluster_in_three_phases() {
+    use quorumlock::testing::Checker;
+    use tokio::task::JoinSet;
+    use tokio::time::Instant;
+
+    let old = RedisServer::start().unwrap();
+    let new = start(3, 0);
+    let phase = |n: usize| {
+        let builder = QuorumLocker::builder()
+            .instance_timeout(Duration::from_millis(500))
+            .default_wait(Duration::from_secs(3));
+        match n {
+            1 => builder.url(old.url()),
+            2 => builder.url(old.url()).cluster(new.urls()).quorum(2),
+            _ => builder.cluster(new.urls()),
+        }
+    };
+    for (a, b) in [(1, 2), (2, 3)] {
+        let checker = Checker::new();
+        let mut tasks = JoinSet::new();
+        for phase_n in [a, b] {
+            for client in 0..2 {
+                let locker = phase(phase_n).build().await.unwrap();
+                let checker = checker.clone();
+                let holder = phase_n * 10 + client;
+                tasks.spawn(async move {
+                    for i in 0..20 {
+                        let key = format!("job{}", (holder + i) % 2);
+                        let Ok(lock) = locker.acquire(&key, Duration::from_secs(2)).await else {
+                            continue;
+                        };
+                        let start = Instant::now();
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        let end = Instant::now().min(lock.valid_until());
+                        checker.record(&key, holder, start, end);
+                        lock.release().await.unwrap();
+                    }
+                    locker.settle().await;
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let violations = checker.violations();
+        assert!(violations.is_empty(), "phases {a} and {b}: {violations:?}");
+        let tenures = checker.tenures();
+        for n in [a, b] {
+            assert!(
+                tenures.iter().any(|tenure| tenure.holder / 10 == n),
+                "phase {n} never held a lock"
+            );
+        }
+    }
+    assert!(lock_keys(&new).await.is_empty());
+}
