@@ -80,18 +80,21 @@ impl Sample {
     }
 }
 
+/// Keys per task: reused round after round, as a service reuses its keys
+/// (a cluster member verifies each slot once, at its first grant there).
+const POOL: u64 = 100;
+
 /// `tasks` tasks, each `cycles` cycles (or until `until`) of an acquire and a
-/// release on a key of its own.
+/// release on keys of its own: from a pool of [`POOL`] named by `label`, or,
+/// with `fresh`, a new key every cycle.
 async fn run(
     locker: &QuorumLocker,
     tasks: usize,
     cycles: u64,
     until: Option<Instant>,
     label: &str,
-    keys: Option<&AtomicU64>,
+    fresh: Option<&AtomicU64>,
 ) -> Sample {
-    let counter = AtomicU64::new(0);
-    let counter = keys.unwrap_or(&counter);
     let start = Instant::now();
     let runs = (0..tasks).map(|task| async move {
         let mut cycles_done = Vec::new();
@@ -99,8 +102,10 @@ async fn run(
             if until.is_some_and(|until| Instant::now() >= until) {
                 break;
             }
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            let key = format!("{label}-{task}-{cycle}-{n}");
+            let key = match fresh {
+                Some(counter) => format!("{label}-new-{}", counter.fetch_add(1, Ordering::Relaxed)),
+                None => format!("{label}-{task}-{}", cycle % POOL),
+            };
             let began = Instant::now();
             let lock = locker.try_acquire(&key, TTL).await.expect("acquire");
             lock.release().await.expect("release");
@@ -156,19 +161,24 @@ async fn part_one() {
     for tasks in [1, 16] {
         let per_task = if tasks == 1 { cycles } else { cycles / 4 };
         let mut samples: Vec<Sample> = kinds.iter().map(|_| Sample::default()).collect();
+        let mut first_use = Sample::default();
+        let fresh = AtomicU64::new(0);
         for round in 0..ROUNDS {
             for (index, (_, locker)) in kinds.iter().enumerate() {
-                let label = format!("p1-{tasks}-{round}-{index}");
+                let label = format!("p1-{tasks}-{index}");
                 let sample = run(locker, tasks, per_task, None, &label, None).await;
                 samples[index].add(sample);
             }
+            let label = format!("p1-{tasks}-{round}");
+            first_use.add(run(&kinds[1].1, tasks, per_task / 4, None, &label, Some(&fresh)).await);
         }
-        println!("part 1: one member, {tasks} task(s), {per_task} cycles per task and round, {ROUNDS} rounds interleaved");
+        println!("part 1: one member, {tasks} task(s), {per_task} cycles per task and round over {POOL} keys each, {ROUNDS} rounds interleaved");
         let mut floor = None;
         for ((name, _), sample) in kinds.iter().zip(&mut samples) {
             let figures = sample.line(name, floor);
             floor.get_or_insert(figures);
         }
+        first_use.line("cluster, a new key every cycle", floor);
     }
 }
 
@@ -190,23 +200,24 @@ async fn part_two() {
     )
     .await;
     let mut samples = [Sample::default(), Sample::default()];
-    let keys = AtomicU64::new(0);
-    for round in 0..ROUNDS {
+    for _ in 0..ROUNDS {
         for (index, locker) in [&five, &three].into_iter().enumerate() {
             let until = Instant::now() + Duration::from_secs(secs);
-            let label = format!("p2-{round}-{index}");
-            let sample = run(locker, 64, u64::MAX, Some(until), &label, Some(&keys)).await;
+            let label = format!("p2-{index}");
+            let sample = run(locker, 64, u64::MAX, Some(until), &label, None).await;
             samples[index].add(sample);
         }
     }
-    println!("\npart 2: 64 tasks, a fresh key per cycle, {secs} s per round, {ROUNDS} rounds interleaved");
+    println!(
+        "\npart 2: 64 tasks, {POOL} keys each, {secs} s per round, {ROUNDS} rounds interleaved"
+    );
     let floor = samples[0].line("5 single servers", None);
     samples[1].line("3 clusters of 3 primaries", Some(floor));
     // How the keys of one round spread over the primaries of the first cluster.
     let mut per_primary: BTreeMap<usize, usize> = BTreeMap::new();
-    let sample_keys = 10_000;
+    let sample_keys = 64 * POOL;
     for n in 0..sample_keys {
-        let key = format!("p2-0-1-{}-{}-{n}", n % 64, n / 64);
+        let key = format!("p2-1-{}-{}", n / POOL, n % POOL);
         *per_primary
             .entry(clusters[0].primary_for_key(&key).expect("primary"))
             .or_default() += 1;

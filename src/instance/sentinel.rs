@@ -9,9 +9,11 @@
 //!   (`READONLY`), drops it, and the next probe connects afresh.
 //! - **A failover is a restart.** The promoted replica has the epoch hash
 //!   (replicated long ago) but another `run_id`, and asynchronous replication
-//!   may have lost recent locks: every grant checks the `run_id` (this member
-//!   never counts on a reconnect failing a request), and the probe that sees
-//!   the new `run_id` quarantines the member for the longest TTL.
+//!   may have lost recent locks: every grant checks the `run_id` it was
+//!   admitted with against the one a probe read on the very connection it goes
+//!   out on (which never reconnects by itself, so no `INFO` per grant is
+//!   needed), and the probe that sees the new `run_id` quarantines the member
+//!   for the longest TTL.
 //! - **`WAIT` after a grant** (opt-in, [`SentinelMember::wait_for_replicas`]):
 //!   a grant counts only once that many replicas acknowledged it, so that a
 //!   promoted replica has it. Otherwise the vote fails, and the attempt rolls
@@ -30,6 +32,7 @@ use redis::{AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, RedisError, Va
 use super::connect::CONNECT_TIMEOUT;
 use super::redis::RedisInstance;
 use super::{BoxFuture, Instance, Peeked, Probe, Reply, Request};
+use crate::epoch::{self, Epoch};
 
 /// A Sentinel-managed primary, as given to
 /// [`Builder::sentinel`](crate::Builder::sentinel): the service name the
@@ -116,7 +119,11 @@ pub(crate) struct SentinelInstance {
 struct Current {
     host: String,
     port: u16,
+    /// A multiplexed connection never reconnects by itself: it reaches one
+    /// server process for as long as it lasts.
     connection: MultiplexedConnection,
+    /// That process's `run_id`, once a probe on this connection read it.
+    run_id: Option<Arc<str>>,
 }
 
 fn lock(current: &Mutex<Option<Current>>) -> MutexGuard<'_, Option<Current>> {
@@ -136,21 +143,17 @@ impl SentinelInstance {
 
     /// The connection to the primary, if the member has one.
     fn connection(&self) -> Result<(MultiplexedConnection, String, u16), RedisError> {
-        lock(&self.current)
-            .as_ref()
-            .map(|current| {
-                (
-                    current.connection.clone(),
-                    current.host.clone(),
-                    current.port,
-                )
-            })
-            .ok_or_else(|| {
-                RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    "no primary known yet: the next probe asks the Sentinels",
-                ))
-            })
+        self.current()
+            .map(|current| (current.connection, current.host, current.port))
+    }
+
+    fn current(&self) -> Result<Current, RedisError> {
+        lock(&self.current).clone().ok_or_else(|| {
+            RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no primary known yet: the next probe asks the Sentinels",
+            ))
+        })
     }
 }
 
@@ -227,10 +230,47 @@ async fn resolve(sentinels: &[redis::Client], service: &str) -> Result<(String, 
 
 impl Instance for SentinelInstance {
     fn eval(&self, request: &Request<'_>) -> BoxFuture<Reply> {
-        let (connection, host, port) = match self.connection() {
+        let Current {
+            host,
+            port,
+            connection,
+            run_id,
+        } = match self.current() {
             Ok(found) => found,
             Err(err) => return Box::pin(async move { Err(err) }),
         };
+        // The grant's `run_id` check, made here rather than by an `INFO` in
+        // the script: the connection reaches one process, whose `run_id` the
+        // probe read on it.
+        let unchecked;
+        let request = match *request {
+            Request::Grant {
+                key,
+                value,
+                ttl_ms,
+                retake,
+                fence,
+                epoch: Some(epoch),
+            } => {
+                if epoch.run_id.is_some() && epoch.run_id != run_id {
+                    return Box::pin(async { Err(epoch::changed()) });
+                }
+                unchecked = Epoch {
+                    run_id: None,
+                    ..epoch.clone()
+                };
+                Request::Grant {
+                    key,
+                    value,
+                    ttl_ms,
+                    retake,
+                    fence,
+                    epoch: Some(&unchecked),
+                }
+            }
+            other => other,
+        };
+        let request = &request;
         let current = Arc::clone(&self.current);
         let wait = self
             .wait
@@ -306,6 +346,15 @@ impl Instance for SentinelInstance {
                     .await
             };
             let answer = checked.await;
+            if let Ok(probe) = &answer {
+                let mut current = lock(&current);
+                if let Some(now) = current
+                    .as_mut()
+                    .filter(|now| now.host == host && now.port == port)
+                {
+                    now.run_id = Some(probe.run_id.as_str().into());
+                }
+            }
             if let Err(err) = &answer {
                 forget_on(&current, &host, port, err);
                 if err.kind() == ErrorKind::Client {
@@ -338,6 +387,7 @@ async fn follow(
                 host: host.clone(),
                 port,
                 connection: connection.clone(),
+                run_id: None,
             });
             connection
         }

@@ -61,8 +61,11 @@ struct Known {
     /// How many slots a grant found changed: part of the epoch, so that the
     /// next probe quarantines the member.
     changed: u64,
-    /// Each slot's epoch hash key, once made (its tag takes a search).
+    /// Each slot's epoch hash key, once made.
     keys: HashMap<u16, Arc<str>>,
+    /// The longest TTL raised on every anchor since `view` was read: a grant
+    /// up to it raises nothing (the view's records are as old as the probe).
+    raised_ms: u64,
 }
 
 impl Known {
@@ -261,7 +264,7 @@ impl ClusterInstance {
         Box::pin(async move {
             let fence = fence.transpose()?;
             let slot = slot::key_slot(key.as_bytes());
-            let (view, slot_key, verified) = {
+            let (view, slot_key, verified, raised_ms) = {
                 let mut known = lock(&known);
                 let view = known.view.clone().filter(|view| {
                     view.epoch == checked.id
@@ -275,7 +278,7 @@ impl ClusterInstance {
                 };
                 let slot_key = known.slot_key(&checked.key, slot);
                 let verified = known.slots.get(&slot).cloned();
-                (view, slot_key, verified)
+                (view, slot_key, verified, known.raised_ms)
             };
             let Some(primary) = view.primary_of(slot).cloned() else {
                 // No primary served the slot at the last probe.
@@ -298,7 +301,17 @@ impl ClusterInstance {
             };
             // Every anchor, not only where `checked.raise` says the member's
             // longest is below: one primary's may lag the others'.
-            raise_anchors(&connection, &view, ttl_ms).await?;
+            if ttl_ms > raised_ms {
+                raise_anchors(&connection, &view, ttl_ms).await?;
+                let mut known = lock(&known);
+                if known
+                    .view
+                    .as_ref()
+                    .is_some_and(|now| Arc::ptr_eq(now, &view))
+                {
+                    known.raised_ms = known.raised_ms.max(ttl_ms);
+                }
+            }
             let epoch = Epoch {
                 key: slot_key,
                 id,
@@ -532,6 +545,7 @@ async fn probe(
             known.slots.clear();
         }
         known.view = Some(Arc::clone(&view));
+        known.raised_ms = 0;
         view
     };
     heal_anchors(&connection, &view, longest).await;
