@@ -322,6 +322,7 @@ mod health;
 mod inspect;
 mod locker;
 mod request;
+mod semaphore;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -349,5 +350,6 @@ pub use names::EPOCH_KEY;
 pub use names::FENCE_SUFFIX;
 pub use request::{LockRequest, MAX_METADATA_LEN, MAX_TOKEN_LEN};
 pub use retry::RetryPolicy;
+pub use semaphore::{Permit, Semaphore, MAX_PERMITS};
 pub use status::LockStatus;
 pub use value::LockValue;

@@ -67,6 +67,11 @@ impl QuorumLocker {
 
     /// Wraps the shared state and starts the instance monitor, which ends when the
     /// last clone of the locker (and every lock) is dropped.
+    /// What the locker shares with its locks.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     pub(crate) fn start(shared: Shared) -> Self {
         let shared = Arc::new(shared);
         ensure_running(&shared);

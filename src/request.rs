@@ -277,38 +277,7 @@ impl<'a> LockRequest<'a> {
             .unwrap_or(default_extend_every(lease.ttl()));
         lease.check_interval(every)?;
         let lock = self.acquire().await?;
-        let hold_until = self
-            .max_hold
-            .and_then(|max_hold| lock.acquired_at().checked_add(max_hold));
-        let guard = LockGuard::start(lock, every, hold_until)?;
-        let status = guard.status();
-        let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));
-        let finished: Option<Result<T, Box<dyn Any + Send>>> = match started {
-            Err(panic) => Some(Err(panic)),
-            Ok(work) => {
-                let work = AssertUnwindSafe(work).catch_unwind();
-                tokio::select! {
-                    biased;
-                    finished = work => Some(finished),
-                    () = status.lost() => None,
-                }
-            }
-        };
-        let loss = guard.take_loss();
-        let released = guard.release().await;
-        match finished {
-            Some(Ok(value)) => {
-                if let Err(err) = released {
-                    warn!(key = %self.key, %err, "the work finished but its lock could not be released");
-                }
-                Ok(value)
-            }
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => Err(Error::LockLost {
-                key: self.key.clone(),
-                source: loss.map(Box::new),
-            }),
-        }
+        run_guarded(lock, every, self.max_hold, work).await
     }
 
     /// Checks the token and metadata before any I/O.
@@ -326,6 +295,52 @@ impl<'a> LockRequest<'a> {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// Runs `work` while a watchdog extends `lock` every `every` (until
+/// `max_hold`, if given), then releases it: the half of `with_lock` after the
+/// lock is taken, shared with the semaphore's `with_permit`.
+pub(crate) async fn run_guarded<F, Fut, T>(
+    lock: Lock,
+    every: Duration,
+    max_hold: Option<Duration>,
+    work: F,
+) -> crate::Result<T>
+where
+    F: FnOnce(LockStatus) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let key = lock.key().to_string();
+    let hold_until = max_hold.and_then(|max_hold| lock.acquired_at().checked_add(max_hold));
+    let guard = LockGuard::start(lock, every, hold_until)?;
+    let status = guard.status();
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| work(status.clone())));
+    let finished: Option<Result<T, Box<dyn Any + Send>>> = match started {
+        Err(panic) => Some(Err(panic)),
+        Ok(work) => {
+            let work = AssertUnwindSafe(work).catch_unwind();
+            tokio::select! {
+                biased;
+                finished = work => Some(finished),
+                () = status.lost() => None,
+            }
+        }
+    };
+    let loss = guard.take_loss();
+    let released = guard.release().await;
+    match finished {
+        Some(Ok(value)) => {
+            if let Err(err) = released {
+                warn!(%key, %err, "the work finished but its lock could not be released");
+            }
+            Ok(value)
+        }
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => Err(Error::LockLost {
+            key,
+            source: loss.map(Box::new),
+        }),
     }
 }
 

@@ -85,6 +85,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "inspect",
             "locker",
             "request",
+            "semaphore",
         ],
     ),
 ];

@@ -187,6 +187,81 @@ impl Checker {
     }
 }
 
+/// A moment when more tenures of one key were open at once than its capacity
+/// allows: a counting-semaphore violation.
+#[derive(Debug, Clone)]
+pub struct Excess {
+    /// When the count rose past the capacity.
+    pub at: Instant,
+    /// How many were open then.
+    pub holders: usize,
+    /// The tenures open then.
+    pub tenures: Vec<Tenure>,
+}
+
+impl Checker {
+    /// For a counting semaphore recorded under one key (the semaphore's name,
+    /// not its slots'): every moment more than `capacity` tenures of `key`
+    /// were open at once (sharing only an endpoint is not being open
+    /// together). Empty when the semaphore's invariant held.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use quorumlock::testing::Checker;
+    /// use tokio::time::Instant;
+    ///
+    /// let checker = Checker::new();
+    /// let (t0, ms) = (Instant::now(), Duration::from_millis);
+    /// checker.record("uploads", 1, t0, t0 + ms(30));
+    /// checker.record("uploads", 2, t0 + ms(10), t0 + ms(40));
+    /// checker.record("uploads", 3, t0 + ms(20), t0 + ms(25)); // three at once
+    /// assert!(checker.over_capacity("uploads", 3).is_empty());
+    /// assert_eq!(checker.over_capacity("uploads", 2).len(), 1);
+    /// assert_eq!(checker.most_at_once("uploads"), 3);
+    /// ```
+    pub fn over_capacity(&self, key: &str, capacity: usize) -> Vec<Excess> {
+        let mut tenures: Vec<Tenure> = self
+            .tenures()
+            .into_iter()
+            .filter(|tenure| tenure.key == key)
+            .collect();
+        tenures.sort_by_key(|tenure| tenure.start);
+        let mut open: Vec<Tenure> = Vec::new();
+        let mut excesses = Vec::new();
+        for tenure in tenures {
+            open.retain(|earlier| earlier.end > tenure.start);
+            open.push(tenure.clone());
+            if open.len() > capacity {
+                excesses.push(Excess {
+                    at: tenure.start,
+                    holders: open.len(),
+                    tenures: open.clone(),
+                });
+            }
+        }
+        excesses
+    }
+
+    /// The most tenures of `key` open at once: how close a semaphore came to
+    /// its capacity (a run that never filled it proves little).
+    pub fn most_at_once(&self, key: &str) -> usize {
+        let mut tenures: Vec<Tenure> = self
+            .tenures()
+            .into_iter()
+            .filter(|tenure| tenure.key == key)
+            .collect();
+        tenures.sort_by_key(|tenure| tenure.start);
+        let mut open: Vec<Instant> = Vec::new();
+        let mut most = 0;
+        for tenure in tenures {
+            open.retain(|end| *end > tenure.start);
+            open.push(tenure.end);
+            most = most.max(open.len());
+        }
+        most
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

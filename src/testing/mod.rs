@@ -102,7 +102,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use checker::{Checker, Tenure, Violation};
+pub use checker::{Checker, Excess, Tenure, Violation};
 pub use cluster::RedisCluster;
 pub use proxy::{Direction, FaultProxy};
 pub use scenario::{Failure, Fault, Report, Scenario, ScenarioClient, Summary};

@@ -188,6 +188,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "30s")]
     pub ttl: Duration,
 
+    /// Run under one of K permits of the semaphore named by --key instead of
+    /// its lock: at most K commands at once (every caller must give the same
+    /// K).
+    #[arg(long, value_name = "K")]
+    pub semaphore: Option<usize>,
+
     /// How long to wait for the lock; 0 for one attempt.
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s")]
     pub wait: Duration,

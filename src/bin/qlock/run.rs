@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use quorumlock::{Error, Lock, LockGuard, MemoryInstance, QuorumLocker, MAX_TTL};
+use quorumlock::{Error, Lock, LockGuard, MemoryInstance, Permit, QuorumLocker, MAX_TTL};
 use tokio::time::Instant;
 
 use crate::args::{InstanceArgs, RunArgs};
@@ -43,8 +43,22 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<u8, CliError> {
         .ttl(args.ttl)
         .wait(args.wait)
         .metadata(metadata(args));
+    let take = async {
+        match args.semaphore {
+            Some(permits) => target
+                .locker
+                .semaphore(args.key.as_str(), permits)
+                .ttl(args.ttl)
+                .wait(args.wait)
+                .metadata(metadata(args))
+                .acquire()
+                .await
+                .map(Permit::into_lock),
+            None => request.acquire().await,
+        }
+    };
     let acquired = tokio::select! {
-        acquired = request.acquire() => acquired,
+        acquired = take => acquired,
         signo = signals.recv() => {
             // The dropped attempt rolls itself back; main settles before exiting.
             notice!(
@@ -210,13 +224,24 @@ pub async fn check(instances: &InstanceArgs, args: &RunArgs) -> Result<(), CliEr
         builder = builder.instance_timeout(timeout);
     }
     let locker = builder.build().await.map_err(refused)?;
-    let lock = locker
-        .lock(args.key.as_str())
-        .ttl(args.ttl)
-        .metadata(metadata(args))
-        .try_acquire()
-        .await
-        .map_err(refused)?;
+    let lock = match args.semaphore {
+        Some(permits) => locker
+            .semaphore(args.key.as_str(), permits)
+            .ttl(args.ttl)
+            .metadata(metadata(args))
+            .try_acquire()
+            .await
+            .map(Permit::into_lock),
+        None => {
+            locker
+                .lock(args.key.as_str())
+                .ttl(args.ttl)
+                .metadata(metadata(args))
+                .try_acquire()
+                .await
+        }
+    }
+    .map_err(refused)?;
     let every = extend_every(&lock);
     let guard = lock.auto_extend_every(every).map_err(refused)?;
     let _ = guard.release().await;
@@ -241,6 +266,7 @@ fn refused(instances: &InstanceArgs, args: &RunArgs, err: Error) -> CliError {
                  of the TTL: {reason}{drift}"
             ),
             "metadata" => format!("--metadata: {reason}"),
+            "permits" => format!("--semaphore: {reason}"),
             // "{wait:?} is longer than quorumlock::MAX_TTL", in qlock's units.
             "default_wait" => format!(
                 "--wait {}: longer than quorumlock::MAX_TTL",
@@ -303,6 +329,16 @@ async fn not_acquired(target: &Target, args: &RunArgs, err: Error) -> CliError {
     };
     if err.unreachable_instances() > locker.instances() - locker.quorum() {
         return target.unreachable(&err);
+    }
+    if let Some(permits) = args.semaphore {
+        return CliError::new(
+            code::WAIT_EXPIRED,
+            format!(
+                "no permit of semaphore {:?} ({permits} permits) free within {}",
+                args.key,
+                humantime::format_duration(args.wait)
+            ),
+        );
     }
     let observations = status::observe(target, &args.key).await;
     let why = match status::verdict(&observations, locker.quorum()) {
