@@ -182,19 +182,23 @@ fn qlock_runs_at_most_k_commands_at_once() {
     let qlock = |extra: &[&str]| qlock_with("2", extra);
     // Two long holders take both permits; a third finds none.
     let mut holders: Vec<_> = (0..2)
-        .map(|_| qlock(&["--", "sleep", "3"]).spawn().unwrap())
+        .map(|_| qlock(&["--", "sleep", "4"]).spawn().unwrap())
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut third = None;
-    while std::time::Instant::now() < deadline {
-        let output = qlock(&["--", "true"]).output().unwrap();
-        if output.status.code() == Some(75) {
-            third = Some(output);
-            break;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let full = runtime.block_on(async {
+        let locker = locker(&cluster).await;
+        let semaphore = locker.semaphore("batch", 2);
+        for _ in 0..200 {
+            if semaphore.available().await.unwrap() == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let third = third.expect("a third command found no permit while two ran");
+        false
+    });
+    assert!(full, "the two holders never held both permits");
+    let third = qlock(&["--", "true"]).output().unwrap();
+    assert_eq!(third.status.code(), Some(75), "{third:?}");
     assert!(
         String::from_utf8_lossy(&third.stderr).contains("no permit of semaphore \"batch\""),
         "{third:?}"
