@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::instance::PubSubSource;
+use crate::instance::{PubSubSource, Resolver};
 use crate::standing::member::Member;
 
 /// Prefix of the channel a release of a key publishes on; the key (with the
@@ -88,7 +88,15 @@ impl Handoff {
             let address = Arc::clone(&member.address);
             match source {
                 PubSubSource::Redis(client) => {
-                    tokio::spawn(listen_redis(hub, *client, changed, address));
+                    let client = *client;
+                    let resolve: Resolver = Arc::new(move || {
+                        let client = client.clone();
+                        Box::pin(async move { Ok(client) })
+                    });
+                    tokio::spawn(listen_redis(hub, resolve, changed, address));
+                }
+                PubSubSource::Resolved(resolve) => {
+                    tokio::spawn(listen_redis(hub, resolve, changed, address));
                 }
                 PubSubSource::InProcess(sender) => {
                     // Subscribed from here on: no message can be missed.
@@ -279,7 +287,7 @@ async fn pause(hub: &Hub, changed: &mut watch::Receiver<()>, period: Duration) -
 /// channel, and delivers its messages.
 async fn listen_redis(
     hub: Arc<Hub>,
-    client: redis::Client,
+    resolve: Resolver,
     mut changed: watch::Receiver<()>,
     address: Arc<str>,
 ) {
@@ -295,8 +303,9 @@ async fn listen_redis(
             }
             continue;
         }
-        let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, client.get_async_pubsub()).await
-        {
+        // Found anew for each connection: a Sentinel member's primary moves.
+        let connect = async { resolve().await?.get_async_pubsub().await };
+        let pubsub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect).await {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(err)) => {
                 debug!(%address, %err, "subscription connection failed; waits fall back to timed retries");

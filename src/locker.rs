@@ -415,7 +415,7 @@ impl QuorumLocker {
     pub fn redis_client(&self, index: usize) -> Option<redis::Client> {
         match self.shared.members.get(index)?.instance.pubsub()? {
             PubSubSource::Redis(client) => Some(*client),
-            PubSubSource::InProcess(_) => None,
+            PubSubSource::InProcess(_) | PubSubSource::Resolved(_) => None,
         }
     }
 

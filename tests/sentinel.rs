@@ -299,3 +299,59 @@ async fn no_overlap_through_a_sentinel_failover() {
         }
     }
 }
+
+/// With `wake_waiters`, a waiter hears the release through the Sentinel
+/// member (its only instance) long before its 5 s fallback retry, and again
+/// after a failover, through the new primary.
+#[tokio::test]
+async fn waiters_are_woken_through_the_sentinel_member_across_a_failover() {
+    use quorumlock::RetryPolicy;
+    use tokio::time::Instant;
+
+    let mut set = start();
+    let build = || {
+        QuorumLocker::builder()
+            .sentinel(member(&set))
+            .wake_waiters(true)
+            .default_ttl(Duration::from_secs(1))
+            .retry(RetryPolicy::fixed(Duration::from_secs(5)))
+            .default_wait(Duration::from_secs(30))
+            .build()
+    };
+    let (holder, waiter) = (build().await.unwrap(), build().await.unwrap());
+    holder.prepare().await.unwrap();
+    waiter.prepare().await.unwrap();
+    for round in 0..2 {
+        if round == 1 {
+            set.failover().unwrap();
+            // Past the quarantine the failover starts (the 1 s TTL).
+            holder
+                .lock("report")
+                .wait(Duration::from_secs(20))
+                .acquire()
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
+        }
+        let held = holder.acquire("report", TTL).await.unwrap();
+        let waiting = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                let lock = waiter.acquire("report", TTL).await.unwrap();
+                let at = Instant::now();
+                lock.release().await.unwrap();
+                at
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let released = Instant::now();
+        held.release().await.unwrap();
+        let took = waiting.await.unwrap().duration_since(released);
+        assert!(
+            took < Duration::from_secs(2),
+            "round {round}: {took:?} after the release: not woken"
+        );
+    }
+}

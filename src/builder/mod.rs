@@ -155,9 +155,10 @@ impl Builder {
     /// Sentinels where the primary is and follows a failover to the replica
     /// promoted. A failover quarantines the member as a restart does (the
     /// replica may lack recent locks); [`SentinelMember::wait_for_replicas`]
-    /// makes each grant wait until replicas have it. Waiters are not woken
-    /// through this member's releases ([`wake_waiters`](Self::wake_waiters)):
-    /// they retry. TLS to Sentinels is not supported yet.
+    /// makes each grant wait until replicas have it. With
+    /// [`wake_waiters`](Self::wake_waiters), waiters subscribe on the primary
+    /// the Sentinels name at each (re)subscription. TLS to Sentinels is not
+    /// supported yet.
     ///
     /// # Example
     ///

@@ -102,7 +102,13 @@ pub(crate) enum PubSubSource {
     /// An in-process instance: its release messages, `(channel, message)`, are
     /// broadcast in-process.
     InProcess(tokio::sync::broadcast::Sender<(Arc<str>, Arc<str>)>),
+    /// A server found anew at each (re)connection: a Sentinel member's primary.
+    Resolved(Resolver),
 }
+
+/// Finds the client to subscribe through now.
+pub(crate) type Resolver =
+    Arc<dyn Fn() -> BoxFuture<Result<::redis::Client, ::redis::RedisError>> + Send + Sync>;
 
 /// What an instance says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

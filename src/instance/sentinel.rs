@@ -31,7 +31,7 @@ use redis::{AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, RedisError, Va
 
 use super::connect::CONNECT_TIMEOUT;
 use super::redis::RedisInstance;
-use super::{BoxFuture, Instance, Peeked, Probe, Reply, Request};
+use super::{BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request, Resolver};
 use crate::epoch::{self, Epoch};
 
 /// A Sentinel-managed primary, as given to
@@ -306,6 +306,29 @@ impl Instance for SentinelInstance {
         })
     }
 
+    fn sees_reconnects(&self) -> bool {
+        // Grants carry the run_id they were admitted with, checked in `eval`.
+        false
+    }
+
+    fn pubsub(&self) -> Option<PubSubSource> {
+        // The primary where the Sentinels place it at each (re)subscription;
+        // a `PUBLISH` there also reaches its replicas, so a subscription on
+        // the old primary, demoted, still hears the new one's releases.
+        let sentinels = Arc::clone(&self.sentinels);
+        let service = Arc::clone(&self.service);
+        let auth = self.auth.clone();
+        let resolve: Resolver = Arc::new(move || {
+            let (sentinels, service, auth) =
+                (Arc::clone(&sentinels), Arc::clone(&service), auth.clone());
+            Box::pin(async move {
+                let (host, port) = resolve(&sentinels, &service).await?;
+                redis::Client::open(connection_info(&host, port, &auth)?)
+            })
+        });
+        Some(PubSubSource::Resolved(resolve))
+    }
+
     fn peek(&self, key: &Arc<str>) -> BoxFuture<Result<Option<Peeked>, RedisError>> {
         let key = Arc::clone(key);
         let primary = self.primary();
@@ -395,13 +418,13 @@ async fn follow(
     Ok((connection, host, port))
 }
 
-/// A connection to the primary at `host:port`, with NODELAY; redis-rs's
-/// response timeout off (the locker bounds every call).
-async fn connect(
+/// How to reach a data node at `host:port`: with the member's credentials,
+/// and NODELAY.
+fn connection_info(
     host: &str,
     port: u16,
     (username, password): &(Option<String>, Option<String>),
-) -> Result<MultiplexedConnection, RedisError> {
+) -> Result<redis::ConnectionInfo, RedisError> {
     let mut redis = redis::RedisConnectionInfo::default();
     if let Some(username) = username {
         redis = redis.set_username(username);
@@ -409,11 +432,24 @@ async fn connect(
     if let Some(password) = password {
         redis = redis.set_password(password);
     }
-    let info = redis::ConnectionAddr::Tcp(host.to_string(), port)
+    Ok(redis::ConnectionAddr::Tcp(host.to_string(), port)
         .into_connection_info()?
         .set_redis_settings(redis)
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    let client = redis::Client::open(info)?;
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
+}
+
+/// A connection to the primary at `host:port`, with NODELAY; redis-rs's
+/// response timeout off (the locker bounds every call).
+async fn connect(
+    host: &str,
+    port: u16,
+    (username, password): &(Option<String>, Option<String>),
+) -> Result<MultiplexedConnection, RedisError> {
+    let client = redis::Client::open(connection_info(
+        host,
+        port,
+        &(username.clone(), password.clone()),
+    )?)?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(None);
