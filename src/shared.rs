@@ -104,7 +104,12 @@ impl Shared {
     /// then knows what it forgot). Read only where an instance is quarantined:
     /// the usual attempt pays nothing.
     pub(crate) fn after_loss(&self, index: usize, lost_at: Instant) -> Result<(), Duration> {
-        let quarantine = self.restart_quarantine();
+        let lag = self.members.get(index).map_or(Duration::ZERO, |member| {
+            member
+                .instance
+                .failover_lag(self.settings.policy.probe_every)
+        });
+        let quarantine = self.restart_quarantine().saturating_add(lag);
         let remaining = (lost_at + quarantine).saturating_duration_since(Instant::now());
         if !remaining.is_zero() {
             return Err(remaining);

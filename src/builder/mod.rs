@@ -154,7 +154,7 @@ impl Builder {
     /// Adds a Sentinel-managed primary as one member: the member asks the
     /// Sentinels where the primary is and follows a failover to the replica
     /// promoted. A failover quarantines the member as a restart does (the
-    /// replica may lack recent locks); [`SentinelMember::wait_for_replicas`]
+    /// replica may lack recent locks); [`SentinelMember::wait_for_replicas`](crate::SentinelMember::wait_for_replicas)
     /// makes each grant wait until replicas have it. With
     /// [`wake_waiters`](Self::wake_waiters), waiters subscribe on the primary
     /// the Sentinels name at each (re)subscription. TLS to Sentinels is not
@@ -492,7 +492,7 @@ impl Builder {
                     clustered = true;
                     cluster_member(index, &seeds)?
                 }
-                Source::Sentinel(member) => sentinel_member(index, &member)?,
+                Source::Sentinel(member) => sentinel_member(index, &member, self.instance_timeout)?,
                 Source::Connection { name, instance } => (vec![name.clone()], name, instance),
             };
             let seen_before = |seen: &Vec<String>| seen.iter().any(|name| identity.contains(name));
@@ -611,6 +611,7 @@ fn cluster_member(
 fn sentinel_member(
     index: usize,
     member: &crate::SentinelMember,
+    instance_timeout: Duration,
 ) -> crate::Result<(Vec<String>, String, Box<dyn Instance>)> {
     if member.sentinels.is_empty() || member.service.is_empty() {
         return Err(Error::InvalidConfig {
@@ -618,11 +619,27 @@ fn sentinel_member(
             reason: format!("member {index} needs a service name and at least one Sentinel URL"),
         });
     }
-    if member.wait.is_some_and(|(replicas, _)| replicas == 0) {
-        return Err(Error::InvalidConfig {
-            setting: "wait_for_replicas",
-            reason: "0 replicas would wait for nothing".to_string(),
-        });
+    if let Some((replicas, timeout)) = member.wait {
+        let reason = if replicas == 0 {
+            Some("0 replicas would wait for nothing".to_string())
+        } else if timeout < Duration::from_millis(1) {
+            // `WAIT n 0` waits for ever, holding its connection.
+            Some(format!(
+                "a timeout of {timeout:?} is below WAIT's 1 ms (0 would wait for ever)"
+            ))
+        } else if timeout >= instance_timeout {
+            Some(format!(
+                "a timeout of {timeout:?} is not below the instance timeout ({instance_timeout:?}), which would cut every WAIT short"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Error::InvalidConfig {
+                setting: "wait_for_replicas",
+                reason,
+            });
+        }
     }
     let mut names = Vec::with_capacity(member.sentinels.len());
     let mut clients = Vec::with_capacity(member.sentinels.len());

@@ -144,6 +144,14 @@ pub(crate) trait Instance: Send + Sync + 'static {
         false
     }
 
+    /// How long after this locker saw the instance's server change (a
+    /// failover) other lockers may still be granting on the old one: a
+    /// Sentinel member's old primary takes writes until each locker's next
+    /// probe moves it on. The quarantine lasts that much longer.
+    fn failover_lag(&self, _probe_every: Duration) -> Duration {
+        Duration::ZERO
+    }
+
     /// Where release messages can be heard: `None` for a connection the user
     /// made (we cannot open another one like it).
     fn pubsub(&self) -> Option<PubSubSource> {

@@ -29,7 +29,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, RedisError, Value};
 
-use super::connect::CONNECT_TIMEOUT;
+use super::connect::{CHECK_TIMEOUT, CONNECT_TIMEOUT};
 use super::redis::RedisInstance;
 use super::{BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request, Resolver};
 use crate::epoch::{self, Epoch};
@@ -85,10 +85,13 @@ impl SentinelMember {
     }
 
     /// Counts a grant only once `replicas` replicas acknowledged it (`WAIT
-    /// replicas timeout`), so that a failover to one of them keeps the lock.
-    /// Costs a replication round trip per grant, and fails every grant while
-    /// fewer replicas are in sync. `timeout` is what `WAIT` waits, within the
-    /// instance timeout.
+    /// replicas timeout`), so that a failover to one of them keeps the lock;
+    /// extends and fencing write-backs wait the same way (a promoted replica
+    /// then has the TTL and the counter too). Costs a replication round trip
+    /// per grant, and fails every grant while fewer replicas are in sync.
+    /// These writes go out on a connection of their own, so that the others
+    /// never wait behind a `WAIT`. `timeout` is what `WAIT` waits: at least
+    /// 1 ms and below the instance timeout, or the builder refuses it.
     #[must_use]
     pub fn wait_for_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
         self.wait = Some((replicas, timeout));
@@ -122,8 +125,16 @@ struct Current {
     /// A multiplexed connection never reconnects by itself: it reaches one
     /// server process for as long as it lasts.
     connection: MultiplexedConnection,
-    /// That process's `run_id`, once a probe on this connection read it.
-    run_id: Option<Arc<str>>,
+    /// With `wait_for_replicas`: the connection for the writes followed by
+    /// `WAIT`.
+    replicated: Option<MultiplexedConnection>,
+    /// That process's identity as the member shows it (`run_id` and
+    /// `master_replid`) and its bare `run_id`, once a probe on this
+    /// connection read them.
+    run_id: Option<(Arc<str>, Arc<str>)>,
+    /// Which connection this is: a probe records what it read only on the
+    /// connection it read it on, not on a newer one to the same address.
+    token: Arc<()>,
 }
 
 fn lock(current: &Mutex<Option<Current>>) -> MutexGuard<'_, Option<Current>> {
@@ -166,10 +177,13 @@ impl SentinelInstance {
         let service = Arc::clone(&self.service);
         let current = Arc::clone(&self.current);
         let auth = self.auth.clone();
+        let replicated = self.wait.is_some();
         Box::pin(async move {
             match kept {
                 Some((connection, _, _)) => Ok(connection),
-                None => Ok(follow(&sentinels, &service, &current, &auth).await?.0),
+                None => Ok(follow(&sentinels, &service, &current, &auth, replicated)
+                    .await?
+                    .0),
             }
         })
     }
@@ -234,15 +248,26 @@ impl Instance for SentinelInstance {
             host,
             port,
             connection,
+            replicated,
             run_id,
+            ..
         } = match self.current() {
             Ok(found) => found,
             Err(err) => return Box::pin(async move { Err(err) }),
         };
-        // The grant's `run_id` check, made here rather than by an `INFO` in
-        // the script: the connection reaches one process, whose `run_id` the
-        // probe read on it.
-        let unchecked;
+        // With `wait_for_replicas`, the writes a failover must keep (grants,
+        // extends, fencing write-backs) go out on a connection of their own,
+        // each followed by `WAIT`: `WAIT` blocks its connection, and counts
+        // only that connection's writes. That connection's grants keep the
+        // `INFO` check in the script (the probe reads the `run_id` on the
+        // other one).
+        let wait = self.wait.filter(|_| {
+            matches!(
+                request,
+                Request::Grant { .. } | Request::Extend { .. } | Request::FenceWriteBack { .. }
+            )
+        });
+        let checked;
         let request = match *request {
             Request::Grant {
                 key,
@@ -252,11 +277,17 @@ impl Instance for SentinelInstance {
                 fence,
                 epoch: Some(epoch),
             } => {
-                if epoch.run_id.is_some() && epoch.run_id != run_id {
+                // The grant's identity check, made here: the connection
+                // reaches one process, whose identity the probe read on it.
+                let known = run_id.as_ref().map(|(shown, _)| shown);
+                if epoch.run_id.is_some() && epoch.run_id.as_ref() != known {
                     return Box::pin(async { Err(epoch::changed()) });
                 }
-                unchecked = Epoch {
-                    run_id: None,
+                checked = Epoch {
+                    // On the connection for replicated writes, the script
+                    // checks the bare `run_id` too; on the probed one it
+                    // need not (no `INFO` per grant).
+                    run_id: wait.and(run_id.as_ref()).map(|(_, bare)| Arc::clone(bare)),
                     ..epoch.clone()
                 };
                 Request::Grant {
@@ -265,39 +296,48 @@ impl Instance for SentinelInstance {
                     ttl_ms,
                     retake,
                     fence,
-                    epoch: Some(&unchecked),
+                    epoch: Some(&checked),
                 }
             }
             other => other,
         };
-        let request = &request;
         let current = Arc::clone(&self.current);
-        let wait = self
-            .wait
-            .filter(|_| matches!(request, Request::Grant { .. }));
-        let mut waiting = connection.clone();
-        let run = RedisInstance::new(connection).eval(request);
+        let (mut waiting, run) = match (wait, replicated) {
+            (Some(_), Some(replicated)) => (
+                Some(replicated.clone()),
+                RedisInstance::new(replicated).eval(&request),
+            ),
+            (Some(_), None) => {
+                return Box::pin(async {
+                    Err(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "no connection for replicated writes yet: the next probe opens one",
+                    )))
+                })
+            }
+            (None, _) => (None, RedisInstance::new(connection).eval(&request)),
+        };
         Box::pin(async move {
             let reply = run.await;
-            let reply = match (reply, wait) {
-                (Ok(granted), Some((replicas, timeout))) if granted > 0 => {
+            let reply = match (reply, wait, waiting.as_mut()) {
+                (Ok(counted), Some((replicas, timeout)), Some(waiting)) if counted > 0 => {
                     let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
                     let acknowledged: Result<usize, RedisError> = redis::cmd("WAIT")
                         .arg(replicas)
                         .arg(ms)
-                        .query_async(&mut waiting)
+                        .query_async(waiting)
                         .await;
                     match acknowledged {
-                        Ok(acked) if acked >= replicas => Ok(granted),
+                        Ok(acked) if acked >= replicas => Ok(counted),
                         Ok(acked) => Err(RedisError::from((
                             ErrorKind::Client,
                             "not replicated",
-                            format!("{acked} of the {replicas} replicas asked for acknowledged the grant in {timeout:?}"),
+                            format!("{acked} of the {replicas} replicas asked for acknowledged the write in {timeout:?}"),
                         ))),
                         Err(err) => Err(err),
                     }
                 }
-                (reply, _) => reply,
+                (reply, _, _) => reply,
             };
             if let Err(err) = &reply {
                 forget_on(&current, &host, port, err);
@@ -309,6 +349,11 @@ impl Instance for SentinelInstance {
     fn sees_reconnects(&self) -> bool {
         // Grants carry the run_id they were admitted with, checked in `eval`.
         false
+    }
+
+    fn failover_lag(&self, probe_every: Duration) -> Duration {
+        // Until every other locker's next probe, answered or timed out.
+        probe_every.saturating_add(CHECK_TIMEOUT)
     }
 
     fn pubsub(&self) -> Option<PubSubSource> {
@@ -349,12 +394,16 @@ impl Instance for SentinelInstance {
         let service = Arc::clone(&self.service);
         let current = Arc::clone(&self.current);
         let auth = self.auth.clone();
+        let replicated = self.wait.is_some();
         let (epoch_key, candidate) = (Arc::clone(epoch_key), Arc::clone(candidate));
         Box::pin(async move {
-            let (mut connection, host, port) =
-                follow(&sentinels, &service, &current, &auth).await?;
+            let (mut connection, host, port, token) =
+                follow(&sentinels, &service, &current, &auth, replicated).await?;
             let checked = async {
-                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut connection).await?;
+                let mut ask = redis::pipe();
+                ask.cmd("ROLE").cmd("INFO").arg("replication");
+                let (role, replication): (Vec<Value>, String) =
+                    ask.query_async(&mut connection).await?;
                 let primary =
                     matches!(role.first(), Some(Value::BulkString(role)) if role == b"master");
                 if !primary {
@@ -364,18 +413,37 @@ impl Instance for SentinelInstance {
                         format!("{host}:{port}, where the Sentinels place the primary, is a replica (mid-failover)"),
                     )));
                 }
-                RedisInstance::new(connection.clone())
+                // A process's `run_id` outlives its terms as primary: a
+                // failover and a failback to it between two probes would
+                // look like nothing. `master_replid` changes at every
+                // promotion and resync.
+                let replid = replication
+                    .lines()
+                    .find_map(|line| line.strip_prefix("master_replid:"))
+                    .map(str::trim)
+                    .ok_or_else(|| {
+                        RedisError::from((
+                            ErrorKind::UnexpectedReturnType,
+                            "unexpected reply",
+                            "INFO replication has no master_replid".to_string(),
+                        ))
+                    })?
+                    .to_string();
+                let mut probe = RedisInstance::new(connection.clone())
                     .probe(&epoch_key, &candidate)
-                    .await
+                    .await?;
+                let bare: Arc<str> = probe.run_id.as_str().into();
+                probe.run_id = format!("{bare}:{replid}");
+                Ok((probe, bare))
             };
             let answer = checked.await;
-            if let Ok(probe) = &answer {
+            if let Ok((probe, bare)) = &answer {
                 let mut current = lock(&current);
                 if let Some(now) = current
                     .as_mut()
-                    .filter(|now| now.host == host && now.port == port)
+                    .filter(|now| Arc::ptr_eq(&now.token, &token))
                 {
-                    now.run_id = Some(probe.run_id.as_str().into());
+                    now.run_id = Some((probe.run_id.as_str().into(), Arc::clone(bare)));
                 }
             }
             if let Err(err) = &answer {
@@ -384,7 +452,7 @@ impl Instance for SentinelInstance {
                     *lock(&current) = None;
                 }
             }
-            answer
+            answer.map(|(probe, _)| probe)
         })
     }
 }
@@ -396,26 +464,34 @@ async fn follow(
     service: &str,
     current: &Mutex<Option<Current>>,
     auth: &(Option<String>, Option<String>),
-) -> Result<(MultiplexedConnection, String, u16), RedisError> {
+    replicated: bool,
+) -> Result<(MultiplexedConnection, String, u16, Arc<()>), RedisError> {
     let (host, port) = resolve(sentinels, service).await?;
     let known = lock(current)
         .as_ref()
         .filter(|now| now.host == host && now.port == port)
-        .map(|now| now.connection.clone());
-    let connection = match known {
-        Some(connection) => connection,
+        .map(|now| (now.connection.clone(), Arc::clone(&now.token)));
+    let (connection, token) = match known {
+        Some(known) => known,
         None => {
             let connection = connect(&host, port, auth).await?;
+            let replicated = match replicated {
+                true => Some(connect(&host, port, auth).await?),
+                false => None,
+            };
+            let token = Arc::new(());
             *lock(current) = Some(Current {
                 host: host.clone(),
                 port,
                 connection: connection.clone(),
+                replicated,
                 run_id: None,
+                token: Arc::clone(&token),
             });
-            connection
+            (connection, token)
         }
     };
-    Ok((connection, host, port))
+    Ok((connection, host, port, token))
 }
 
 /// How to reach a data node at `host:port`: with the member's credentials,
