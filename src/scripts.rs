@@ -236,6 +236,24 @@ end
 return 1"#,
 );
 
+/// A Sentinel member's record of its primary, in the epoch hash (KEYS[1]):
+/// the identity ARGV[1] (`run_id:master_replid`) under `primary`, and under
+/// `since` the server's time in milliseconds when a probe found another
+/// identity there (0 where the record was first made). Answers `since` and
+/// the time now: a locker that starts after a failover learns how recent it
+/// was, though it never saw the old primary.
+pub(crate) static RECORD_PRIMARY: Lua = Lua::new(
+    r#"local time = redis.call("TIME")
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local recorded = redis.call("HGET", KEYS[1], "primary")
+if not recorded then
+    redis.call("HSET", KEYS[1], "primary", ARGV[1], "since", 0)
+elseif recorded ~= ARGV[1] then
+    redis.call("HSET", KEYS[1], "primary", ARGV[1], "since", now)
+end
+return {tonumber(redis.call("HGET", KEYS[1], "since")) or 0, now}"#,
+);
+
 /// Every script, for `prepare()`.
 pub(crate) fn all() -> [&'static Lua; 8] {
     [

@@ -347,7 +347,9 @@ async fn waiters_are_woken_through_the_sentinel_member_across_a_failover() {
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         let released = Instant::now();
-        held.release().await.unwrap();
+        if let Err(err) = held.release().await {
+            panic!("round {round}: release: {err:?}\n{}", holder.health().await);
+        }
         let took = waiting.await.unwrap().duration_since(released);
         assert!(
             took < Duration::from_secs(2),

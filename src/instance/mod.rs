@@ -122,6 +122,11 @@ pub(crate) struct Probe {
     /// member lasts as long as the server holding its key lets it, so each
     /// clock's rate is measured.
     pub(crate) other_clocks: Vec<(Arc<str>, Duration)>,
+    /// How long ago, by the server's clock, the server's own record says its
+    /// identity changed (a failover that another locker's probe recorded
+    /// first), where the instance keeps such a record: a locker that never
+    /// saw the old server still sits out the rest of the quarantine.
+    pub(crate) changed_ago: Option<Duration>,
     /// The epoch hash's id (see `epoch`), written by this probe where it was
     /// missing.
     pub(crate) epoch: Arc<str>,

@@ -360,6 +360,7 @@ where
                 run_id,
                 server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),
                 other_clocks: Vec::new(),
+                changed_ago: None,
                 epoch: epoch.into(),
                 longest_ttl: longest_ttl(longest_ms.as_deref()),
             })

@@ -13,7 +13,11 @@
 //!   admitted with against the one a probe read on the very connection it goes
 //!   out on (which never reconnects by itself, so no `INFO` per grant is
 //!   needed), and the probe that sees the new `run_id` quarantines the member
-//!   for the longest TTL.
+//!   for the longest TTL. The identity is the `run_id` with `master_replid`
+//!   (a failback to the same process changes the second). The epoch hash
+//!   records the identity and since when (`RECORD_PRIMARY`): a locker that
+//!   starts after a failover, and never saw the old primary, still sits out
+//!   the rest of the quarantine.
 //! - **`WAIT` after a grant** (opt-in, [`SentinelMember::wait_for_replicas`]):
 //!   a grant counts only once that many replicas acknowledged it, so that a
 //!   promoted replica has it. Otherwise the vote fails, and the attempt rolls
@@ -33,6 +37,7 @@ use super::connect::{CHECK_TIMEOUT, CONNECT_TIMEOUT};
 use super::redis::RedisInstance;
 use super::{BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request, Resolver};
 use crate::epoch::{self, Epoch};
+use crate::scripts;
 
 /// A Sentinel-managed primary, as given to
 /// [`Builder::sentinel`](crate::Builder::sentinel): the service name the
@@ -434,6 +439,17 @@ impl Instance for SentinelInstance {
                     .await?;
                 let bare: Arc<str> = probe.run_id.as_str().into();
                 probe.run_id = format!("{bare}:{replid}");
+                // After the probe's `HSETNX`: the hash exists.
+                let mut record = redis::cmd("EVAL");
+                record
+                    .arg(scripts::RECORD_PRIMARY.code)
+                    .arg(1)
+                    .arg(&*epoch_key)
+                    .arg(&probe.run_id);
+                let (since, now): (u64, u64) = record.query_async(&mut connection).await?;
+                if since > 0 {
+                    probe.changed_ago = Some(Duration::from_millis(now.saturating_sub(since)));
+                }
                 Ok((probe, bare))
             };
             let answer = checked.await;

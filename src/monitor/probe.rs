@@ -144,6 +144,19 @@ pub(crate) async fn probe_once(
                 shared.settings.policy.checks_epoch(),
                 &member.address,
             );
+            if let Some(ago) = probe.changed_ago {
+                // A change another locker recorded, recent enough that locks
+                // of the old server may still be held: the rest of its
+                // quarantine, for a locker that never saw the old server.
+                let lag = member
+                    .instance
+                    .failover_lag(shared.settings.policy.probe_every);
+                let window = shared.restart_quarantine().saturating_add(lag);
+                if ago < window && shared.settings.policy.checks_epoch() {
+                    let at = received.checked_sub(ago).unwrap_or(received);
+                    member.state.lost_since(at, &member.address);
+                }
+            }
             Ok((probe, received - sent))
         }
         Err(err) => {

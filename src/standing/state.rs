@@ -387,6 +387,18 @@ impl InstanceState {
         standing.rate = standing.rate();
     }
 
+    /// The server's own record says it changed (lost what its old self
+    /// held) at `at`: quarantined from then, unless a later loss was seen.
+    pub(crate) fn lost_since(&self, at: Instant, address: &str) {
+        let mut standing = self.standing();
+        if standing.lost_at.is_none_or(|known| known < at) {
+            if standing.lost_at.is_none() {
+                warn!(%address, "instance's record shows a recent failover: its votes do not count until every lock its old primary held has expired");
+            }
+            standing.lost_at = Some(at);
+        }
+    }
+
     /// Whether the instance lost its keys and has not voted since (its
     /// quarantine has not been seen to end).
     pub(crate) fn lost_keys(&self) -> bool {

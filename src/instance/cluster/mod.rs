@@ -557,6 +557,7 @@ async fn probe(
         run_id: view.run_id.to_string(),
         server_time,
         other_clocks: clocks.collect(),
+        changed_ago: None,
         epoch: Arc::clone(&view.epoch),
         longest_ttl: longest,
     })

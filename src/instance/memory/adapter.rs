@@ -113,6 +113,7 @@ impl Instance for MemoryInstance {
                 run_id: store.run_id.clone(),
                 server_time: now,
                 other_clocks: Vec::new(),
+                changed_ago: None,
                 epoch,
                 longest_ttl: Duration::from_millis(longest_ms).min(crate::MAX_TTL),
             })
