@@ -625,3 +625,64 @@ async fn moving_from_one_server_to_a_cluster_in_three_phases() {
     }
     assert!(lock_keys(&new).await.is_empty());
 }
+
+/// The failover hole for a locker that starts after it: the holder has `job`
+/// on the cluster A and on B (C out of its reach); the replica of `job`'s
+/// primary takes over and lacks the key (as a lagging one would). A locker
+/// built after the failover never saw the old primary, but the anchor's
+/// record of the primary's identity says it changed just now: it must not
+/// count A's grant while the holder holds the lock.
+#[tokio::test]
+async fn a_locker_started_after_a_failover_does_not_count_the_promoted_replica() {
+    let mut a = start(3, 1);
+    let b = RedisServer::start().unwrap();
+    let c = RedisServer::start().unwrap();
+    let holder = QuorumLocker::builder()
+        .cluster(a.urls())
+        .url(b.url())
+        .url("redis://127.0.0.1:1")
+        .build()
+        .await
+        .unwrap();
+    let held = holder
+        .lock("job")
+        .ttl(TTL)
+        .wait(Duration::from_secs(10))
+        .acquire()
+        .await
+        .unwrap();
+    let primary = a.primary_for_key("job").unwrap();
+    let replica = a.replicas_of(primary).unwrap()[0];
+    a.failover(replica).unwrap();
+    // The promoted replica lacks the key, as one that lagged would.
+    let client = redis::Client::open(a.node(replica).url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg("job")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let late = QuorumLocker::builder()
+        .cluster(a.urls())
+        .url(b.url())
+        .url(c.url())
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        match late.try_acquire("job", TTL).await {
+            Err(Error::NotAcquired { .. }) => {}
+            Ok(second) => {
+                let overlap = held.remaining().min(second.remaining());
+                assert!(
+                    overlap.is_zero(),
+                    "a second holder while the first holds the lock for {overlap:?} more"
+                );
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.release().await.unwrap();
+}

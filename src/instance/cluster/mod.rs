@@ -11,6 +11,9 @@
 //!   slot: a primary that restarted, lost its keys, or was replaced by a
 //!   replica refuses. The first grant in a slot writes the slot's epoch hash
 //!   and checks the node answering is that primary and still holds its anchor.
+//! - **A new locker after a failover.** Each primary's anchor records the
+//!   primary's identity and since when: a locker that never saw the old
+//!   primary still sits out the rest of the quarantine.
 //! - **What the standing sees** (see `view`): one `run_id` for the slot map and
 //!   every primary's `run_id`, one epoch for the primaries' data sets; a change
 //!   of either quarantines the whole member, as a restart of a server does.
@@ -111,11 +114,11 @@ fn fence_of(key: &str) -> Result<Arc<str>, RedisError> {
 /// new to the cluster) gets the script's source by `EVAL`, which loads it
 /// there and follows an `ASK` to the node importing the slot (a `SCRIPT
 /// LOAD` routed by the slot map would reach the old owner instead).
-async fn call(
+async fn call<T: redis::FromRedisValue>(
     connection: &mut ClusterConnection,
     script: &'static Lua,
     command: &redis::Cmd,
-) -> Result<i64, RedisError> {
+) -> Result<T, RedisError> {
     match command.query_async(connection).await {
         Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             let mut eval = redis::cmd("EVAL");
@@ -175,6 +178,36 @@ async fn raise(
         .arg(anchor)
         .arg(ttl_ms);
     call(&mut connection, &scripts::RAISE_TTL, &raise).await
+}
+
+/// Records each primary's identity (`run_id` and `master_replid`) in its
+/// anchor, with since when (`RECORD_PRIMARY`): a locker that starts after a
+/// primary failed over, and never saw the old one, learns how recent the
+/// change is. The most recent change any primary records, if any.
+async fn record_primaries(
+    connection: &ClusterConnection,
+    view: &View,
+) -> Result<Option<Duration>, RedisError> {
+    let records = try_join_all(view.primaries.iter().map(|primary| {
+        let mut connection = connection.clone();
+        let mut record = redis::cmd("EVALSHA");
+        record
+            .arg(scripts::RECORD_PRIMARY.get_hash())
+            .arg(1)
+            .arg(&*primary.anchor)
+            .arg(format!("{}:{}", primary.run_id, primary.replication_id));
+        async move {
+            let mut reply =
+                call::<Vec<u64>>(&mut connection, &scripts::RECORD_PRIMARY, &record).await?;
+            let now = reply.pop().unwrap_or(0);
+            let since = reply.pop().unwrap_or(0);
+            Ok::<_, RedisError>(
+                (since > 0).then(|| Duration::from_millis(now.saturating_sub(since))),
+            )
+        }
+    }))
+    .await?;
+    Ok(records.into_iter().flatten().min())
 }
 
 /// Writes the longest TTL the probe read onto the anchors that record less
@@ -434,9 +467,11 @@ impl Instance for ClusterInstance {
     }
 
     fn load_scripts(&self) -> BoxFuture<Result<(), RedisError>> {
-        let scripts = scripts::all()
-            .into_iter()
-            .chain([&scripts::SLOT_EPOCH, &scripts::RAISE_TTL]);
+        let scripts = scripts::all().into_iter().chain([
+            &scripts::SLOT_EPOCH,
+            &scripts::RAISE_TTL,
+            &scripts::RECORD_PRIMARY,
+        ]);
         let loads: Vec<_> = scripts
             .map(|script| {
                 let mut connection = self.connection.clone();
@@ -549,6 +584,7 @@ async fn probe(
         view
     };
     heal_anchors(&connection, &view, longest).await;
+    let changed_ago = record_primaries(&connection, &view).await?;
     let mut clocks = clocks.into_iter();
     let (_, server_time) = clocks
         .next()
@@ -557,7 +593,7 @@ async fn probe(
         run_id: view.run_id.to_string(),
         server_time,
         other_clocks: clocks.collect(),
-        changed_ago: None,
+        changed_ago,
         epoch: Arc::clone(&view.epoch),
         longest_ttl: longest,
     })
