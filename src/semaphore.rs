@@ -291,12 +291,13 @@ impl Semaphore {
     async fn passes_until(&self, deadline: Instant, retry: RetryPolicy) -> crate::Result<Permit> {
         let mut passes = 1;
         loop {
-            match self.pass(passes).await {
-                Err(Error::NotAcquired { .. }) if Instant::now() < deadline => {}
+            let lost = match self.pass(passes).await {
+                Err(lost @ Error::NotAcquired { .. }) if Instant::now() < deadline => lost,
                 other => return other,
-            }
+            };
+            // The policy gave up (`with_max_attempts` counts passes).
             let Some(delay) = retry.delay(passes) else {
-                return self.pass(passes + 1).await;
+                return Err(lost);
             };
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(delay.min(left)).await;

@@ -215,3 +215,30 @@ fn qlock_runs_at_most_k_commands_at_once() {
         "{bad:?}"
     );
 }
+
+/// The retry policy bounds the passes: with two attempts allowed, a full
+/// semaphore is given up after two passes, well inside the wait.
+#[tokio::test]
+async fn the_retry_policy_counts_passes() {
+    use quorumlock::{MemoryInstance, RetryPolicy};
+
+    let redis = MemoryInstance::new("redis");
+    let locker = QuorumLocker::builder()
+        .memory(&redis)
+        .build()
+        .await
+        .unwrap();
+    let held = locker.semaphore("jobs", 1).try_acquire().await.unwrap();
+    let waiting = locker
+        .semaphore("jobs", 1)
+        .wait(Duration::from_secs(30))
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).with_max_attempts(2));
+    match waiting.acquire().await {
+        Err(Error::NotAcquired { key, attempts, .. }) => {
+            assert_eq!(key, "jobs");
+            assert_eq!(attempts, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    held.release().await.unwrap();
+}
