@@ -12,7 +12,7 @@
 //!
 //! `cargo bench --bench members`; `MEMBERS_CYCLES` (default 2000) cycles per
 //! task and round in part 1, `MEMBERS_SECS` (default 3) seconds per round in
-//! part 2. Every server runs on this machine's loopback, sharing its cores
+//! part 2 (without `--bench`, as under `cargo test --benches`, a few). Every server runs on this machine's loopback, sharing its cores
 //! with the client: see BENCHMARKS.md for what that does and does not show.
 
 use std::collections::BTreeMap;
@@ -27,11 +27,14 @@ use tokio::time::Instant;
 const TTL: Duration = Duration::from_secs(10);
 const ROUNDS: usize = 2;
 
-fn env(name: &str, default: u64) -> u64 {
+/// `name`'s value, else `default` under `cargo bench` (which passes
+/// `--bench`), else `smoke`: a few cycles for `cargo test --benches`.
+fn env(name: &str, default: u64, smoke: u64) -> u64 {
+    let bench = std::env::args().any(|arg| arg == "--bench");
     std::env::var(name)
         .ok()
         .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(if bench { default } else { smoke })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -131,7 +134,7 @@ async fn locker(builder: Builder) -> QuorumLocker {
 }
 
 async fn part_one() {
-    let cycles = env("MEMBERS_CYCLES", 2000);
+    let cycles = env("MEMBERS_CYCLES", 2000, 20);
     let single = RedisServer::start().expect("server");
     let cluster = ShardedCluster::start(3, 0).expect("cluster");
     let sentinel = SentinelSet::start().expect("sentinel set");
@@ -183,7 +186,7 @@ async fn part_one() {
 }
 
 async fn part_two() {
-    let secs = env("MEMBERS_SECS", 3);
+    let secs = env("MEMBERS_SECS", 3, 1);
     let singles: Vec<RedisServer> = (0..5)
         .map(|_| RedisServer::start().expect("server"))
         .collect();

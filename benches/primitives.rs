@@ -28,10 +28,12 @@ fn p50(samples: &mut [Duration]) -> Duration {
 }
 
 fn main() {
+    // Without `--bench` (as under `cargo test --benches`): a smoke test.
+    let bench = std::env::args().any(|arg| arg == "--bench");
     let cycles: usize = std::env::var("PRIMITIVES_CYCLES")
         .ok()
         .and_then(|value| value.parse().ok())
-        .unwrap_or(2000);
+        .unwrap_or(if bench { 2000 } else { 20 });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
