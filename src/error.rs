@@ -322,11 +322,11 @@ impl fmt::Display for Quarantine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Restarted { remaining } if remaining.is_zero() => f.write_str(
-                "lost its keys (restart, flush or failover); quarantined until enough other instances have said how long their locks last",
+                "may have lost its keys (a restart, flush, failover or a slot moved); quarantined until enough other instances have said how long their locks last",
             ),
             Self::Restarted { remaining } => write!(
                 f,
-                "lost its keys (restart, flush or failover); quarantined for another {:.1?} in case it forgot a lock",
+                "may have lost its keys (a restart, flush, failover or a slot moved); quarantined for another {:.1?} in case it forgot a lock",
                 remaining
             ),
             Self::Unverified => {

@@ -271,8 +271,13 @@
 //! # Features
 //!
 //! - `tls`: `rediss://` URLs.
-//! - `testing`: the `testing` module, local `redis-server` processes with fault controls.
+//! - `cluster`: Redis Cluster members ([`Builder::cluster`]).
+//! - `metrics`: metrics through the `metrics` facade (names in the README).
+//! - `blocking`: the [`blocking`] API, for code outside an async runtime.
+//! - `testing`: the `testing` module: local `redis-server` processes, Redis
+//!   Clusters and Sentinel sets with fault controls.
 //! - `testcontainers`: the same fixture in Docker where `redis-server` is missing.
+//! - `cli`: the `qlock` command-line tool.
 #![deny(missing_docs, unreachable_pub)]
 #![deny(unsafe_code)]
 

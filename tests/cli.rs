@@ -439,7 +439,10 @@ fn health_reports_every_instance() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_one_line_error(&output, "only 1 of 3 instance(s) reachable, 2 needed");
+    assert_one_line_error(
+        &output,
+        "only 1 of 3 instance(s) can vote (the others are down or quarantined), 2 needed",
+    );
 }
 
 #[test]

@@ -686,3 +686,16 @@ async fn a_locker_started_after_a_failover_does_not_count_the_promoted_replica()
     }
     held.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_cluster_node_given_as_a_single_server_is_named_as_such() {
+    let cluster = start(3, 0);
+    let locker = QuorumLocker::builder()
+        .url(cluster.urls()[0].clone())
+        .build()
+        .await
+        .unwrap();
+    let prepared = locker.prepare().await;
+    let text = format!("{:?}", prepared.as_ref().err());
+    assert!(text.contains("Builder::cluster"), "{text}");
+}

@@ -142,7 +142,7 @@ fn qlock_names_a_port_that_is_not_redis() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.starts_with("qlock: error: only 1 of 3 instance(s) reachable, 2 needed: instance 1")
+        stderr.starts_with("qlock: error: only 1 of 3 instance(s) can vote (the others are down or quarantined), 2 needed: instance 1")
             && stderr.matches("not a Redis server").count() == 2,
         "{stderr}"
     );

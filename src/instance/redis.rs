@@ -55,7 +55,7 @@ async fn explained<T>(
     peer: Option<Arc<Peer>>,
     result: Result<T, RedisError>,
 ) -> Result<T, RedisError> {
-    match (result, peer) {
+    match (result.map_err(cluster_node), peer) {
         (Ok(value), Some(peer)) => {
             peer.answered();
             Ok(value)
@@ -63,6 +63,25 @@ async fn explained<T>(
         (Err(err), Some(peer)) => Err(peer.explain(err).await),
         (result, None) => result,
     }
+}
+
+/// A server that redirects keys (`MOVED`, `ASK`) or says the cluster is down
+/// is a Redis Cluster node given as a single server: said so, rather than as
+/// redis-rs's redirection.
+fn cluster_node(err: RedisError) -> RedisError {
+    use redis::ServerErrorKind::{Ask, ClusterDown, Moved};
+    let redirected = matches!(err.kind(), ErrorKind::Server(Moved | Ask | ClusterDown))
+        || err.to_string().contains("Moved:");
+    if !redirected {
+        return err;
+    }
+    RedisError::from((
+        ErrorKind::Client,
+        "a Redis Cluster node",
+        format!(
+            "this server is a node of a Redis Cluster ({err}): add the cluster with Builder::cluster (qlock --cluster), not as a single server"
+        ),
+    ))
 }
 
 /// An argument of a script call: text, or a number written without a string

@@ -1,4 +1,4 @@
-//! A Sentinel-managed primary as one quorum member (feature `sentinel`): the
+//! A Sentinel-managed primary as one quorum member: the
 //! member asks the Sentinels where the primary is, talks to it over one
 //! multiplexed connection, and follows a failover to the new primary.
 //!

@@ -38,7 +38,8 @@ Exit codes:
   3        status: the lock is not held by a quorum
   74       run: the lock was lost (or could not be extended) while the command ran;
            the command was stopped
-  75       run: the lock was not acquired within --wait
+  75       run: the lock (or a --semaphore permit) was not acquired within --wait
+  124      run: --max-hold passed; the command was stopped (as timeout(1))
   126/127  run: the command could not be executed / was not found
   128+N    run: the command died of signal N; 130/143 after qlock got SIGINT/SIGTERM";
 

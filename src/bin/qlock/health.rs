@@ -1,5 +1,7 @@
 //! `qlock health`: every instance's reachability, latency, run_id and clock.
 
+use std::time::Duration;
+
 use quorumlock::InstanceHealth;
 
 use crate::error::{code, print, CliError};
@@ -32,6 +34,18 @@ pub async fn health(target: &Target) -> Result<u8, CliError> {
                 "instance {} ({}): {error}\n",
                 instance.index, instance.address
             ));
+        } else if let Some(left) = instance.quarantined_for {
+            // Reachable, but not voting: a restart, flush or failover (or a
+            // slot moved) may have lost locks it held.
+            row.push("quarantined".to_string());
+            errors.push_str(&format!(
+                "instance {} ({}): reachable, but quarantined for another {} after a restart, flush, failover or a slot moved (locks it held may be lost); it votes again once they would have expired\n",
+                instance.index,
+                instance.address,
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+                ))
+            ));
         } else {
             row.push("ok".to_string());
         }
@@ -60,6 +74,18 @@ pub async fn health(target: &Target) -> Result<u8, CliError> {
         return Err(CliError::failure(format!(
             "only {} of {} instance(s) reachable, {} needed",
             health.reachable(),
+            health.instances().len(),
+            health.quorum()
+        )));
+    }
+    let voting = health
+        .instances()
+        .iter()
+        .filter(|instance| instance.is_reachable() && instance.quarantined_for.is_none())
+        .count();
+    if voting < health.quorum() {
+        return Err(CliError::failure(format!(
+            "only {voting} of {} instance(s) can vote now (the others are down or quarantined), {} needed",
             health.instances().len(),
             health.quorum()
         )));

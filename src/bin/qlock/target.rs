@@ -230,7 +230,7 @@ impl Target {
             .collect();
         let instances = self.locker.instances();
         CliError::failure(format!(
-            "only {} of {instances} instance(s) reachable, {} needed: {}",
+            "only {} of {instances} instance(s) can vote (the others are down or quarantined), {} needed: {}",
             instances - failed.len(),
             self.locker.quorum(),
             failed.join("; ")

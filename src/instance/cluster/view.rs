@@ -59,8 +59,10 @@ impl View {
         }
         changed.hash(&mut data);
         Self {
-            run_id: format!("cluster-{:016x}", servers.finish()).into(),
-            epoch: format!("cluster-{:016x}", data.finish()).into(),
+            // Hex first: reports abbreviate a `run_id` to its first
+            // characters, which must tell two clusters apart.
+            run_id: format!("{:016x}-cluster", servers.finish()).into(),
+            epoch: format!("{:016x}-cluster", data.finish()).into(),
             ranges,
             primaries,
         }
