@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cluster, locker};
+use common::{builder, cluster};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 
@@ -27,7 +27,15 @@ fn every_operation_is_counted() {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let locker = locker(&cluster).await;
+            // A generous instance timeout: on a loaded machine a reply later
+            // than the default 50 ms is no reply, and every instance's are
+            // counted below.
+            let locker = builder(&cluster)
+                .instance_timeout(Duration::from_secs(2))
+                .build()
+                .await
+                .unwrap();
+            locker.prepare().await.unwrap();
             let lock = locker.acquire("metrics", TTL).await.unwrap();
             let refused = locker.try_acquire("metrics", TTL).await;
             assert!(refused.is_err());
