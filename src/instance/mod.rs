@@ -40,6 +40,30 @@ pub(crate) fn counted(answer: i64) -> Reply {
     }
 }
 
+/// Whether an error means the connection (and so perhaps the server) went away.
+pub(crate) fn is_connection_failure(err: &::redis::RedisError) -> bool {
+    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
+}
+
+/// Field `name` of the text of `INFO section`, as an unexpected reply where it
+/// is missing.
+pub(crate) fn info_field<'a>(
+    info: &'a str,
+    section: &str,
+    name: &str,
+) -> Result<&'a str, ::redis::RedisError> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+        .ok_or_else(|| {
+            ::redis::RedisError::from((
+                ::redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply",
+                format!("INFO {section} has no {name}"),
+            ))
+        })
+}
+
 /// What the quorum logic asks of one instance: each variant is one of the
 /// crate's scripts (see `scripts`), as data. `value` is what the key holds for
 /// its owner: the token, followed by the lock's metadata if it has any.

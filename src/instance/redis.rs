@@ -7,7 +7,9 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisError, Value};
 
-use super::{counted, BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request};
+use super::{
+    counted, info_field, BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request,
+};
 use crate::peer::Peer;
 use crate::scripts::{self, Lua};
 
@@ -364,17 +366,7 @@ where
                     "the epoch hash holds no id".to_string(),
                 ))
             })?;
-            let run_id = info
-                .lines()
-                .find_map(|line| line.strip_prefix("run_id:"))
-                .map(|id| id.trim().to_string())
-                .ok_or_else(|| {
-                    RedisError::from((
-                        ErrorKind::UnexpectedReturnType,
-                        "unexpected reply",
-                        "INFO server has no run_id".to_string(),
-                    ))
-                })?;
+            let run_id = info_field(&info, "server", "run_id")?.to_string();
             Ok(Probe {
                 run_id,
                 server_time: Duration::from_secs(seconds) + Duration::from_micros(micros),

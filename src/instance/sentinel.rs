@@ -34,8 +34,11 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, IntoConnectionInfo, RedisError, Value};
 
 use super::connect::{CHECK_TIMEOUT, CONNECT_TIMEOUT};
+use super::is_connection_failure;
 use super::redis::RedisInstance;
-use super::{BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request, Resolver};
+use super::{
+    info_field, BoxFuture, Instance, Peeked, Probe, PubSubSource, Reply, Request, Resolver,
+};
 use crate::epoch::{self, Epoch};
 use crate::scripts;
 
@@ -115,11 +118,22 @@ impl SentinelMember {
 
 /// The member: where the primary is, and how to reach it.
 pub(crate) struct SentinelInstance {
-    service: Arc<str>,
-    sentinels: Arc<[redis::Client]>,
     wait: Option<(usize, Duration)>,
+    finder: Arc<Finder>,
+}
+
+/// How the member finds its primary, and what it found: shared with the
+/// futures and the subscription that outlive a call.
+struct Finder {
+    service: Arc<str>,
+    sentinels: Vec<redis::Client>,
+    /// The connection to the Sentinel that answered last, by index: asked
+    /// first at the next probe, instead of a connection opened every second.
+    asked: Mutex<Option<(usize, MultiplexedConnection)>>,
     auth: (Option<String>, Option<String>),
-    current: Arc<Mutex<Option<Current>>>,
+    /// A second connection to the primary, for the writes followed by `WAIT`.
+    replicated: bool,
+    current: Mutex<Option<Current>>,
 }
 
 /// The primary the member talks to now.
@@ -149,11 +163,15 @@ fn lock(current: &Mutex<Option<Current>>) -> MutexGuard<'_, Option<Current>> {
 impl SentinelInstance {
     pub(crate) fn new(member: &SentinelMember, sentinels: Vec<redis::Client>) -> Self {
         Self {
-            service: member.service.as_str().into(),
-            sentinels: sentinels.into(),
             wait: member.wait,
-            auth: (member.username.clone(), member.password.clone()),
-            current: Arc::default(),
+            finder: Arc::new(Finder {
+                service: member.service.as_str().into(),
+                sentinels,
+                asked: Mutex::default(),
+                auth: (member.username.clone(), member.password.clone()),
+                replicated: member.wait.is_some(),
+                current: Mutex::default(),
+            }),
         }
     }
 
@@ -164,7 +182,7 @@ impl SentinelInstance {
     }
 
     fn current(&self) -> Result<Current, RedisError> {
-        lock(&self.current).clone().ok_or_else(|| {
+        lock(&self.finder.current).clone().ok_or_else(|| {
             RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 "no primary known yet: the next probe asks the Sentinels",
@@ -178,17 +196,11 @@ impl SentinelInstance {
     /// member has none (off the grants' path: they fail at once instead).
     fn primary(&self) -> BoxFuture<Result<MultiplexedConnection, RedisError>> {
         let kept = self.connection().ok();
-        let sentinels = Arc::clone(&self.sentinels);
-        let service = Arc::clone(&self.service);
-        let current = Arc::clone(&self.current);
-        let auth = self.auth.clone();
-        let replicated = self.wait.is_some();
+        let finder = Arc::clone(&self.finder);
         Box::pin(async move {
             match kept {
                 Some((connection, _, _)) => Ok(connection),
-                None => Ok(follow(&sentinels, &service, &current, &auth, replicated)
-                    .await?
-                    .0),
+                None => Ok(finder.follow().await?.0),
             }
         })
     }
@@ -198,7 +210,7 @@ impl SentinelInstance {
 /// connection or the server's role went: the next probe connects afresh.
 fn forget_on(current: &Mutex<Option<Current>>, host: &str, port: u16, err: &RedisError) {
     let readonly = err.kind() == ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
-    if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || readonly {
+    if is_connection_failure(err) || readonly {
         let mut current = lock(current);
         if current
             .as_ref()
@@ -209,42 +221,65 @@ fn forget_on(current: &Mutex<Option<Current>>, host: &str, port: u16, err: &Redi
     }
 }
 
-/// Asks the Sentinels, in order, where the primary is.
-async fn resolve(sentinels: &[redis::Client], service: &str) -> Result<(String, u16), RedisError> {
-    let mut last = None;
-    for sentinel in sentinels {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(CONNECT_TIMEOUT));
-        let answer = async {
-            let mut connection = sentinel
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(service)
-                .query_async::<Option<(String, u16)>>(&mut connection)
-                .await
-        };
-        match answer.await {
-            Ok(Some(address)) => return Ok(address),
-            Ok(None) => {
-                last = Some(RedisError::from((
-                    ErrorKind::Client,
-                    "unknown service",
-                    format!("the Sentinels monitor no primary named {service:?}"),
-                )))
+impl Finder {
+    /// Asks the Sentinels where the primary is: the one that answered last
+    /// first, over its kept connection, then the others in order.
+    async fn resolve(&self) -> Result<(String, u16), RedisError> {
+        let kept = self
+            .asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let first = kept.as_ref().map_or(0, |(index, _)| *index);
+        let mut last = None;
+        for index in (0..self.sentinels.len()).map(|i| (first + i) % self.sentinels.len()) {
+            let kept = kept
+                .as_ref()
+                .filter(|(at, _)| *at == index)
+                .map(|(_, connection)| connection.clone());
+            let answer = async {
+                let mut connection = match kept {
+                    Some(connection) => connection,
+                    None => {
+                        let config = AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                            .set_response_timeout(Some(CONNECT_TIMEOUT));
+                        self.sentinels[index]
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await?
+                    }
+                };
+                let address = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&*self.service)
+                    .query_async::<Option<(String, u16)>>(&mut connection)
+                    .await?;
+                Ok::<_, RedisError>((address, connection))
+            };
+            match answer.await {
+                Ok((Some(address), connection)) => {
+                    *self.asked.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some((index, connection));
+                    return Ok(address);
+                }
+                Ok((None, _)) => {
+                    last = Some(RedisError::from((
+                        ErrorKind::Client,
+                        "unknown service",
+                        format!("the Sentinels monitor no primary named {:?}", self.service),
+                    )))
+                }
+                Err(err) => last = Some(err),
             }
-            Err(err) => last = Some(err),
         }
+        Err(last.unwrap_or_else(|| {
+            RedisError::from((
+                ErrorKind::Client,
+                "no Sentinel",
+                "none was given".to_string(),
+            ))
+        }))
     }
-    Err(last.unwrap_or_else(|| {
-        RedisError::from((
-            ErrorKind::Client,
-            "no Sentinel",
-            "none was given".to_string(),
-        ))
-    }))
 }
 
 impl Instance for SentinelInstance {
@@ -306,7 +341,7 @@ impl Instance for SentinelInstance {
             }
             other => other,
         };
-        let current = Arc::clone(&self.current);
+        let finder = Arc::clone(&self.finder);
         let (mut waiting, run) = match (wait, replicated) {
             (Some(_), Some(replicated)) => (
                 Some(replicated.clone()),
@@ -345,7 +380,7 @@ impl Instance for SentinelInstance {
                 (reply, _, _) => reply,
             };
             if let Err(err) = &reply {
-                forget_on(&current, &host, port, err);
+                forget_on(&finder.current, &host, port, err);
             }
             reply
         })
@@ -365,15 +400,12 @@ impl Instance for SentinelInstance {
         // The primary where the Sentinels place it at each (re)subscription;
         // a `PUBLISH` there also reaches its replicas, so a subscription on
         // the old primary, demoted, still hears the new one's releases.
-        let sentinels = Arc::clone(&self.sentinels);
-        let service = Arc::clone(&self.service);
-        let auth = self.auth.clone();
+        let finder = Arc::clone(&self.finder);
         let resolve: Resolver = Arc::new(move || {
-            let (sentinels, service, auth) =
-                (Arc::clone(&sentinels), Arc::clone(&service), auth.clone());
+            let finder = Arc::clone(&finder);
             Box::pin(async move {
-                let (host, port) = resolve(&sentinels, &service).await?;
-                redis::Client::open(connection_info(&host, port, &auth)?)
+                let (host, port) = finder.resolve().await?;
+                redis::Client::open(connection_info(&host, port, &finder.auth)?)
             })
         });
         Some(PubSubSource::Resolved(resolve))
@@ -395,15 +427,11 @@ impl Instance for SentinelInstance {
         epoch_key: &Arc<str>,
         candidate: &Arc<str>,
     ) -> BoxFuture<Result<Probe, RedisError>> {
-        let sentinels = Arc::clone(&self.sentinels);
-        let service = Arc::clone(&self.service);
-        let current = Arc::clone(&self.current);
-        let auth = self.auth.clone();
-        let replicated = self.wait.is_some();
+        let finder = Arc::clone(&self.finder);
         let (epoch_key, candidate) = (Arc::clone(epoch_key), Arc::clone(candidate));
         Box::pin(async move {
-            let (mut connection, host, port, token) =
-                follow(&sentinels, &service, &current, &auth, replicated).await?;
+            let (mut connection, host, port, token) = finder.follow().await?;
+            let current = &finder.current;
             let checked = async {
                 let mut ask = redis::pipe();
                 ask.cmd("ROLE").cmd("INFO").arg("replication");
@@ -422,18 +450,7 @@ impl Instance for SentinelInstance {
                 // failover and a failback to it between two probes would
                 // look like nothing. `master_replid` changes at every
                 // promotion and resync.
-                let replid = replication
-                    .lines()
-                    .find_map(|line| line.strip_prefix("master_replid:"))
-                    .map(str::trim)
-                    .ok_or_else(|| {
-                        RedisError::from((
-                            ErrorKind::UnexpectedReturnType,
-                            "unexpected reply",
-                            "INFO replication has no master_replid".to_string(),
-                        ))
-                    })?
-                    .to_string();
+                let replid = info_field(&replication, "replication", "master_replid")?.to_string();
                 let mut probe = RedisInstance::new(connection.clone())
                     .probe(&epoch_key, &candidate)
                     .await?;
@@ -454,7 +471,7 @@ impl Instance for SentinelInstance {
             };
             let answer = checked.await;
             if let Ok((probe, bare)) = &answer {
-                let mut current = lock(&current);
+                let mut current = lock(current);
                 if let Some(now) = current
                     .as_mut()
                     .filter(|now| Arc::ptr_eq(&now.token, &token))
@@ -463,9 +480,9 @@ impl Instance for SentinelInstance {
                 }
             }
             if let Err(err) = &answer {
-                forget_on(&current, &host, port, err);
+                forget_on(current, &host, port, err);
                 if err.kind() == ErrorKind::Client {
-                    *lock(&current) = None;
+                    *lock(current) = None;
                 }
             }
             answer.map(|(probe, _)| probe)
@@ -473,41 +490,37 @@ impl Instance for SentinelInstance {
     }
 }
 
-/// The connection to the primary where the Sentinels place it now: the one
-/// kept if it goes there, a new one if not.
-async fn follow(
-    sentinels: &[redis::Client],
-    service: &str,
-    current: &Mutex<Option<Current>>,
-    auth: &(Option<String>, Option<String>),
-    replicated: bool,
-) -> Result<(MultiplexedConnection, String, u16, Arc<()>), RedisError> {
-    let (host, port) = resolve(sentinels, service).await?;
-    let known = lock(current)
-        .as_ref()
-        .filter(|now| now.host == host && now.port == port)
-        .map(|now| (now.connection.clone(), Arc::clone(&now.token)));
-    let (connection, token) = match known {
-        Some(known) => known,
-        None => {
-            let connection = connect(&host, port, auth).await?;
-            let replicated = match replicated {
-                true => Some(connect(&host, port, auth).await?),
-                false => None,
-            };
-            let token = Arc::new(());
-            *lock(current) = Some(Current {
-                host: host.clone(),
-                port,
-                connection: connection.clone(),
-                replicated,
-                run_id: None,
-                token: Arc::clone(&token),
-            });
-            (connection, token)
-        }
-    };
-    Ok((connection, host, port, token))
+impl Finder {
+    /// The connection to the primary where the Sentinels place it now: the
+    /// one kept if it goes there, a new one if not.
+    async fn follow(&self) -> Result<(MultiplexedConnection, String, u16, Arc<()>), RedisError> {
+        let (host, port) = self.resolve().await?;
+        let known = lock(&self.current)
+            .as_ref()
+            .filter(|now| now.host == host && now.port == port)
+            .map(|now| (now.connection.clone(), Arc::clone(&now.token)));
+        let (connection, token) = match known {
+            Some(known) => known,
+            None => {
+                let connection = connect(&host, port, &self.auth).await?;
+                let replicated = match self.replicated {
+                    true => Some(connect(&host, port, &self.auth).await?),
+                    false => None,
+                };
+                let token = Arc::new(());
+                *lock(&self.current) = Some(Current {
+                    host: host.clone(),
+                    port,
+                    connection: connection.clone(),
+                    replicated,
+                    run_id: None,
+                    token: Arc::clone(&token),
+                });
+                (connection, token)
+            }
+        };
+        Ok((connection, host, port, token))
+    }
 }
 
 /// How to reach a data node at `host:port`: with the member's credentials,

@@ -15,7 +15,7 @@ use super::policy::Policy;
 use crate::clock::RateEstimator;
 use crate::epoch;
 use crate::error::{Quarantine, Vote};
-use crate::instance::Probe;
+use crate::instance::{is_connection_failure, Probe};
 
 /// Requests to one instance still waiting for a reply beyond which it is not
 /// asked to grant new locks: a stalled instance would otherwise collect the
@@ -447,9 +447,4 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Whether an error means the connection (and so perhaps the server) went away.
-fn is_connection_failure(err: &RedisError) -> bool {
-    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
 }

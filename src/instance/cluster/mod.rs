@@ -240,17 +240,8 @@ async fn verify_slot(
         .arg(1)
         .arg(slot_key)
         .arg(&*candidate);
-    let (id, run_id): (Option<String>, Option<String>) = match learn.query_async(connection).await {
-        Err(err) if err.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            let mut eval = redis::cmd("EVAL");
-            eval.arg(scripts::SLOT_EPOCH.code)
-                .arg(1)
-                .arg(slot_key)
-                .arg(&*candidate);
-            eval.query_async(connection).await?
-        }
-        other => other?,
-    };
+    let (id, run_id): (Option<String>, Option<String>) =
+        call(connection, &scripts::SLOT_EPOCH, &learn).await?;
     if run_id.as_deref() != Some(&*primary.run_id) {
         return Err(epoch::changed());
     }

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, Value};
 
+use crate::instance::info_field;
+
 /// One primary as the probe saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Primary {
@@ -179,15 +181,9 @@ pub(super) fn parse_answer(replies: Vec<Value>) -> Result<Answer, RedisError> {
     let (seconds, micros): (u64, u64) = redis::from_redis_value(time).map_err(RedisError::from)?;
     let (id, ttl): (Option<String>, Option<String>) =
         redis::from_redis_value(read).map_err(RedisError::from)?;
-    let field = |info: &str, name: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .map(|value| Arc::from(value.trim()))
-    };
-    let run_id = field(&info, "run_id").ok_or_else(|| unexpected("INFO server has no run_id"))?;
+    let run_id = info_field(&info, "server", "run_id")?.into();
     let replication: String = redis::from_redis_value(replication).map_err(RedisError::from)?;
-    let replication_id = field(&replication, "master_replid")
-        .ok_or_else(|| unexpected("INFO replication has no master_replid"))?;
+    let replication_id = info_field(&replication, "replication", "master_replid")?.into();
     let anchor_id = id
         .filter(|id| !id.is_empty())
         .map(Arc::from)
