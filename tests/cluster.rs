@@ -4,6 +4,8 @@
 //! per primary (a restart, a failover, a slot served by another node) that
 //! quarantine the member.
 
+mod common;
+
 use std::time::Duration;
 
 use quorumlock::testing::{RedisServer, ShardedCluster};
@@ -30,24 +32,26 @@ async fn value_on(cluster: &ShardedCluster, key: &str) -> Option<String> {
         .expect("GET")
 }
 
-/// Keys of every node's data set but the crate's own (epoch hashes, counters).
+/// The lock keys on the server at `url`: every key but the crate's own
+/// (epoch hashes, fencing counters).
+async fn lock_keys_at(url: &str) -> redis::RedisResult<Vec<String>> {
+    let client = redis::Client::open(url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut connection)
+        .await?;
+    Ok(all
+        .into_iter()
+        .filter(|key| !key.contains("quorumlock:epoch") && !key.ends_with(":fence"))
+        .collect())
+}
+
+/// The lock keys on every primary.
 async fn lock_keys(cluster: &ShardedCluster) -> Vec<String> {
     let mut keys = Vec::new();
     for node in cluster.primaries().expect("primaries") {
-        let client = redis::Client::open(cluster.node(node).url()).expect("url");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let all: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut connection)
-            .await
-            .expect("KEYS");
-        keys.extend(
-            all.into_iter()
-                .filter(|key| !key.contains("quorumlock:epoch") && !key.ends_with(":fence")),
-        );
+        keys.extend(lock_keys_at(&cluster.node(node).url()).await.expect("KEYS"));
     }
     keys
 }
@@ -278,56 +282,19 @@ fn qlock_runs_a_command_under_a_lock_on_clusters() {
 /// key is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_overlap_through_restarts_and_failovers_of_cluster_primaries() {
-    use quorumlock::testing::Checker;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use tokio::time::Instant;
-
-    const WORKERS: usize = 6;
-    const KEYS: [&str; 3] = ["ledger", "{acct-1}:ledger", "cron"];
+    const KEYS: &[&str] = &["ledger", "{acct-1}:ledger", "cron"];
     let mut a = start(3, 0);
     let mut b = start(3, 1);
     let c = RedisServer::start().unwrap();
-    let checker = Checker::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for worker in 0..WORKERS {
-        let (a, b, c) = (a.urls(), b.urls(), c.url());
-        let (checker, stop) = (checker.clone(), Arc::clone(&stop));
-        workers.push(tokio::spawn(async move {
-            let locker = QuorumLocker::builder()
-                .cluster(a)
-                .cluster(b)
-                .url(c)
-                .build()
-                .await
-                .unwrap();
-            let mut held = 0;
-            // Bounded in count as well as by the stop flag.
-            for round in 0..5_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let key = KEYS[(worker + round) % KEYS.len()];
-                let attempt = locker
-                    .lock(key)
-                    .ttl(Duration::from_millis(800))
-                    .wait(Duration::from_millis(300))
-                    .fenced()
-                    .acquire()
-                    .await;
-                let Ok(lock) = attempt else { continue };
-                let start = Instant::now();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let end = Instant::now().min(lock.valid_until());
-                checker.record_fenced(key, worker, start, end, lock.fencing_token());
-                let _ = lock.release().await;
-                held += 1;
-            }
-            locker.settle().await;
-            held
-        }));
+    let mut lockers = Vec::new();
+    for _ in 0..6 {
+        let builder = QuorumLocker::builder()
+            .cluster(a.urls())
+            .cluster(b.urls())
+            .url(c.url());
+        lockers.push(builder.build().await.unwrap());
     }
+    let workers = common::workers::start(lockers, KEYS);
     let faults = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_secs(2));
         let primary = a.primaries().unwrap()[0];
@@ -344,20 +311,9 @@ async fn no_overlap_through_restarts_and_failovers_of_cluster_primaries() {
         (a, b)
     });
     let (a, b) = faults.await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await.unwrap();
-    }
-    let violations = checker.violations();
-    assert!(violations.is_empty(), "{violations:?}");
-    assert!(
-        checker.stale_tokens().is_empty(),
-        "{:?}",
-        checker.stale_tokens()
-    );
-    assert!(total > 50, "only {total} locks held");
-    eprintln!("{total} locks held, 0 overlaps");
+    let done = workers.stop().await;
+    done.assert_safe(50);
+    eprintln!("{} locks held, 0 overlaps", done.held);
     // No lock key left on the servers that are up.
     let mut left = lock_keys_running(&a).await;
     left.extend(lock_keys_running(&b).await);
@@ -365,23 +321,12 @@ async fn no_overlap_through_restarts_and_failovers_of_cluster_primaries() {
     drop(c);
 }
 
-/// As `lock_keys`, on the primaries still running.
+/// As `lock_keys`, on every node still running (one just killed may not
+/// answer).
 async fn lock_keys_running(cluster: &ShardedCluster) -> Vec<String> {
     let mut keys = Vec::new();
     for node in cluster.nodes().iter().filter(|node| node.is_running()) {
-        let client = redis::Client::open(node.url()).expect("url");
-        let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
-            continue;
-        };
-        let all: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut connection)
-            .await
-            .unwrap_or_default();
-        keys.extend(
-            all.into_iter()
-                .filter(|key| !key.contains("quorumlock:epoch") && !key.ends_with(":fence")),
-        );
+        keys.extend(lock_keys_at(&node.url()).await.unwrap_or_default());
     }
     keys
 }
@@ -449,62 +394,18 @@ async fn a_locker_that_knew_the_primary_does_not_count_its_grant_after_a_restart
 /// no overlap, no stale token, no key left, and no call much past its wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_overlap_through_a_slot_migration_and_a_paused_primary() {
-    use quorumlock::testing::Checker;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use tokio::time::Instant;
-
-    const WORKERS: usize = 4;
-    const KEYS: [&str; 3] = ["{mig}:a", "{mig}:b", "other"];
-    const WAIT: Duration = Duration::from_millis(300);
+    const KEYS: &[&str] = &["{mig}:a", "{mig}:b", "other"];
     let mut a = start(3, 0);
     let (b, c) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
-    let checker = Checker::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let longest = Arc::new(Mutex::new(Duration::ZERO));
-    let mut workers = Vec::new();
-    for worker in 0..WORKERS {
-        let (a, b, c) = (a.urls(), b.url(), c.url());
-        let (checker, stop, longest) = (checker.clone(), Arc::clone(&stop), Arc::clone(&longest));
-        workers.push(tokio::spawn(async move {
-            let locker = QuorumLocker::builder()
-                .cluster(a)
-                .url(b)
-                .url(c)
-                .build()
-                .await
-                .unwrap();
-            let mut held = 0;
-            for round in 0..5_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let key = KEYS[(worker + round) % KEYS.len()];
-                let asked = Instant::now();
-                let attempt = locker
-                    .lock(key)
-                    .ttl(Duration::from_millis(800))
-                    .wait(WAIT)
-                    .fenced()
-                    .acquire()
-                    .await;
-                let call = asked.elapsed();
-                {
-                    let mut longest = longest.lock().unwrap();
-                    *longest = (*longest).max(call);
-                }
-                let Ok(lock) = attempt else { continue };
-                let start = Instant::now();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let end = Instant::now().min(lock.valid_until());
-                checker.record_fenced(key, worker, start, end, lock.fencing_token());
-                let _ = lock.release().await;
-                held += 1;
-            }
-            locker.settle().await;
-            held
-        }));
+    let mut lockers = Vec::new();
+    for _ in 0..4 {
+        let builder = QuorumLocker::builder()
+            .cluster(a.urls())
+            .url(b.url())
+            .url(c.url());
+        lockers.push(builder.build().await.unwrap());
     }
+    let workers = common::workers::start(lockers, KEYS);
     let faults = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_secs(1));
         let slot = ShardedCluster::key_slot("{mig}");
@@ -527,39 +428,22 @@ async fn no_overlap_through_a_slot_migration_and_a_paused_primary() {
         a
     });
     let a = faults.await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await.unwrap();
-    }
-    let violations = checker.violations();
-    assert!(violations.is_empty(), "{violations:?}");
-    assert!(
-        checker.stale_tokens().is_empty(),
-        "{:?}",
-        checker.stale_tokens()
+    let done = workers.stop().await;
+    done.assert_safe(20);
+    eprintln!(
+        "{} locks held, 0 overlaps, longest acquire {:?}",
+        done.held, done.longest
     );
-    assert!(total > 20, "only {total} locks held");
-    let longest = *longest.lock().unwrap();
-    eprintln!("{total} locks held, 0 overlaps, longest acquire {longest:?}");
     // A hang check, not a speed limit: the wait, a rollback bound and slack.
-    assert!(longest < WAIT + Duration::from_secs(3), "{longest:?}");
+    let wait = common::workers::WAIT;
+    assert!(
+        done.longest < wait + Duration::from_secs(3),
+        "{:?}",
+        done.longest
+    );
     let mut left = lock_keys_running(&a).await;
     for server in [&b, &c] {
-        let mut connection = redis::Client::open(server.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        left.extend(
-            keys.into_iter()
-                .filter(|key| !key.contains("quorumlock:epoch") && !key.ends_with(":fence")),
-        );
+        left.extend(lock_keys_at(&server.url()).await.unwrap());
     }
     assert!(left.is_empty(), "{left:?}");
 }

@@ -3,6 +3,8 @@
 //! operation, following a failover (which quarantines the member), the
 //! failover hole (a promoted replica that lacks a lock), and the opt-in `WAIT`.
 
+mod common;
+
 use std::time::Duration;
 
 use quorumlock::testing::{RedisServer, SentinelSet};
@@ -220,53 +222,18 @@ async fn wait_for_replicas_counts_only_replicated_grants() {
 /// over: no two holders at once, no fencing token out of order, no key left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_overlap_through_a_sentinel_failover() {
-    use quorumlock::testing::Checker;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use tokio::time::Instant;
-
-    const KEYS: [&str; 2] = ["ledger", "cron"];
+    const KEYS: &[&str] = &["ledger", "cron"];
     let mut set = start();
     let (b, c) = (RedisServer::start().unwrap(), RedisServer::start().unwrap());
-    let checker = Checker::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for worker in 0..4 {
-        let (member, b, c) = (member(&set), b.url(), c.url());
-        let (checker, stop) = (checker.clone(), Arc::clone(&stop));
-        workers.push(tokio::spawn(async move {
-            let locker = QuorumLocker::builder()
-                .sentinel(member)
-                .url(b)
-                .url(c)
-                .build()
-                .await
-                .unwrap();
-            let mut held = 0;
-            for round in 0..5_000 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let key = KEYS[(worker + round) % KEYS.len()];
-                let attempt = locker
-                    .lock(key)
-                    .ttl(Duration::from_millis(800))
-                    .wait(Duration::from_millis(300))
-                    .fenced()
-                    .acquire()
-                    .await;
-                let Ok(lock) = attempt else { continue };
-                let start = Instant::now();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let end = Instant::now().min(lock.valid_until());
-                checker.record_fenced(key, worker, start, end, lock.fencing_token());
-                let _ = lock.release().await;
-                held += 1;
-            }
-            locker.settle().await;
-            held
-        }));
+    let mut lockers = Vec::new();
+    for _ in 0..4 {
+        let builder = QuorumLocker::builder()
+            .sentinel(member(&set))
+            .url(b.url())
+            .url(c.url());
+        lockers.push(builder.build().await.unwrap());
     }
+    let workers = common::workers::start(lockers, KEYS);
     let faults = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_secs(1));
         set.failover().unwrap();
@@ -274,20 +241,9 @@ async fn no_overlap_through_a_sentinel_failover() {
         set
     });
     let set = faults.await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await.unwrap();
-    }
-    let violations = checker.violations();
-    assert!(violations.is_empty(), "{violations:?}");
-    assert!(
-        checker.stale_tokens().is_empty(),
-        "{:?}",
-        checker.stale_tokens()
-    );
-    assert!(total > 20, "only {total} locks held");
-    eprintln!("{total} locks held, 0 overlaps");
+    let done = workers.stop().await;
+    done.assert_safe(20);
+    eprintln!("{} locks held, 0 overlaps", done.held);
     for server in [set.primary(), set.replica(), &b, &c] {
         for key in KEYS {
             assert_eq!(

@@ -100,3 +100,4 @@ pub fn memory_builder(instances: &[MemoryInstance]) -> Builder {
             builder.memory(instance)
         })
 }
+pub mod workers;
